@@ -186,11 +186,14 @@ class DataConfig:
     min_image_size: int = 0
     prefetch_factor: int = 2
     pin_memory: bool = True
+    # Random instead of center crop of the stage's output square (the paper center-crops).
+    random_crop: bool = False
 
     def __post_init__(self) -> None:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "a non-negative int", self.shuffle_buffer)
         _check(self.num_workers >= 0, "num_workers", "a non-negative int", self.num_workers)
         _check(self.min_image_size >= 0, "min_image_size", "a non-negative int", self.min_image_size)
+        _check(self.prefetch_factor >= 1, "prefetch_factor", "a positive int", self.prefetch_factor)
 
 
 @dataclass

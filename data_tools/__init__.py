@@ -1,0 +1,1 @@
+"""The data CLI: make-shards, synthetic, precompute-embeddings, inspect, verify."""

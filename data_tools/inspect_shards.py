@@ -1,0 +1,146 @@
+"""`inspect` (counts, keys, caption lengths, embedding shapes) and `verify` (decode everything).
+
+`verify` decodes every image fully, requires a caption, and checks every embedding against the
+schema (float16 [n_tokens, D], n_tokens as recorded, finite, one width across the set, and
+`--embed-dim` if given). It names each bad sample and exits 1 if there is any.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from collections import Counter
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from data_tools.common import Timer, progress, rate
+from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, read_embedding
+from imagen_train.data.shards import expand_shards, iter_raw_samples
+
+
+def _stats(values: list[float]) -> Optional[dict[str, float]]:
+    if not values:
+        return None
+    return {"min": min(values), "mean": round(statistics.fmean(values), 2), "max": max(values)}
+
+
+def inspect_shards(shards: str, progress_bar: bool = True) -> dict[str, Any]:
+    """Counts, entry keys, caption lengths, image sizes (headers only) and embedding shapes."""
+    urls = expand_shards(shards)
+    timer = Timer()
+    keys: Counter[str] = Counter()
+    per_shard: dict[str, int] = {}
+    bad_shards: list[str] = []
+    cap_chars, cap_words, sides, n_tokens = [], [], [], []
+    dims: Counter[str] = Counter()
+    dtypes: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
+    with progress(None, "inspect", progress_bar) as bar:
+        for url in urls:
+            count = 0
+            for s in iter_raw_samples(url, on_error=lambda u, k, m: bad_shards.append(f"{u}:{k} {m}")):
+                count += 1
+                keys.update(k for k in s if not k.startswith("__"))
+                if "txt" in s:
+                    text = s["txt"].decode("utf-8", "replace")
+                    cap_chars.append(len(text))
+                    cap_words.append(len(text.split()))
+                ext = image_key(s)
+                if ext:
+                    try:
+                        with Image.open(io.BytesIO(s[ext])) as img:  # header only
+                            sides.append(min(img.size))
+                            formats[str(img.format)] += 1
+                    except Exception:  # noqa: BLE001
+                        formats["unreadable"] += 1
+                if EMBED_KEY in s:
+                    try:
+                        arr = np.load(io.BytesIO(s[EMBED_KEY]), allow_pickle=False)
+                        n_tokens.append(arr.shape[0])
+                        dims[str(arr.shape[1:])] += 1
+                        dtypes[str(arr.dtype)] += 1
+                    except Exception:  # noqa: BLE001
+                        dtypes["unreadable"] += 1
+                bar.update()
+            per_shard[url] = count
+    total = sum(per_shard.values())
+    return {"command": "inspect", "shards": len(urls), "samples": total, "samples_per_shard": per_shard,
+            "keys": dict(keys), "caption_chars": _stats(cap_chars), "caption_words": _stats(cap_words),
+            "image_formats": dict(formats), "image_min_side": _stats(sides),
+            "embedding_tokens": _stats(n_tokens), "embedding_shapes_after_tokens": dict(dims),
+            "embedding_dtypes": dict(dtypes), "bad_shards": bad_shards,
+            "seconds": round(timer.seconds, 2), "samples_per_s": rate(total, timer.seconds)}
+
+
+def _check_sample(s: dict[str, Any], require_embedding: bool) -> tuple[Optional[str], Optional[int]]:
+    """(problem or None, embedding width or None) for one raw sample."""
+    ext = image_key(s)
+    if ext is None:
+        return "no image entry", None
+    try:
+        with Image.open(io.BytesIO(s[ext])) as img:
+            img.load()
+    except Exception as err:  # noqa: BLE001
+        return f"image does not decode: {err}", None
+    if not s.get("txt", b"").decode("utf-8", "replace").strip():
+        return "no caption", None
+    if EMBED_KEY not in s and EMBED_META_KEY not in s:
+        return ("no embedding" if require_embedding else None), None
+    try:
+        emb, _ = read_embedding(s.get(EMBED_KEY), s.get(EMBED_META_KEY))
+    except SchemaError as err:
+        return f"bad embedding: {err}", None
+    if emb.shape[0] == 0:
+        return "embedding has no tokens", None
+    if not np.isfinite(emb).all():
+        return "embedding is not finite", None
+    return None, int(emb.shape[1])
+
+
+def verify_shards(shards: str, embed_dim: Optional[int] = None, require_embeddings: bool = False,
+                  progress_bar: bool = True) -> dict[str, Any]:
+    """Decode every image and check every embedding; `ok` is False if anything is bad."""
+    urls = expand_shards(shards)
+    timer = Timer()
+    bad: list[dict[str, str]] = []
+    widths: Counter[int] = Counter()
+    width_of: dict[str, int] = {}
+    total = 0
+    with progress(None, "verify", progress_bar) as bar:
+        for url in urls:
+            on_error = (lambda u, k, m: bad.append({"sample": f"{u}:{k}" if k else u, "problem": m}))
+            for s in iter_raw_samples(url, on_error=on_error):
+                total += 1
+                sid = f"{url}:{s['__key__']}"
+                problem, width = _check_sample(s, require_embeddings)
+                if problem:
+                    bad.append({"sample": sid, "problem": problem})
+                elif width is not None:
+                    widths[width] += 1
+                    width_of[sid] = width
+                bar.update()
+    expected = embed_dim if embed_dim is not None else (widths.most_common(1)[0][0] if widths else None)
+    for sid, width in width_of.items():
+        if width != expected:
+            bad.append({"sample": sid, "problem": f"embedding width {width} != {expected}"})
+    return {"command": "verify", "ok": not bad, "shards": len(urls), "samples": total,
+            "embedding_widths": {str(k): v for k, v in widths.items()}, "num_bad": len(bad), "bad": bad,
+            "seconds": round(timer.seconds, 2), "samples_per_s": rate(total, timer.seconds)}
+
+
+def add_parsers(sub: Any) -> None:
+    """Register the `inspect` and `verify` subcommands."""
+    p = sub.add_parser("inspect", help="counts, keys, caption lengths, embedding shapes and dtypes",
+                       description=__doc__)
+    p.add_argument("--shards", required=True, help="brace pattern, list file or `::`-joined shards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=lambda a: inspect_shards(a.shards, not a.no_progress))
+    p = sub.add_parser("verify", help="decode every image and check every embedding; exit 1 if bad",
+                       description=__doc__)
+    p.add_argument("--shards", required=True, help="brace pattern, list file or `::`-joined shards")
+    p.add_argument("--embed-dim", type=int, default=None, help="required embedding width (default: the common one)")
+    p.add_argument("--require-embeddings", action="store_true", help="a sample without an embedding is bad")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=lambda a: verify_shards(a.shards, a.embed_dim, a.require_embeddings, not a.no_progress))

@@ -1,0 +1,290 @@
+"""The per-stage training loader: sharded tar streams -> batches, resumable exactly.
+
+The sample stream of every (rank, worker) is a pure function of
+(seed, rank, world_size, num_workers): a seeded shard order (drawn with replacement when
+`data.resampled`, else a permutation per epoch), a seeded shuffle buffer, and a per-sample RNG
+keyed by the sample's position for random crops. Each worker forms whole batches itself and
+tags them with its position (samples taken out of the shuffle buffer) and its skip counters;
+the main process keeps the position of the last batch it *handed out* per worker, so
+prefetched batches never count. On `load_state_dict` every worker replays its raw stream
+(tar bytes only, no decoding) up to its position, and the DataLoader's round-robin is rotated to
+start with the worker that was next. Result: 10 steps + save + new process + load + 10 steps
+yields the same batches as 20 steps straight.
+
+Ranks and workers never share samples: with at least ranks x workers shards each worker owns
+the shards `urls[g::ranks*workers]` (g = rank * workers + worker); with fewer, every worker
+reads all shards and keeps every (ranks x workers)-th sample, at extra I/O cost.
+
+We drive webdataset's URL handling (`expand_urls`, `gopen`) but not its pipeline stages: exact
+resume needs to own the shard order, shuffle buffer and skip, which `wds.WebDataset` does not
+expose. The cost of resuming is re-reading (not decoding) the consumed part of the stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from imagen_train.data.schema import KNOWN_KEYS
+from imagen_train.data.shards import expand_shards, iter_raw_samples
+from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample
+
+log = logging.getLogger(__name__)
+MAX_SKIP_EXAMPLES = 20  # named skipped samples kept per worker (counts are complete)
+STATE_VERSION = 1
+
+
+def _rng(*parts: int) -> random.Random:
+    """A Random seeded from a tuple of ints, with no collisions between nearby tuples."""
+    return random.Random(int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0]))
+
+
+def _fresh_worker_state() -> dict[str, Any]:
+    return {"epoch": 0, "consumed": 0, "done": False, "stats": {"samples": 0, "skipped": {}, "examples": []}}
+
+
+def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Seeded reservoir shuffle: fill `size`, then emit a random element for each new one."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[Any] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+class StageStream(IterableDataset):
+    """Batches of one stage for one rank; each DataLoader worker yields its own batches."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int, worker_states: dict[int, dict[str, Any]],
+                 rotation: int = 0):
+        super().__init__()
+        if not cfg.data.train_shards:
+            raise ValueError("config key 'data.train_shards' is not set: name the training shards")
+        self.urls = expand_shards(cfg.data.train_shards)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.num_workers = max(1, cfg.data.num_workers)
+        self.geo = StageGeometry.from_config(cfg)
+        self.batch_size = cfg.training.micro_batch_size
+        self.worker_states = worker_states
+        self.rotation = rotation
+
+    def _ids(self, worker: int) -> tuple[int, ...]:
+        return (self.cfg.data.seed, self.rank, self.world_size, self.num_workers, worker)
+
+    def _shard_order(self, worker: int, epoch: int) -> tuple[Iterator[str], Optional[tuple[int, int]]]:
+        """(shard URLs this worker reads, (index, stride) of the sample-level split or None)."""
+        total = self.world_size * self.num_workers
+        g = self.rank * self.num_workers + worker
+        if len(self.urls) >= total:
+            own, split, rng = self.urls[g::total], None, _rng(1, *self._ids(worker), epoch)
+        else:  # every worker reads the same shard order and keeps every total-th sample
+            own, split, rng = list(self.urls), (g, total), _rng(2, self.cfg.data.seed, epoch)
+        if self.cfg.data.resampled:
+            return (own[rng.randrange(len(own))] for _ in iter(int, 1)), split
+        order = list(own)
+        rng.shuffle(order)
+        return iter(order), split
+
+    def _raw(self, worker: int, epoch: int, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """This worker's raw samples (bytes, known keys only) in deterministic order."""
+        order, split = self._shard_order(worker, epoch)
+
+        def on_error(url: str, key: str, msg: str) -> None:
+            _skip(stats, "bad_shard", f"{url}:{key}" if key else url, msg)
+
+        index = 0
+        empty_in_a_row = 0
+        for url in order:
+            got = 0
+            for sample in iter_raw_samples(url, on_error, keep=lambda ext: ext in KNOWN_KEYS):
+                got += 1
+                if split is not None:
+                    index += 1
+                    if (index - 1) % split[1] != split[0]:
+                        continue
+                yield sample
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+            if self.cfg.data.resampled and empty_in_a_row >= 100 * max(1, len(self.urls)):
+                raise RuntimeError(f"no readable samples in shards {self.cfg.data.train_shards}")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        worker = (slot + self.rotation) % self.num_workers
+        state = copy.deepcopy(self.worker_states.get(worker) or _fresh_worker_state())
+        if state["done"]:
+            return
+        stats, epoch, skip_to = state["stats"], state["epoch"], state["consumed"]
+        ids = self._ids(worker)
+        stream = shuffle_buffer(self._raw(worker, epoch, stats), self.cfg.data.shuffle_buffer,
+                                _rng(3, *ids, epoch))
+        batch: list[dict[str, Any]] = []
+        for pos, raw in enumerate(stream):
+            if pos < skip_to:
+                continue  # consumed before the checkpoint: never decoded
+            try:
+                sample = decode_sample(raw, self.geo, self.cfg.text.embed_dim, self.cfg.text.max_length,
+                                       _rng(4, *ids, epoch, pos))
+            except SkipSample as err:
+                _skip(stats, err.reason, f"{raw['__url__']}:{raw['__key__']}", err.detail)
+                continue
+            sample["key"] = f"{os.path.basename(raw['__url__'])}:{raw['__key__']}"
+            stats["samples"] += 1
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                state["consumed"] = pos + 1
+                yield _collate(batch, worker, state)
+                batch = []
+        # A finite epoch ends here; the partial batch is dropped so every batch is full.
+        state["done"] = True
+        yield {"_end": True, "_state": {"worker": worker, **copy.deepcopy(state)}}
+
+
+def _skip(stats: dict[str, Any], reason: str, name: str, detail: str) -> None:
+    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+    stats["examples"] = (stats["examples"] + [f"{reason}: {name} {detail}".strip()])[-MAX_SKIP_EXAMPLES:]
+
+
+def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any]) -> dict[str, Any]:
+    batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples])
+                             for k in ("image", "lowres", "text_emb", "text_mask") if k in samples[0]}
+    batch["caption"] = [s["caption"] for s in samples]
+    batch["key"] = [s["key"] for s in samples]
+    batch["_state"] = {"worker": worker, **copy.deepcopy(state)}
+    return batch
+
+
+class TrainLoader:
+    """Endless (resampled) or per-epoch iterable of batches with exact `state_dict` resume.
+
+    `iter(loader)` returns the loader itself, so `next(iter(loader))` continues the stream;
+    one DataLoader iterator (and its workers) lives until the epoch ends or a state is loaded.
+    """
+
+    def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.num_workers = max(1, cfg.data.num_workers)
+        self.epoch = 0
+        self.batches = 0          # batches handed out since the start of training
+        self.next_worker = 0
+        self.worker_states: dict[int, dict[str, Any]] = {}
+        self._it: Optional[Iterator[dict[str, Any]]] = None
+        StageStream(cfg, rank, world_size, {})  # fail now on a bad shard spec, not in a worker
+
+    # Iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self._it is None:
+                self._it = self._start()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._close()
+                self.epoch += 1  # a finite epoch is over; the next iteration starts the next one
+                self.worker_states = {w: {**_fresh_worker_state(), "epoch": self.epoch,
+                                          "stats": s["stats"]} for w, s in self.worker_states.items()}
+                self.next_worker = 0
+                raise
+            state = batch.pop("_state")
+            worker = state.pop("worker")
+            self.worker_states[worker] = state
+            if batch.get("_end"):
+                continue
+            self.next_worker = (worker + 1) % self.num_workers
+            self.batches += 1
+            return batch
+
+    def _start(self) -> Iterator[dict[str, Any]]:
+        states = {w: s for w, s in self.worker_states.items()}
+        for w in range(self.num_workers):
+            states.setdefault(w, {**_fresh_worker_state(), "epoch": self.epoch})
+        dataset = StageStream(self.cfg, self.rank, self.world_size, states, rotation=self.next_worker)
+        if self.cfg.data.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.data.num_workers,
+                            prefetch_factor=self.cfg.data.prefetch_factor,
+                            pin_memory=self.cfg.data.pin_memory and torch.cuda.is_available())
+        return iter(loader)
+
+    def _close(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage-collected)."""
+        self._close()
+
+    # Counters -------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Samples delivered and skipped (by reason, with recent examples), over all workers."""
+        total: dict[str, Any] = {"samples": 0, "skipped": {}, "examples": [], "batches": self.batches}
+        for w in sorted(self.worker_states):
+            s = self.worker_states[w]["stats"]
+            total["samples"] += s["samples"]
+            for reason, n in s["skipped"].items():
+                total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+            total["examples"].extend(s["examples"])
+        total["num_skipped"] = sum(total["skipped"].values())
+        return total
+
+    # Resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Position of the stream after the last batch handed out (plain Python, JSON-safe)."""
+        return {"version": STATE_VERSION, "seed": self.cfg.data.seed, "rank": self.rank,
+                "world_size": self.world_size, "num_workers": self.num_workers,
+                "resampled": self.cfg.data.resampled, "epoch": self.epoch, "batches": self.batches,
+                "next_worker": self.next_worker,
+                "workers": {str(w): copy.deepcopy(s) for w, s in self.worker_states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue exactly after the saved position; the layout must match unless not strict."""
+        self._close()
+        layout = ("seed", "rank", "world_size", "num_workers", "resampled")
+        mine = {"seed": self.cfg.data.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "resampled": self.cfg.data.resampled}
+        diff = {k: (state.get(k), mine[k]) for k in layout if state.get(k) != mine[k]}
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
+        self.batches = int(state["batches"])
+        if diff:
+            msg = "loader state was saved with a different " + ", ".join(
+                f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in diff.items())
+            if strict:
+                raise ValueError(msg + "; exact resume is impossible (pass strict=False to start "
+                                       "a fresh stream instead)")
+            # Not exact: start a fresh stream whose seed differs from the one already consumed.
+            log.warning("%s; starting a fresh data stream", msg)
+            self.epoch = int(state["epoch"]) + 1
+            self.worker_states, self.next_worker = {}, 0
+            return
+        self.epoch = int(state["epoch"])
+        self.next_worker = int(state["next_worker"])
+        self.worker_states = {int(w): copy.deepcopy(s) for w, s in state["workers"].items()}
+
+
+def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> TrainLoader:
+    """The training loader of `cfg.stage` for one rank (see docs/CONTRACTS.md)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return TrainLoader(cfg, rank, world_size)

@@ -1,0 +1,148 @@
+"""Decoding of known entries and the per-stage image pyramid.
+
+Only the schema's keys are ever decoded (images with PIL, text as UTF-8, JSON, `.npy` with
+`allow_pickle=False`); anything else in a tar is ignored. Images follow the reference recipe:
+resize the smallest side to the stage's output resolution (bicubic, which PIL anti-aliases when
+it shrinks), crop a square (center, or random when asked), scale to [-1, 1]. SR stages get the
+low-res conditioning image by anti-aliased bicubic downsampling of the very same crop. When the
+network trains on smaller patches than the stage outputs (sr1024 trains on 256 px crops of the
+1024 px image), a random patch is cut and its low-res is that region downsampled 4x, as in the
+paper.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, read_embedding
+
+Image.MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs above ~268 MP
+
+
+class SkipSample(Exception):
+    """A sample that must be skipped; `reason` is the counter it is filed under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class StageGeometry:
+    """Sizes one stage reads: output square, training patch, low-res patch, minimum input side."""
+
+    output_resolution: int     # the square the whole image is cropped to (64, 256, 1024)
+    train_resolution: int      # the patch the network sees (sr1024: 256)
+    lowres_resolution: Optional[int]  # the low-res patch (None for the base stage)
+    min_image_size: int        # images whose smaller side is below this are skipped
+    random_crop: bool = False  # random instead of center crop of the output square
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "StageGeometry":
+        """Geometry of `cfg.stage` with `cfg.train_resolution` and `cfg.data.min_image_size`."""
+        out = cfg.output_resolution
+        return cls(out, cfg.train_resolution, cfg.lowres_resolution,
+                   cfg.data.min_image_size or out, cfg.data.random_crop)
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.array(img, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def decode_image(data: bytes, min_size: int, target_short_side: int) -> Image.Image:
+    """Decode to RGB, refusing images whose smaller side is below `min_size` before full decode."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+    except Exception as err:  # noqa: BLE001 - any PIL failure means an unusable image
+        raise SkipSample("bad_image", str(err)) from None
+    if min(w, h) < min_size:
+        raise SkipSample("too_small", f"{w}x{h} < {min_size}")
+    scale = target_short_side / min(w, h)
+    if scale < 0.5 and img.format == "JPEG":
+        img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))  # DCT-domain shrink
+    try:
+        return img.convert("RGB")
+    except Exception as err:  # noqa: BLE001
+        raise SkipSample("bad_image", str(err)) from None
+
+
+def image_pyramid(img: Image.Image, geo: StageGeometry, rng: random.Random
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(image (3, T, T), lowres (3, t, t) or None) for one decoded RGB image."""
+    out = geo.output_resolution
+    w, h = img.size
+    scale = out / min(w, h)
+    if (w, h) != (out, out):
+        nw, nh = max(out, round(w * scale)), max(out, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+        w, h = img.size
+    if geo.random_crop:
+        left, top = rng.randint(0, w - out), rng.randint(0, h - out)
+    else:
+        left, top = (w - out) // 2, (h - out) // 2
+    img = img.crop((left, top, left + out, top + out))
+    patch = geo.train_resolution
+    if patch < out:
+        # Patch offsets on the low-res grid, so the low-res patch is a whole-pixel region of the
+        # full low-res image (paper: 256 crops of 1024 with the matching 64 crop of the 256 image).
+        step = max(1, patch // geo.lowres_resolution) if geo.lowres_resolution else 1
+        x = rng.randrange(0, out - patch + 1, step)
+        y = rng.randrange(0, out - patch + 1, step)
+        img = img.crop((x, y, x + patch, y + patch))
+    lowres = None
+    if geo.lowres_resolution:
+        lowres = _to_tensor(img.resize((geo.lowres_resolution,) * 2, Image.BICUBIC, reducing_gap=None))
+    return _to_tensor(img), lowres
+
+
+def pad_embedding(emb: np.ndarray, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, D) float16 -> ((L, D) float32 zero-padded or truncated, (L,) bool mask)."""
+    n = min(emb.shape[0], max_length)
+    out = torch.zeros(max_length, emb.shape[1], dtype=torch.float32)
+    out[:n] = torch.from_numpy(emb[:n].astype(np.float32))
+    mask = torch.zeros(max_length, dtype=torch.bool)
+    mask[:n] = True
+    return out, mask
+
+
+def decode_sample(raw: dict[str, Any], geo: StageGeometry, embed_dim: int, max_length: int,
+                  rng: random.Random) -> dict[str, Any]:
+    """One raw tar sample -> training example, or raise SkipSample naming the reason."""
+    ext = image_key(raw)
+    if ext is None:
+        raise SkipSample("no_image")
+    txt = raw.get("txt")
+    if txt is None:
+        raise SkipSample("no_caption")
+    try:
+        caption = txt.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SkipSample("no_caption", "caption is not UTF-8") from None
+    if EMBED_KEY not in raw:
+        raise SkipSample("no_embedding")
+    try:
+        emb, _ = read_embedding(raw.get(EMBED_KEY), raw.get(EMBED_META_KEY))
+    except SchemaError as err:
+        raise SkipSample("bad_embedding", str(err)) from None
+    if emb.shape[1] != embed_dim:
+        raise SkipSample("wrong_embed_dim", f"{emb.shape[1]} != text.embed_dim {embed_dim}")
+    if emb.shape[0] == 0 or not np.isfinite(emb).all():
+        raise SkipSample("bad_embedding", "empty or non-finite")
+    img = decode_image(raw[ext], geo.min_image_size, geo.output_resolution)
+    image, lowres = image_pyramid(img, geo, rng)
+    text_emb, text_mask = pad_embedding(emb, max_length)
+    sample = {"image": image, "text_emb": text_emb, "text_mask": text_mask, "caption": caption}
+    if lowres is not None:
+        sample["lowres"] = lowres
+    return sample

@@ -1,0 +1,100 @@
+"""Shared session fixtures: a tiny offline T5 encoder and small synthetic shard sets.
+
+- `tiny_t5_dir`: a save_pretrained folder holding a random-weight T5EncoderModel (d_model 64)
+  and a SentencePiece T5 tokenizer trained on the fly. Nothing is downloaded.
+- `shards_64`: 48 synthetic 64 px samples in 6 shards of 8, with precomputed embeddings.
+- `shards_1024`: 8 synthetic 1024 px samples in 2 shards of 4, with embeddings (SR stages).
+Each shard-set fixture returns a `ShardSet` (folder, brace pattern, urls, embed_dim).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_T5_DIM = 64
+
+_CORPUS_WORDS = ("a small large red green blue yellow purple orange white black circle square "
+                 "triangle star shape at the top bottom left right center in on of dark light "
+                 "background picture photo image dog cat tree car house with and").split()
+
+
+def build_tiny_t5(folder: Path, d_model: int = TINY_T5_DIM, num_layers: int = 2, seed: int = 0) -> Path:
+    """Write a random-weight T5 encoder + freshly trained SentencePiece tokenizer to `folder`."""
+    import random
+
+    import sentencepiece as spm
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    folder = Path(folder)
+    spm_dir = folder.parent / (folder.name + "-spm")
+    spm_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sentences = [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
+    # T5's ids: pad 0, eos 1, unk 2, no bos (transformers 5 ignores T5Tokenizer(vocab_file=...)).
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(spm_dir / "spiece"), vocab_size=96,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, model_type="unigram",
+        minloglevel=2)
+    tokenizer = T5Tokenizer.from_pretrained(str(spm_dir), extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model,
+                      num_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)
+    model = T5EncoderModel(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@dataclass
+class ShardSet:
+    """A folder of shards with precomputed embeddings."""
+
+    folder: Path
+    pattern: str      # brace pattern naming every shard
+    urls: list[str]
+    num_samples: int
+    embed_dim: int
+
+
+def _make_shard_set(root: Path, t5_dir: Path, num_samples: int, resolution: int, shard_size: int,
+                    image_format: str) -> ShardSet:
+    from data_tools.precompute import precompute_embeddings
+    from data_tools.synthetic import write_synthetic
+
+    raw = root / "raw"
+    write_synthetic(out=raw, num_samples=num_samples, resolution=resolution, shard_size=shard_size,
+                    seed=0, image_format=image_format, progress_bar=False)
+    out = root / "emb"
+    raw_urls = sorted(str(p) for p in raw.glob("*.tar"))
+    precompute_embeddings(shards=raw_urls, encoder=str(t5_dir), out=out, batch_size=16, progress_bar=False)
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    pattern = str(out / f"{{00000..{len(urls) - 1:05d}}}.tar")
+    return ShardSet(out, pattern, urls, num_samples, TINY_T5_DIM)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A save_pretrained folder with a tiny random T5 encoder and its tokenizer."""
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5") / "t5")
+
+
+@pytest.fixture(scope="session")
+def shards_64(tmp_path_factory, tiny_t5_dir) -> ShardSet:
+    """48 synthetic 64 px samples in 6 shards of 8, with tiny-T5 embeddings."""
+    return _make_shard_set(tmp_path_factory.mktemp("shards_64"), tiny_t5_dir, 48, 64, 8, "png")
+
+
+@pytest.fixture(scope="session")
+def shards_1024(tmp_path_factory, tiny_t5_dir) -> ShardSet:
+    """8 synthetic 1024 px JPEG samples in 2 shards of 4, with tiny-T5 embeddings."""
+    return _make_shard_set(tmp_path_factory.mktemp("shards_1024"), tiny_t5_dir, 8, 1024, 4, "jpg")
