@@ -1,0 +1,124 @@
+"""The diffusion object the trainer and the sampling pipeline use (CONTRACTS.md).
+
+    diffusion = build_diffusion(cfg.diffusion)
+    loss = diffusion.training_loss(net, images, text_emb, text_mask, lowres=None)   # (B,)
+    result = diffusion.sample(net, shape, text_emb, text_mask, sampler_cfg, lowres=None, generator=None)
+    result.images  # (B, 3, H, W), unclamped;  result.nfe  # network forward passes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import DiffusionConfig, SamplerConfig
+from .augment import NoiseConditioningAugmentation
+from .guidance import guidance_batch_factor, wrap_denoiser
+from .losses import ContinuousLoss, EDMLoss, drop_text
+from .precond import Denoiser, EDMPrecond, VPPrecond
+from .samplers import SAMPLERS
+from .schedules import LogSNRSchedule, karras_interp, karras_sigmas, time_uniform_sigmas
+
+
+@dataclass
+class SampleResult:
+    """Samples and their cost.
+
+    nfe: network forward passes made (Heun: 2N - 1, others: N), the same with or without guidance
+    because the conditional and unconditional passes share one forward; net_batch_factor: images the
+    network processed per output image in each pass (2 when guided), so nfe * net_batch_factor is
+    the per-image count NeMo reports.
+    """
+
+    images: Tensor
+    nfe: int
+    net_batch_factor: int = 1
+
+
+class Diffusion:
+    """Continuous-time Gaussian diffusion (Imagen) or EDM, behind one interface."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        if cfg.formulation == "edm":
+            self.precond = EDMPrecond(cfg.sigma_data)
+            self.loss_fn = EDMLoss(self.precond, cfg.p_mean, cfg.p_std)
+            self.sigma_min, self.sigma_max = cfg.sigma_min, cfg.sigma_max
+            level_to_sigma = partial(karras_interp, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+        elif cfg.formulation == "continuous":
+            self.schedule = LogSNRSchedule(cfg.schedule, cfg.cosine_s)
+            self.precond = VPPrecond(self.schedule, cfg.prediction)
+            self.loss_fn = ContinuousLoss(self.precond)
+            # EDM-style grids stay inside both the configured range and the trained one.
+            lo, hi = self.schedule.sigma_range()
+            self.sigma_min, self.sigma_max = max(cfg.sigma_min, lo), min(cfg.sigma_max, hi)
+            level_to_sigma = self.schedule.sigma
+        else:
+            raise ValueError(f"unknown formulation {cfg.formulation!r}; expected 'edm' or 'continuous'")
+        self.noise_aug = NoiseConditioningAugmentation(level_to_sigma, self.precond.noise_cond,
+                                                       cfg.noise_aug.max_level)
+
+    # ------------------------------------------------------------------------------------------
+    def denoiser(self, net: Callable) -> Denoiser:
+        """The bare denoiser D(x, sigma, text_emb=, text_mask=, [lowres=, lowres_noise_cond=])."""
+        return self.precond.bind(net)
+
+    def training_loss(self, net: Callable, images: Tensor, text_emb: Tensor, text_mask: Tensor,
+                      lowres: Optional[Tensor] = None) -> Tensor:
+        """Per-sample loss (B,) with the text dropped for CFG and, given lowres, noise augmentation."""
+        cond = {"text_emb": drop_text(text_emb, self.cfg.cond_drop_prob), "text_mask": text_mask}
+        if lowres is not None:
+            cond["lowres"], cond["lowres_noise_cond"] = self.noise_aug.random(lowres)
+        return self.loss_fn(net, images, **cond)
+
+    def sigmas(self, sampler: str, steps: int, device: torch.device | str | None = None) -> Tensor:
+        """The sampling grid (steps + 1,), ending at 0.
+
+        DDPM and DDIM on a continuous model use its native grid, uniform in t; every other case
+        uses the EDM grid (rho = 7) over [sigma_min, sigma_max].
+        """
+        if self.cfg.formulation == "continuous" and sampler in ("ddpm", "ddim"):
+            return time_uniform_sigmas(self.schedule, steps, device)
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, device=device)
+
+    def prior_std(self, sigma_max: Tensor) -> Tensor:
+        """Std of the initial noise at sigma_max: EDM uses sigma_max (as NVlabs/edm); the VP model's
+        prior x_vp ~ N(0, I) is sqrt(1 + sigma_max^2) in VE space."""
+        if self.cfg.formulation == "continuous":
+            return (1 + sigma_max**2).sqrt()
+        return sigma_max
+
+    @torch.no_grad()
+    def sample(self, net: Callable, shape: Sequence[int], text_emb: Tensor, text_mask: Tensor,
+               sampler_cfg: SamplerConfig, lowres: Optional[Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> SampleResult:
+        """Draw samples of `shape` (B, C, H, W) with the sampler and settings of `sampler_cfg`."""
+        if sampler_cfg.name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler_cfg.name!r}; expected one of {sorted(SAMPLERS)}")
+        device = text_emb.device
+        extra_args = {"text_emb": text_emb, "text_mask": text_mask}
+        if lowres is not None:
+            # Corrupt the low-res image once, then hand the corrupted image to every network call.
+            level = torch.full((shape[0],), sampler_cfg.noise_aug_level, device=device)
+            extra_args["lowres"], extra_args["lowres_noise_cond"] = self.noise_aug.corrupt(
+                lowres.to(device), level, generator)
+
+        denoiser = wrap_denoiser(self.denoiser(net), sampler_cfg.guidance_scale,
+                                 sampler_cfg.thresholding, sampler_cfg.dynamic_quantile)
+        sigmas = self.sigmas(sampler_cfg.name, sampler_cfg.steps, device)
+        x = torch.randn(tuple(shape), generator=generator, device=device) * self.prior_std(sigmas[0])
+        options = {}
+        if sampler_cfg.name == "edm_stochastic":
+            options = {"s_churn": sampler_cfg.s_churn, "s_noise": sampler_cfg.s_noise}
+        out = SAMPLERS[sampler_cfg.name](denoiser, x, sigmas, extra_args=extra_args,
+                                         generator=generator, **options)
+        return SampleResult(out.samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale))
+
+
+def build_diffusion(cfg: DiffusionConfig) -> Diffusion:
+    """The Diffusion object for a DiffusionConfig."""
+    return Diffusion(cfg)
