@@ -55,6 +55,18 @@ def split_key(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Notes a header cut short: tarfile's stream mode otherwise ends silently there."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError):
+            tar.cut_short = True  # a whole tar always ends with zero blocks, never like this
+            raise
+
+
 def iter_raw_samples(url: str, on_error: Optional[Callable[[str, str, str], None]] = None,
                      keep: Optional[Callable[[str], bool]] = None) -> Iterator[dict[str, Any]]:
     """Yield `{"__key__", "__url__", ext: bytes, ...}` per sample of one shard, in tar order.
@@ -71,7 +83,8 @@ def iter_raw_samples(url: str, on_error: Optional[Callable[[str, str, str], None
         report(url, "", f"cannot open shard: {err}")
         return
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+            tar.cut_short = False
             for member in tar:
                 if not member.isreg():
                     continue
@@ -88,6 +101,8 @@ def iter_raw_samples(url: str, on_error: Optional[Callable[[str, str, str], None
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} truncated")
                 current[ext] = data
+            if tar.cut_short:
+                raise tarfile.ReadError("tar ends without its end-of-archive blocks")
     except (tarfile.TarError, OSError, EOFError) as err:
         # The sample being read when the tar broke may be incomplete: drop it, name it.
         report(url, current["__key__"] if current else "", f"truncated or unreadable tar: {err}")

@@ -1,0 +1,234 @@
+"""The data CLI: make-shards, synthetic, precompute-embeddings, inspect, verify (real files)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.__main__ import main
+from data_tools.synthetic import COLOURS, BACKGROUNDS, draw_sample
+from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, encode_embedding, read_embedding
+from imagen_train.data.shards import iter_raw_samples
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, dict]:
+    """Run `python -m data_tools` in-process; (exit status, JSON summary)."""
+    code = main([*argv, "--no-progress"] if argv[0] != "--help" else list(argv))
+    out = capsys.readouterr().out
+    return code, json.loads(out[out.index("{\n"):])
+
+
+def read_all(folder: Path) -> list[dict]:
+    return [s for p in sorted(folder.glob("*.tar")) for s in iter_raw_samples(str(p))]
+
+
+def _images(folder: Path, n: int = 5) -> list[tuple[Path, bytes, str]]:
+    """n small images (JPEG and PNG) with captions in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        img = Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8))
+        fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
+        path = folder / f"img{i}.{ext}"
+        img.save(path, format=fmt)
+        items.append((path, path.read_bytes(), f"caption number {i}"))
+    return items
+
+
+def test_make_shards_from_folder_keeps_every_key(tmp_path, capsys):
+    items = _images(tmp_path / "in")
+    for path, _, cap in items[:-1]:  # the last image has no sidecar caption
+        path.with_suffix(".txt").write_text(cap)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (tmp_path / "in" / "broken.txt").write_text("a caption")
+    code, summary = run_cli(capsys, "make-shards", "--input", str(tmp_path / "in"), "--out",
+                            str(tmp_path / "out"), "--shard-size", "3")
+    assert code == 0 and summary["samples"] == 4 and summary["shards"] == 2
+    assert summary["skipped"] == {"no_caption": 1, "bad_image": 1}
+    assert any("broken.jpg" in name for name in summary["skipped_samples"]["bad_image"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == ["00000.tar", "00001.tar"]
+    samples = read_all(tmp_path / "out")
+    by_path = {json.loads(s["json"])["original_path"]: s for s in samples}
+    for path, data, cap in items[:-1]:
+        s = by_path[str(path)]
+        ext = "jpg" if path.suffix == ".jpg" else "png"
+        assert s[ext] == data and s["txt"].decode() == cap  # image bytes kept as they are
+        meta = json.loads(s["json"])
+        assert meta["caption"] == cap and meta["key"] == s["__key__"]
+        assert (meta["width"], meta["height"]) == Image.open(path).size
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_make_shards_from_manifest_with_min_size_and_reencode(tmp_path, capsys, kind):
+    items = _images(tmp_path / "imgs")
+    rows = [{"image": f"imgs/{p.name}", "caption": cap} for p, _, cap in items]
+    manifest = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        with open(manifest, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "caption"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, summary = run_cli(capsys, "make-shards", "--manifest", str(manifest), "--out", str(tmp_path / "out"),
+                            "--min-size", "56", "--reencode", "jpg")
+    # heights are 40, 48, 56, 64, 72 (width 48): only min side >= 56 pass -> none (width 48)
+    assert summary["skipped"] == {"too_small": 5} and summary["samples"] == 0
+    code, summary = run_cli(capsys, "make-shards", "--manifest", str(manifest), "--out", str(tmp_path / "out2"),
+                            "--min-size", "48", "--reencode", "jpg")
+    assert summary["samples"] == 4 and summary["skipped"] == {"too_small": 1}
+    samples = read_all(tmp_path / "out2")
+    assert all(set(s) >= {"jpg", "txt", "json"} and "png" not in s for s in samples)
+    assert [s["txt"].decode() for s in samples] == [cap for _, _, cap in items[1:]]
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+        pytest.skip("pyarrow is installed")
+    except ImportError:
+        pass
+    (tmp_path / "m.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SystemExit, match="pyarrow"):
+        main(["make-shards", "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "o")])
+
+
+def test_synthetic_is_deterministic_and_captions_match_pixels(tmp_path, capsys):
+    args = ["--num-samples", "30", "--resolution", "96", "--shard-size", "8", "--holdout", "0.2"]
+    run_cli(capsys, "synthetic", "--out", str(tmp_path / "a"), *args)
+    code, summary = run_cli(capsys, "synthetic", "--out", str(tmp_path / "b"), *args)
+    assert summary["num_samples"] == 24 and summary["holdout_samples"] == 6
+    for sub in ("", "holdout"):
+        a = sorted((tmp_path / "a" / sub).glob("*.tar"))
+        assert a and [p.read_bytes() for p in a] == [p.read_bytes() for p in sorted((tmp_path / "b" / sub).glob("*.tar"))]
+    other = draw_sample(1, 0, 96)[1:]
+    assert any(draw_sample(0, i, 96)[1:] != other for i in range(3))  # the seed matters
+    samples = read_all(tmp_path / "a") + read_all(tmp_path / "a" / "holdout")
+    assert len(samples) == 30 and len({s["txt"] for s in samples}) > 10
+    for s in samples:
+        caption, meta = s["txt"].decode(), json.loads(s["json"])
+        img = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+        assert img.shape == (96, 96, 3)
+        words = caption.split()
+        colour = next(w for w in words if w in COLOURS)
+        background = next(w for w in words if w in BACKGROUNDS)
+        cx, cy = (int(v) for v in meta["center"])
+        assert tuple(img[cy, cx]) == COLOURS[colour], caption
+        # The corner farthest from the shape shows the background named in the caption.
+        fx, fy = (0 if cx > 48 else 95), (0 if cy > 48 else 95)
+        assert tuple(img[fy, fx]) == BACKGROUNDS[background], caption
+        assert meta["shape"] in caption and meta["size"] in caption and meta["position"] in caption
+
+
+def _direct_embedding(t5_dir: Path, caption: str) -> np.ndarray:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(str(t5_dir), local_files_only=True)
+    model = T5EncoderModel.from_pretrained(str(t5_dir), local_files_only=True).eval()
+    ids = tok([caption], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state[0].numpy()
+
+
+def test_precompute_resumes_and_matches_direct_encoder(tmp_path, capsys, tiny_t5_dir):
+    run_cli(capsys, "synthetic", "--out", str(tmp_path / "raw"), "--num-samples", "12", "--shard-size", "4")
+    args = ["precompute-embeddings", "--shards", str(tmp_path / "raw" / "{00000..00002}.tar"),
+            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"), "--batch-size", "3"]
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "00001.tar.tmp-999").write_bytes(b"half a shard")  # a crashed run's leftover
+    code, first = run_cli(capsys, *args)
+    assert code == 0 and first["shards_written"] == 3 and first["samples_written"] == 12
+    assert first["embed_dim"] == 64 and first["skipped"] == {}
+    code, second = run_cli(capsys, *args)
+    assert second["shards_written"] == 0 and second["shards_skipped_existing"] == 3
+    raw, emb = read_all(tmp_path / "raw"), read_all(tmp_path / "emb")
+    assert len(emb) == 12
+    for r, e in zip(raw, emb):
+        assert all(e[k] == r[k] for k in ("png", "txt", "json"))  # every input key intact
+        arr, meta = read_embedding(e[EMBED_KEY], e[EMBED_META_KEY])
+        assert arr.dtype == np.float16 and meta["n_tokens"] == arr.shape[0] and meta["version"] == 1
+        assert e[EMBED_KEY][:6] == b"\x93NUMPY"  # a plain .npy, no pickle
+    for e in emb[:3]:
+        direct = _direct_embedding(tiny_t5_dir, e["txt"].decode())
+        arr, _ = read_embedding(e[EMBED_KEY], e[EMBED_META_KEY])
+        assert arr.shape == direct.shape  # valid tokens only, EOS included
+        np.testing.assert_allclose(arr.astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+
+
+def test_precompute_splits_shards_by_rank_from_env(tmp_path, capsys, monkeypatch, tiny_t5_dir):
+    run_cli(capsys, "synthetic", "--out", str(tmp_path / "raw"), "--num-samples", "12", "--shard-size", "4")
+    shards = str(tmp_path / "raw" / "{00000..00002}.tar")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    written = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        _, summary = run_cli(capsys, "precompute-embeddings", "--shards", shards, "--encoder", str(tiny_t5_dir),
+                             "--out", str(tmp_path / "emb"))
+        written.append(summary["shards_written"])
+    assert written == [2, 1] and len(list((tmp_path / "emb").glob("*.tar"))) == 3
+
+
+def _corrupt_shards(src: list[dict], folder: Path) -> None:
+    """Shard 00000: good, corrupt JPEG, no caption, wrong-width embedding; 00001: truncated."""
+    from data_tools.common import write_tar_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    clean = [{k: v for k, v in s.items() if not k.startswith("__")} for s in src]
+    bad_jpeg = {**{k: v for k, v in clean[1].items() if k != "png"}, "jpg": b"\xff\xd8\xff\xe0garbage"}
+    no_caption = {k: v for k, v in clean[2].items() if k != "txt"}
+    wrong_width = {**clean[3], **encode_embedding(np.ones((5, 32), np.float32), max_length=128,
+                                                  encoder="x", truncated=False)}
+    write_tar_atomic(folder / "00000.tar", [("good0", clean[0]), ("badjpeg", bad_jpeg),
+                                            ("nocaption", no_caption), ("wrongwidth", wrong_width)])
+    write_tar_atomic(folder / "full.tar", [(f"t{i}", clean[4 + i]) for i in range(3)])
+    data = (folder / "full.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside the 2nd sample
+    (folder / "full.tar").unlink()
+
+
+def test_verify_names_bad_samples_and_inspect_counts(tmp_path, capsys, shards_64):
+    src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
+    _corrupt_shards(src, tmp_path / "bad")
+    pattern = str(tmp_path / "bad" / "{00000..00001}.tar")
+    code, summary = run_cli(capsys, "verify", "--shards", pattern, "--embed-dim", "64")
+    assert code == 1 and not summary["ok"]
+    problems = {b["sample"].rsplit(":", 1)[-1]: b["problem"] for b in summary["bad"]}
+    assert "decode" in problems["badjpeg"] and problems["nocaption"] == "no caption"
+    assert "width 32" in problems["wrongwidth"] and "good0" not in problems
+    assert any("truncated" in p for p in problems.values())
+    code, good = run_cli(capsys, "verify", "--shards", shards_64.pattern, "--require-embeddings")
+    assert code == 0 and good["ok"] and good["samples"] == 48 and good["embedding_widths"] == {"64": 48}
+    code, info = run_cli(capsys, "inspect", "--shards", shards_64.pattern)
+    assert info["samples"] == 48 and info["shards"] == 6 and info["keys"]["t5.npy"] == 48
+    assert info["embedding_dtypes"] == {"float16": 48} and info["caption_words"]["min"] >= 8
+
+
+def test_precompute_skips_and_names_bad_samples(tmp_path, capsys, shards_64, tiny_t5_dir):
+    src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
+    _corrupt_shards(src, tmp_path / "bad")
+    code, summary = run_cli(capsys, "precompute-embeddings", "--shards", str(tmp_path / "bad" / "{00000..00001}.tar"),
+                            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"))
+    assert code == 0 and summary["shards_written"] == 2
+    assert summary["skipped"]["bad_image"] == 1 and summary["skipped"]["no_caption"] == 1
+    assert summary["skipped"]["bad_shard"] == 1
+    assert summary["skipped_samples"]["bad_image"][0].endswith(":badjpeg")
+    assert summary["samples_written"] == 4  # good0, wrongwidth (re-embedded), t0 and t1 before the cut
+    assert tarfile.is_tarfile(tmp_path / "emb" / "00001.tar")
+
+
+def test_cli_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "data_tools", "precompute-embeddings", "--help"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "--max-length" in out and "default: 128" in out
