@@ -1,0 +1,222 @@
+"""The per-stage training loader: shapes, SR crops, corrupt samples, rank splits, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imagen_train.config import Config, DataConfig, ModelConfig, TextConfig, TrainingConfig
+from imagen_train.data import build_train_loader, expand_shards
+from imagen_train.data.shards import iter_raw_samples
+from imagen_train.data.transforms import StageGeometry, image_pyramid
+from test_data_tools import _corrupt_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_cfg(shards: str, stage: str = "base64", batch: int = 4, **data) -> Config:
+    data = {"num_workers": 0, "shuffle_buffer": 8, **data}
+    kind = "unet" if stage == "base64" else "efficient_unet"
+    return Config(stage=stage, model=ModelConfig(kind=kind), text=TextConfig(embed_dim=64, max_length=32),
+                  data=DataConfig(train_shards=shards, **data),
+                  training=TrainingConfig(micro_batch_size=batch, global_batch_size=batch))
+
+
+def take(loader, n: int) -> list[dict]:
+    return [next(loader) for _ in range(n)]
+
+
+def test_base_batches_match_the_contract(shards_64):
+    loader = build_train_loader(make_cfg(shards_64.pattern), 0, 1)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and batch["image"].min() < -0.5
+    assert batch["text_emb"].shape == (4, 32, 64) and batch["text_mask"].shape == (4, 32)
+    assert batch["text_mask"].dtype == torch.bool and "lowres" not in batch
+    assert len(batch["caption"]) == 4 and all(isinstance(c, str) for c in batch["caption"])
+    lengths = batch["text_mask"].sum(1)
+    for i, n in enumerate(lengths.tolist()):
+        assert batch["text_emb"][i, n:].abs().sum() == 0 and batch["text_emb"][i, :n].abs().sum() > 0
+    assert next(iter(loader))["key"] != batch["key"]  # iter() continues the stream
+
+
+def test_shard_specs_list_file_and_pipe(tmp_path, shards_64):
+    listing = tmp_path / "train.list"
+    listing.write_text("# shards\n" + "\n".join(shards_64.urls) + "\n")
+    assert expand_shards(str(listing)) == shards_64.urls
+    assert expand_shards(shards_64.pattern) == shards_64.urls
+    pipe = f"pipe:cat {shards_64.urls[0]}"
+    assert len(list(iter_raw_samples(pipe))) == 8
+    loader = build_train_loader(make_cfg(f"{pipe}::{shards_64.urls[1]}", resampled=False, batch=2), 0, 1)
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == 16 and len(set(keys)) == 16
+
+
+def test_sr256_and_sr1024_batches(shards_1024):
+    loader = build_train_loader(make_cfg(shards_1024.pattern, "sr256", batch=2), 0, 1)
+    batch = next(loader)
+    assert batch["image"].shape == (2, 3, 256, 256) and batch["lowres"].shape == (2, 3, 64, 64)
+    assert batch["text_emb"].shape == (2, 32, 64) and batch["text_mask"].shape == (2, 32)
+    cfg = make_cfg(shards_1024.pattern, "sr1024", batch=2)
+    assert cfg.train_resolution == 256 and cfg.lowres_resolution == 64
+    batch = next(build_train_loader(cfg, 0, 1))
+    assert batch["image"].shape == (2, 3, 256, 256) and batch["lowres"].shape == (2, 3, 64, 64)
+    # The low-res image is the same region, downsampled 4x.
+    ref = F.interpolate(batch["image"], size=64, mode="bicubic", antialias=True, align_corners=False)
+    assert (ref - batch["lowres"]).abs().mean() < 0.02
+
+
+def test_sr1024_patch_and_lowres_come_from_the_same_region():
+    # A smooth random 1024 image, so every patch is unique.
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((1024, 1024), Image.BICUBIC)
+    geo = StageGeometry(output_resolution=1024, train_resolution=256, lowres_resolution=64, min_image_size=1024)
+    patch, lowres = image_pyramid(img, geo, random.Random(3))
+    full = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+    hits = [(x, y) for y in range(0, 769, 4) for x in range(0, 769, 4)
+            if torch.equal(full[:, y:y + 8, x:x + 8], patch[:, :8, :8])
+            and torch.equal(full[:, y:y + 256, x:x + 256], patch)]
+    assert len(hits) == 1
+    x, y = hits[0]
+    full_low = np.array(img.resize((256, 256), Image.BICUBIC, reducing_gap=None))
+    low_crop = torch.from_numpy(full_low[y // 4:y // 4 + 64, x // 4:x // 4 + 64]).permute(2, 0, 1).float() / 127.5 - 1
+    # Equal up to the filter's reach at the patch border (and rounding to uint8).
+    assert (low_crop - lowres)[:, 2:-2, 2:-2].abs().max() < 0.03
+
+
+def test_min_image_size_filters_small_images(shards_64):
+    loader = build_train_loader(make_cfg(shards_64.pattern, "sr256", batch=2, resampled=False), 0, 1)
+    assert list(loader) == []
+    assert loader.stats["skipped"] == {"too_small": 48}
+    cfg = make_cfg(shards_64.pattern, "sr256", batch=2, resampled=False, min_image_size=32)
+    batch = next(build_train_loader(cfg, 0, 1))  # upsampled to 256 when allowed
+    assert batch["image"].shape == (2, 3, 256, 256)
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, shards_64):
+    src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
+    _corrupt_shards(src, tmp_path / "bad")
+    cfg = make_cfg(str(tmp_path / "bad" / "{00000..00001}.tar"), batch=1, resampled=False)
+    loader = build_train_loader(cfg, 0, 1)
+    keys = sorted(k.split(":")[1] for b in loader for k in b["key"])
+    assert keys == ["good0", "t0", "t1"]
+    stats = loader.stats
+    assert stats["skipped"] == {"bad_image": 1, "no_caption": 1, "wrong_embed_dim": 1, "bad_shard": 1}
+    assert stats["samples"] == 3 and any("badjpeg" in e for e in stats["examples"])
+
+
+def test_a_missing_embedding_is_skipped(tmp_path, capsys):
+    from data_tools.synthetic import write_synthetic
+
+    write_synthetic(tmp_path, 4, shard_size=4, progress_bar=False)
+    loader = build_train_loader(make_cfg(str(tmp_path / "00000.tar"), batch=1, resampled=False), 0, 1)
+    assert list(loader) == [] and loader.stats["skipped"] == {"no_embedding": 4}
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_ranks_split_samples_without_overlap(shards_64, world_size):
+    # 6 shards: split by shard over 2 ranks, by sample over 8 ranks.
+    seen = []
+    for rank in range(world_size):
+        loader = build_train_loader(make_cfg(shards_64.pattern, batch=1, resampled=False), rank, world_size)
+        seen.append({k for b in loader for k in b["key"]})
+    assert sum(len(s) for s in seen) == 48 and len(set().union(*seen)) == 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GLOO_SCRIPT = textwrap.dedent("""
+    import json, sys, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from test_data_loader import make_cfg
+    from imagen_train.data import build_train_loader
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loader = build_train_loader(make_cfg({pattern!r}, batch=2, num_workers=1), rank, world)
+    keys = [k for _ in range(6) for k in next(loader)["key"]]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, keys)
+    if rank == 0:
+        json.dump(gathered, open({out!r}, "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_two_rank_gloo_job_sees_distinct_samples(tmp_path, shards_64):
+    script = tmp_path / "job.py"
+    out = tmp_path / "keys.json"
+    script.write_text(GLOO_SCRIPT.format(tests=str(REPO / "tests"), pattern=shards_64.pattern, out=str(out)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    keys0, keys1 = json.loads(out.read_text())
+    assert len(keys0) == len(keys1) == 12  # resampled: endless, so shards repeat within a rank
+    shards0, shards1 = ({k.split(":")[0] for k in keys} for keys in (keys0, keys1))
+    assert not set(keys0) & set(keys1) and not shards0 & shards1
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"]
+        for name in ("image", "text_emb", "text_mask", "lowres"):
+            if name in x:
+                assert torch.equal(x[name], y[name]), name
+
+
+@pytest.mark.parametrize("num_workers,resampled", [(0, True), (0, False), (2, True)])
+def test_exact_resume(shards_64, num_workers, resampled):
+    cfg = make_cfg(shards_64.pattern, batch=4, num_workers=num_workers, resampled=resampled,
+                   random_crop=True, shuffle_buffer=16, seed=7)
+    n = 10 if num_workers else 20  # 5 + 5 with 2 workers: resumes on worker 1. Non-resampled: 48 samples = 12 batches an epoch, so this crosses one
+
+    def straight(loader, count):
+        out = []
+        while len(out) < count:
+            try:
+                out.append(next(loader))
+            except StopIteration:
+                continue  # the next epoch starts on the next call
+        return out
+
+    reference = straight(build_train_loader(cfg, 0, 1), n)
+    first = build_train_loader(cfg, 0, 1)
+    head = straight(first, n // 2)
+    state = json.loads(json.dumps(first.state_dict()))  # plain data, as a checkpoint stores it
+    first.close()
+    resumed = build_train_loader(cfg, 0, 1)
+    resumed.load_state_dict(state)
+    tail = straight(resumed, n - n // 2)
+    _same_batches(reference, head + tail)
+    assert resumed.stats["samples"] == 4 * n
+    resumed.close()
+
+
+def test_resume_refuses_another_layout(shards_64):
+    loader = build_train_loader(make_cfg(shards_64.pattern), 0, 1)
+    next(loader)
+    state = loader.state_dict()
+    other = build_train_loader(make_cfg(shards_64.pattern), 0, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        other.load_state_dict(state)
+    other.load_state_dict(state, strict=False)  # a fresh stream instead
+    assert next(other)["image"].shape == (4, 3, 64, 64)
