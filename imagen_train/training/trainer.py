@@ -1,0 +1,363 @@
+"""The training loop of one stage: read it top to bottom.
+
+config -> data loader -> network -> diffusion loss -> DeepSpeed engine -> EMA -> checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from imagen_train.config import Config, ConfigError, save_config
+from imagen_train.training import checkpoint as ckpt
+from imagen_train.training import engine as ds
+from imagen_train.training.ema import EMA
+from imagen_train.utils import dist
+from imagen_train.utils.logging import MetricLogger
+
+# Fault injection for tests: comma-separated optimizer steps whose loss is replaced by NaN.
+FAULT_NAN_STEPS_ENV = "IMAGEN_TRAIN_FAULT_NAN_STEPS"
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite losses); the last good checkpoint stays."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped_by_signal: bool
+    last_checkpoint: Optional[Path]
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; checked at step boundaries so the job saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _nan_fault_steps() -> set[int]:
+    raw = os.environ.get(FAULT_NAN_STEPS_ENV, "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def count_flops_per_sample(cfg: Config) -> Optional[float]:
+    """Forward FLOPs of one sample, counted on a meta-device copy of the network."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imagen_train.models import build_model
+    try:
+        with torch.device("meta"):
+            net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+            res, L = cfg.train_resolution, cfg.text.max_length
+            args = [torch.zeros(1, 3, res, res), torch.zeros(1), torch.zeros(1, L, cfg.text.embed_dim),
+                    torch.ones(1, L, dtype=torch.bool)]
+            if cfg.lowres_resolution:
+                args += [torch.zeros(1, 3, cfg.lowres_resolution, cfg.lowres_resolution), torch.zeros(1)]
+            counter = FlopCounterMode(display=False)
+            with counter:
+                net(*args)
+        return float(counter.get_total_flops())
+    except Exception as err:  # counting is best effort; training must not depend on it
+        dist.print0(f"[train] could not count FLOPs ({type(err).__name__}: {err})")
+        return None
+
+
+def _has_a_sample(url: str) -> bool:
+    from imagen_train.data import iter_raw_samples
+    return next(iter_raw_samples(url, keep=lambda ext: False), None) is not None
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Refuse a run that cannot work before any process group or model is built.
+
+    Checks that the shard spec names existing shards, that the batch sizes divide over the
+    ranks, and that every folder the run writes to is writable.
+    """
+    from imagen_train.data import expand_shards
+
+    cfg.training.grad_accum_for(world_size)
+    spec = cfg.data.train_shards
+    if not spec:
+        raise ConfigError("data.train_shards", "a shard pattern, list file or path", spec)
+    try:
+        urls = expand_shards(spec)
+    except (ValueError, OSError) as err:
+        raise ConfigError("data.train_shards", "a valid shard spec", f"{spec} ({err})") from None
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    missing = [u for u in local if not Path(u).is_file()]
+    if not urls or (local and len(missing) == len(local)):
+        raise ConfigError("data.train_shards", "a spec that matches existing shards",
+                          f"{spec} (no file found; first tried: {missing[0] if missing else spec})")
+    if missing:
+        raise ConfigError("data.train_shards", "only existing shards",
+                          f"{len(missing)} of {len(local)} missing, e.g. {missing[0]}")
+    if local and not any(_has_a_sample(u) for u in local):
+        raise ConfigError("data.train_shards", "shards holding samples",
+                          f"{spec} ({len(local)} shard(s), no sample in any)")
+    if cfg.text.encoder_path and not Path(cfg.text.encoder_path).exists():
+        raise ConfigError("text.encoder_path", "an existing encoder folder", cfg.text.encoder_path)
+    if dist.rank() == 0:
+        ckpt_dir = checkpoint_root(cfg)
+        for key, folder in (("run_dir", Path(cfg.run_dir)), ("checkpoint.dir", ckpt_dir)):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as err:
+                raise ConfigError(key, "a writable folder", f"{folder} ({err.strerror})") from None
+
+
+class Trainer:
+    """Trains one stage; `run()` returns when max_steps is reached or a signal asks it to stop.
+
+    `callbacks` are called as `callback(trainer)` after every optimizer step and EMA update, on
+    every rank (periodic evaluation hooks in here).
+    """
+
+    def __init__(self, cfg: Config, resume: str = "auto",
+                 callbacks: Optional[list[Callable[["Trainer"], None]]] = None):
+        from imagen_train.data import build_train_loader
+        from imagen_train.diffusion import build_diffusion
+        from imagen_train.models import build_model
+
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = checkpoint_root(cfg)
+        preflight(cfg, dist.world_size())
+        ds.init_distributed(cfg.training.dist_timeout_s)
+        dist.barrier()
+        # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
+        _seed_everything(cfg.training.seed)
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+        self.flops_per_sample = count_flops_per_sample(cfg)
+        self.engine = ds.create_engine(cfg, net)
+        self.device = ds.current_device()
+        self.dtype = ds.model_dtype(self.engine)
+        self.diffusion = build_diffusion(cfg.diffusion)
+        self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
+        self.ema = EMA(ds.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
+                       cfg.ema.update_every_steps)
+        self.layout = ds.partition_layout(self.engine)
+        self.accum = cfg.training.grad_accum_for(dist.world_size())
+        self.step = 0
+        self.bad_steps = 0
+        self.wandb_id: Optional[str] = None
+        self.last_checkpoint: Optional[Path] = None
+        # Different noise on every rank from here on.
+        _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
+        self._resume(resume)
+        if dist.is_main():
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id)
+        self.wandb_id = self.logger.run_id
+
+    # ------------------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> None:
+        if resume == "none":
+            return
+        if resume == "auto":
+            tag = ckpt.find_resume_tag(self.ckpt_root, log=dist.print0)
+            if tag is None:
+                dist.print0(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
+                return
+            folder = self.ckpt_root / tag
+        else:
+            folder = Path(resume)
+            ckpt.verify(folder)
+        self.load_checkpoint(folder)
+        dist.print0(f"[train] resumed from {folder} at step {self.step}")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        state = ckpt.load_rank_state(folder)
+        if state["stage"] != self.cfg.stage:
+            raise ckpt.CheckpointError(f"{folder} is a checkpoint of stage {state['stage']}, "
+                                       f"this run trains stage {self.cfg.stage}")
+        if state["world_size"] != dist.world_size():
+            raise ckpt.CheckpointError(f"{folder} was written by {state['world_size']} ranks; this run "
+                                       f"has {dist.world_size()} (export the weights to change the size)")
+        ds.load_engine(self.engine, str(folder.parent), folder.name)
+        self.ema.load_state_dict(state["ema"])
+        self.loader.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.bad_steps = int(state["bad_steps"])
+        self.wandb_id = state.get("wandb_id")
+        self.last_checkpoint = folder
+
+    def save_checkpoint(self) -> Path:
+        staging = ckpt.prepare_staging(self.ckpt_root, self.step)
+        ds.save_engine(self.engine, str(self.ckpt_root), staging.name)
+        ckpt.save_rank_state(staging, {
+            "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
+            "rank": dist.rank(), "ema": self.ema.state_dict(), "layout": self.layout,
+            "data": self.loader.state_dict(), "rng": _rng_state(), "bad_steps": self.bad_steps,
+            "wandb_id": self.wandb_id})
+        if dist.is_main():
+            save_config(self.cfg, staging / "config.yaml")
+        self.last_checkpoint = ckpt.commit(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last)
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------------------------------
+    def _net(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
+        """The engine as the diffusion code calls it: inputs in the engine's dtype, output fp32."""
+        cast = (lambda t: None if t is None else t.to(self.dtype))
+        out = self.engine(cast(x), noise_cond.float(), cast(text_emb), text_mask, cast(lowres),
+                          None if lowres_noise_cond is None else lowres_noise_cond.float())
+        return out.float()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in batch.items()}
+
+    def run(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.training
+        stop = _StopFlag()
+        stop.install()
+        nan_steps = _nan_fault_steps()
+        data_iter = iter(self.loader)
+        progress = None
+        if dist.is_main() and cfg.logging.progress_bar:
+            from tqdm import tqdm
+            progress = tqdm(total=t.max_steps, initial=self.step, desc=f"train {cfg.stage}",
+                            unit="step", dynamic_ncols=True)
+        window = {"loss": 0.0, "micro": 0, "data_s": 0.0, "step_s": 0.0, "samples": 0}
+        stopped_by_signal = False
+        try:
+            while self.step < t.max_steps:
+                step_start = time.perf_counter()
+                # Accumulate gradients over micro batches; a non-finite loss on any rank skips
+                # that micro batch on every rank (no backward, no optimizer step).
+                micro_done = 0
+                while micro_done < self.accum:
+                    wait_start = time.perf_counter()
+                    batch = self._to_device(next(data_iter))
+                    window["data_s"] += time.perf_counter() - wait_start
+                    loss = self.diffusion.training_loss(
+                        self._net, batch["image"], batch["text_emb"], batch["text_mask"],
+                        lowres=batch.get("lowres")).mean()
+                    if self.step + 1 in nan_steps:  # injected once per listed step
+                        nan_steps.discard(self.step + 1)
+                        loss = loss * float("nan")
+                    if dist.any_true(not bool(torch.isfinite(loss)), self.device):
+                        self.bad_steps += 1
+                        dist.print0(f"[train] non-finite loss at step {self.step + 1}; skipping the "
+                                    f"micro batch ({self.bad_steps} in a row)")
+                        if self.bad_steps >= t.max_bad_steps:
+                            raise TrainingStopped(
+                                f"{self.bad_steps} non-finite losses in a row (training.max_bad_steps="
+                                f"{t.max_bad_steps}); the last good checkpoint is {self.last_checkpoint}")
+                        continue
+                    self.bad_steps = 0
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    micro_done += 1
+                    window["loss"] += loss.item()
+                    window["micro"] += 1
+                    window["samples"] += batch["image"].shape[0] * dist.world_size()
+                self.step += 1
+
+                # Update EMA.
+                self.ema.update(self.step)
+                window["step_s"] += time.perf_counter() - step_start
+                for callback in self.callbacks:
+                    callback(self)
+
+                # Log.
+                if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
+                    self._log(window)
+                    window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
+                if progress is not None:
+                    progress.update(1)
+
+                # Checkpoint (every N steps, at the end, or when asked to stop).
+                stopped_by_signal = dist.any_true(stop.requested, self.device)
+                if (self.step % cfg.checkpoint.every_steps == 0 or self.step == t.max_steps
+                        or stopped_by_signal):
+                    path = self.save_checkpoint()
+                    dist.print0(f"[train] checkpoint {path}")
+                if stopped_by_signal:
+                    dist.print0(f"[train] stop requested: saved step {self.step} and exiting")
+                    break
+        finally:
+            stop.restore()
+            if progress is not None:
+                progress.close()
+            self.logger.close()
+        return TrainResult(self.step, stopped_by_signal, self.last_checkpoint)
+
+    def _log(self, window: dict) -> None:
+        micro = max(1, window["micro"])
+        loss = torch.tensor([window["loss"] / micro], device=self.device)
+        if dist.is_initialized():
+            torch.distributed.all_reduce(loss)
+            loss /= dist.world_size()
+        samples_per_s = window["samples"] / max(window["step_s"], 1e-9)
+        metrics = {
+            "train/loss": loss.item(),
+            "train/lr": self.engine.get_lr()[0],
+            "perf/samples_per_s": samples_per_s,
+            "perf/data_wait_s": window["data_s"],
+            "perf/step_s": window["step_s"] / max(1, self.cfg.training.log_every_steps),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if self.engine.fp16_enabled():
+            metrics["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        if self.flops_per_sample:
+            # Forward + backward ~ 3x forward FLOPs; per rank.
+            metrics["perf/tflops_per_rank"] = 3 * self.flops_per_sample * samples_per_s / dist.world_size() / 1e12
+        if torch.cuda.is_available():
+            metrics["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.log(metrics, self.step)
+        dist.print0(f"[train] step {self.step} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
+                    f"{samples_per_s:.1f} samples/s")

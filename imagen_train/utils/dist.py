@@ -1,0 +1,77 @@
+"""Rank helpers: who am I, print on rank 0, agree across ranks. Safe without a process group."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (from the process group, else RANK, else 0)."""
+    if is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks (from the process group, else WORLD_SIZE, else 1)."""
+    if is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if `flag` is true on any rank (so ranks never take different branches)."""
+    if not is_initialized():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (trusted, in-process data only)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` (same shape on every rank except dim 0 may differ) along dim 0."""
+    if not is_initialized():
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+    max_rows = int(max(s.item() for s in sizes))
+    padded = torch.zeros((max_rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

@@ -1,0 +1,40 @@
+"""Train one stage: `deepspeed launch/train.py --config configs/sr256-400m.yaml [--set key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from imagen_train.config import load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/sr256-400m.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set optim.lr=3e-5 (repeatable)")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (newest complete checkpoint, if any), 'none', or a checkpoint folder")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    from imagen_train.training.trainer import Trainer, TrainingStopped
+
+    try:
+        result = Trainer(cfg, resume=args.resume).run()
+    except TrainingStopped as err:
+        print(f"[train] stopped: {err}", file=sys.stderr, flush=True)
+        return 3
+    from imagen_train.utils.dist import print0
+    print0(f"[train] done at step {result.step}; last checkpoint {result.last_checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
