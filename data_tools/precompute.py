@@ -89,6 +89,7 @@ def precompute_embeddings(shards: str | list[str], encoder: str, out: str | Path
             named[reason].append(name)
 
     enc = load_text_encoder(encoder, device, torch_dtype, max_length, local_files_only) if todo else None
+    load_s = timer.seconds
     with progress(None, f"precompute rank {rank}", progress_bar) as bar:
         for done, (url, name) in enumerate(todo):
             samples = []
@@ -127,8 +128,8 @@ def precompute_embeddings(shards: str | list[str], encoder: str, out: str | Path
             "shards_skipped_existing": len(mine) - len(todo), "samples_written": written_samples,
             "skipped": counts, "skipped_samples": named, "encoder": str(encoder),
             "embed_dim": enc.embed_dim if enc else None, "device": str(device), "dtype": str(torch_dtype),
-            "max_length": max_length, "seconds": round(seconds, 2),
-            "encoder_seconds": round(encode_s, 2), "samples_per_s": rate(written_samples, seconds)}
+            "max_length": max_length, "seconds": round(seconds, 2), "load_seconds": round(load_s, 2),
+            "encoder_seconds": round(encode_s, 2), "samples_per_s": rate(written_samples, seconds - load_s)}
 
 
 def add_parser(sub: Any) -> None:

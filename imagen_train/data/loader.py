@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen_train.data.schema import KNOWN_KEYS
 from imagen_train.data.shards import expand_shards, iter_raw_samples
-from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample
+from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings
 
 log = logging.getLogger(__name__)
 MAX_SKIP_EXAMPLES = 20  # named skipped samples kept per worker (counts are complete)
@@ -148,7 +148,7 @@ class StageStream(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 state["consumed"] = pos + 1
-                yield _collate(batch, worker, state)
+                yield _collate(batch, worker, state, self.cfg.text.max_length)
                 batch = []
         # A finite epoch ends here; the partial batch is dropped so every batch is full.
         state["done"] = True
@@ -160,9 +160,11 @@ def _skip(stats: dict[str, Any], reason: str, name: str, detail: str) -> None:
     stats["examples"] = (stats["examples"] + [f"{reason}: {name} {detail}".strip()])[-MAX_SKIP_EXAMPLES:]
 
 
-def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any]) -> dict[str, Any]:
-    batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples])
-                             for k in ("image", "lowres", "text_emb", "text_mask") if k in samples[0]}
+def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any], max_length: int
+             ) -> dict[str, Any]:
+    batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in ("image", "lowres")
+                             if k in samples[0]}
+    batch["text_emb"], batch["text_mask"] = pad_embeddings([s["emb"] for s in samples], max_length)
     batch["caption"] = [s["caption"] for s in samples]
     batch["key"] = [s["key"] for s in samples]
     batch["_state"] = {"worker": worker, **copy.deepcopy(state)}

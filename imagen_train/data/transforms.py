@@ -106,19 +106,23 @@ def image_pyramid(img: Image.Image, geo: StageGeometry, rng: random.Random
     return _to_tensor(img), lowres
 
 
-def pad_embedding(emb: np.ndarray, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, D) float16 -> ((L, D) float32 zero-padded or truncated, (L,) bool mask)."""
-    n = min(emb.shape[0], max_length)
-    out = torch.zeros(max_length, emb.shape[1], dtype=torch.float32)
-    out[:n] = torch.from_numpy(emb[:n].astype(np.float32))
-    mask = torch.zeros(max_length, dtype=torch.bool)
-    mask[:n] = True
+def pad_embeddings(embs: list[np.ndarray], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B arrays (n_i, D) -> (text_emb (B, L, D) float32 zero-padded/truncated, text_mask (B, L) bool).
+
+    One allocation for the whole batch: at D = 4096 a padded sample is 2 MiB of float32.
+    """
+    out = torch.zeros(len(embs), max_length, embs[0].shape[1], dtype=torch.float32)
+    mask = torch.zeros(len(embs), max_length, dtype=torch.bool)
+    for i, emb in enumerate(embs):
+        n = min(emb.shape[0], max_length)
+        out[i, :n] = torch.from_numpy(emb[:n])  # float16 -> float32 in the copy
+        mask[i, :n] = True
     return out, mask
 
 
 def decode_sample(raw: dict[str, Any], geo: StageGeometry, embed_dim: int, max_length: int,
                   rng: random.Random) -> dict[str, Any]:
-    """One raw tar sample -> training example, or raise SkipSample naming the reason."""
+    """One raw tar sample -> {image, [lowres], emb (n, D) float16, caption}, or raise SkipSample."""
     ext = image_key(raw)
     if ext is None:
         raise SkipSample("no_image")
@@ -141,8 +145,8 @@ def decode_sample(raw: dict[str, Any], geo: StageGeometry, embed_dim: int, max_l
         raise SkipSample("bad_embedding", "empty or non-finite")
     img = decode_image(raw[ext], geo.min_image_size, geo.output_resolution)
     image, lowres = image_pyramid(img, geo, rng)
-    text_emb, text_mask = pad_embedding(emb, max_length)
-    sample = {"image": image, "text_emb": text_emb, "text_mask": text_mask, "caption": caption}
+    # The embedding stays (n, D) float16 here; `pad_embeddings` pads the whole batch at once.
+    sample = {"image": image, "emb": emb[:max_length], "caption": caption}
     if lowres is not None:
         sample["lowres"] = lowres
     return sample
