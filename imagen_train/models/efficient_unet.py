@@ -91,7 +91,11 @@ class EfficientUNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_cond: torch.Tensor, text_emb: torch.Tensor,
                 text_mask: torch.Tensor, lowres: Optional[torch.Tensor] = None,
                 lowres_noise_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Denoiser output (B, 3, H, W) in the dtype of `x`."""
+        """Denoiser output (B, 3, H, W) in the dtype of `x`.
+
+        Pass the noise levels in float32 even for a bf16 network: their sinusoidal features
+        reach frequency 1000, finer than bf16 resolves.
+        """
         if lowres is None or lowres_noise_cond is None:
             raise ValueError("the SR network needs `lowres` and `lowres_noise_cond`")
         text_mask = text_mask.bool()
