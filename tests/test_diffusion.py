@@ -428,3 +428,64 @@ def test_diffusion_imports_nothing_distributed_and_does_no_io():
                 assert not any(name == b or name.startswith(b + ".") for b in banned), f"{path.name}: {name}"
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id != "open", f"{path.name} opens a file"
+
+
+# ----------------------------------------------------------------------------------------------
+# One step of DDPM / DDIM against the posterior q(x_s | x_t, x0) in closed form.
+
+def test_ddpm_step_samples_the_posterior_and_ddim_step_is_deterministic():
+    """Ho et al. 2020 eq. 7 in VE space: mean x0 + (s/t)^2 (x_t - x0), std s sqrt(1 - (s/t)^2).
+    (Another eta would still sample the right marginals; this pins eta = 1 for 'ddpm'.)"""
+    x0_value, x_t_value, sigma_t, sigma_s, n = 0.4, 1.3, 2.0, 0.8, 200_000
+    denoise = lambda x, sigma, **kw: torch.full_like(x, x0_value)  # noqa: E731
+    x_t = torch.full((n, 1, 1, 1), x_t_value)
+    sigmas = torch.tensor([sigma_t, sigma_s])  # one step, not ending at 0
+    ddpm = SAMPLERS["ddpm"](denoise, x_t, sigmas, generator=torch.Generator().manual_seed(0)).samples
+    ratio2 = (sigma_s / sigma_t) ** 2
+    assert abs(float(ddpm.mean()) - (x0_value + ratio2 * (x_t_value - x0_value))) < 0.01
+    assert abs(float(ddpm.std()) / (sigma_s * math.sqrt(1 - ratio2)) - 1) < 0.01
+    ddim = SAMPLERS["ddim"](denoise, x_t, sigmas).samples
+    expected = x0_value + sigma_s / sigma_t * (x_t_value - x0_value)
+    torch.testing.assert_close(ddim, torch.full_like(ddim, expected))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss weighting.
+
+@pytest.mark.parametrize("prediction", [None, "eps", "v"])
+def test_zero_network_has_unit_loss_at_every_noise_level(prediction):
+    """EDM: with F = 0, D = c_skip x and lambda(sigma) c_out(sigma)^2 = 1, so for data of std
+    sigma_data the weighted loss is 1 at every sigma (Karras et al. 2022, section 5 / appendix B.6).
+    Continuous: E[eps^2] = 1 and, for unit-variance data, E[v^2] = alpha^2 + sigma^2 = 1."""
+    if prediction is None:
+        cfg, data_std = DiffusionConfig(formulation="edm", cond_drop_prob=0.0), 0.5
+    else:
+        cfg, data_std = DiffusionConfig(formulation="continuous", prediction=prediction, cond_drop_prob=0.0), 1.0
+    diffusion = build_diffusion(cfg)
+    zero = lambda x, *a, **k: torch.zeros_like(x)  # noqa: E731
+    torch.manual_seed(0)
+    images = torch.randn(256, 3, 16, 16) * data_std
+    emb, mask = text(256)
+    loss = diffusion.training_loss(zero, images, emb, mask)  # (B,), 768 values per sample
+    assert abs(float(loss.mean()) - 1) < 0.02
+    assert float((loss - 1).abs().max()) < 0.3
+
+
+def test_training_noise_level_distributions():
+    """EDM: ln(sigma) ~ N(P_mean, P_std^2) (read back from c_noise = ln(sigma)/4); continuous:
+    t ~ U(0, 1), so log_snr follows the schedule of a uniform t (read back from log_snr / 8)."""
+    n = 20_000
+    emb, mask = text(n, length=2, dim=2)
+    images = torch.zeros(n, 1, 1, 1)
+    torch.manual_seed(0)
+    spy = Spy()
+    build_diffusion(DiffusionConfig(formulation="edm")).training_loss(spy, images, emb, mask)
+    ln_sigma = 4 * spy.calls[0]["noise_cond"]
+    assert abs(float(ln_sigma.mean()) + 1.2) < 0.03 and abs(float(ln_sigma.std()) - 1.2) < 0.03
+    spy = Spy()
+    diffusion = build_diffusion(DiffusionConfig(formulation="continuous", schedule="linear"))
+    diffusion.training_loss(spy, images, emb, mask)
+    log_snr = 8 * spy.calls[0]["noise_cond"]
+    reference = diffusion.schedule(torch.linspace(0, 1, n))
+    for q in (0.1, 0.5, 0.9):
+        assert abs(float(torch.quantile(log_snr, q)) - float(torch.quantile(reference, q))) < 0.15
