@@ -20,7 +20,7 @@ from PIL import Image
 from imagen_train.config import Config, DataConfig, ModelConfig, TextConfig, TrainingConfig
 from imagen_train.data import build_train_loader, expand_shards
 from imagen_train.data.shards import iter_raw_samples
-from imagen_train.data.transforms import StageGeometry, image_pyramid
+from imagen_train.data.transforms import StageGeometry, image_pyramid, to_unit_range
 from test_data_tools import _corrupt_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,15 +84,15 @@ def test_sr1024_patch_and_lowres_come_from_the_same_region():
     small = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     img = Image.fromarray(small).resize((1024, 1024), Image.BICUBIC)
     geo = StageGeometry(output_resolution=1024, train_resolution=256, lowres_resolution=64, min_image_size=1024)
-    patch, lowres = image_pyramid(img, geo, random.Random(3))
-    full = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+    patch, lowres = (to_unit_range(t) for t in image_pyramid(img, geo, random.Random(3)))
+    full = to_unit_range(torch.from_numpy(np.array(img)).permute(2, 0, 1))
     hits = [(x, y) for y in range(0, 769, 4) for x in range(0, 769, 4)
             if torch.equal(full[:, y:y + 8, x:x + 8], patch[:, :8, :8])
             and torch.equal(full[:, y:y + 256, x:x + 256], patch)]
     assert len(hits) == 1
     x, y = hits[0]
     full_low = np.array(img.resize((256, 256), Image.BICUBIC, reducing_gap=None))
-    low_crop = torch.from_numpy(full_low[y // 4:y // 4 + 64, x // 4:x // 4 + 64]).permute(2, 0, 1).float() / 127.5 - 1
+    low_crop = to_unit_range(torch.from_numpy(full_low[y // 4:y // 4 + 64, x // 4:x // 4 + 64]).permute(2, 0, 1))
     # Equal up to the filter's reach at the patch border (and rounding to uint8).
     assert (low_crop - lowres)[:, 2:-2, 2:-2].abs().max() < 0.03
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen_train.data.schema import KNOWN_KEYS
 from imagen_train.data.shards import expand_shards, iter_raw_samples
-from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings
+from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
 
 log = logging.getLogger(__name__)
 MAX_SKIP_EXAMPLES = 20  # named skipped samples kept per worker (counts are complete)
@@ -162,8 +162,8 @@ def _skip(stats: dict[str, Any], reason: str, name: str, detail: str) -> None:
 
 def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any], max_length: int
              ) -> dict[str, Any]:
-    batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in ("image", "lowres")
-                             if k in samples[0]}
+    batch: dict[str, Any] = {k: to_unit_range(torch.stack([s[k] for s in samples]))
+                             for k in ("image", "lowres") if k in samples[0]}
     batch["text_emb"], batch["text_mask"] = pad_embeddings([s["emb"] for s in samples], max_length)
     batch["caption"] = [s["caption"] for s in samples]
     batch["key"] = [s["key"] for s in samples]

@@ -53,9 +53,13 @@ class StageGeometry:
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
-    arr = np.array(img, dtype=np.uint8)  # a writable copy
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    """PIL RGB -> (3, H, W) uint8, contiguous (scaled to [-1, 1] per batch by `to_unit_range`)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W) -> float32 in [-1, 1]; one pass over a contiguous batch is far cheaper."""
+    return images.float().mul_(1 / 127.5).sub_(1.0)
 
 
 def decode_image(data: bytes, min_size: int, target_short_side: int) -> Image.Image:
@@ -78,7 +82,7 @@ def decode_image(data: bytes, min_size: int, target_short_side: int) -> Image.Im
 
 def image_pyramid(img: Image.Image, geo: StageGeometry, rng: random.Random
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(image (3, T, T), lowres (3, t, t) or None) for one decoded RGB image."""
+    """(image (3, T, T), lowres (3, t, t) or None) uint8, for one decoded RGB image."""
     out = geo.output_resolution
     w, h = img.size
     scale = out / min(w, h)
