@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from imagen_train.config import DiffusionConfig, NoiseAugConfig, SamplerConfig
-from imagen_train.diffusion import (SAMPLERS, ClassifierFreeGuidance, EDMPrecond, LogSNRSchedule, Thresholded,
+from imagen_train.diffusion import (SAMPLERS, ClassifierFreeGuidance, EDMPrecond, LogSNRSchedule,
                                     VPPrecond, build_diffusion, dynamic_threshold, eps_from_v, eps_from_x0,
                                     expected_nfe, karras_sigmas, prediction_target, prediction_to_x0,
                                     sample_heun, static_threshold, v_from_x0_eps, ve_noise, vp_noise,

@@ -7,8 +7,6 @@ without knowing they exist. Order at sampling: threshold(guide(precond(net))), a
 
 from __future__ import annotations
 
-
-
 import torch
 from torch import Tensor
 
