@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = Trainer(cfg, resume=args.resume).run()
     except TrainingStopped as err:
-        print(f"[train] stopped: {err}", file=sys.stderr, flush=True)
+        from imagen_train.utils.dist import is_main
+        if is_main():
+            print(f"[train] stopped: {err}", file=sys.stderr, flush=True)
         return 3
     from imagen_train.utils.dist import print0
     print0(f"[train] done at step {result.step}; last checkpoint {result.last_checkpoint}")
