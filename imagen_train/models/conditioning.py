@@ -16,6 +16,12 @@ from imagen_train.models.attention import AttentionPool
 from imagen_train.models.layers import LayerNorm32, NoiseEmbedding
 
 
+def noise_feature_dim(model_channels: int) -> int:
+    """Sinusoidal features per noise level: model_channels as in ADM, but at least 64 so that
+    the tiny networks still see a spread of frequencies between 1 and 1000."""
+    return max(model_channels, 64)
+
+
 class Conditioning(nn.Module):
     """(noise_cond, text_emb, text_mask[, lowres_noise_cond]) -> emb (B, E), text (B, L, cond_dim)."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagen_train.models.attention import text_attention_blocks
-from imagen_train.models.conditioning import Conditioning
+from imagen_train.models.conditioning import Conditioning, noise_feature_dim
 from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample, run_block
 
 if TYPE_CHECKING:  # the config module reads YAML; the models only need its types
@@ -41,7 +41,7 @@ class EfficientUNet(nn.Module):
         super().__init__()
         self.checkpointing = cfg.activation_checkpointing
         embed_dim = cfg.time_embed_mult * cfg.model_channels
-        self.cond = Conditioning(cfg.model_channels, embed_dim, text_dim, cfg.cond_dim,
+        self.cond = Conditioning(noise_feature_dim(cfg.model_channels), embed_dim, text_dim, cfg.cond_dim,
                                  cfg.num_head_channels, lowres=True)
         chans = [cfg.model_channels * m for m in cfg.channel_mult]
         blocks = cfg.blocks_per_level()
