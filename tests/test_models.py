@@ -99,6 +99,46 @@ def test_reference_presets_on_meta(name):
     assert out.shape == args["x"].shape and out.dtype == torch.float32
 
 
+def _kinds(step) -> list[str]:
+    return [type(block).__name__ for block in step]
+
+
+def test_efficient_unet_layout():
+    """Down: downsample first, then blocks; up: blocks, then upsample; attention where configured."""
+    cfg = load_preset("sr1024-400m")
+    with torch.device("meta"):
+        net = _build(cfg)
+    down, up = [_kinds(step) for step in net.down], [_kinds(step) for step in net.up]
+    blocks = cfg.model.blocks_per_level()
+    for level, kinds in enumerate(down):
+        assert (kinds[0] == "Downsample") == (level > 0) and "Downsample" not in kinds[1:]
+        assert kinds.count("ResBlock") == blocks[level]
+    for kinds in up[:-1]:
+        assert kinds[-1] == "Upsample" and "Upsample" not in kinds[:-1]
+    assert "Upsample" not in up[-1]
+    # sr1024: text cross-attention at the lowest level only, no self-attention anywhere.
+    attention = [(i, k) for i, kinds in enumerate(down) for k in kinds if "Attention" in k]
+    assert attention == [(len(down) - 1, "CrossAttention")]
+    assert [k for kinds in up for k in kinds if "Attention" in k] == ["CrossAttention"]
+    assert "Attention" not in " ".join(up[-1] + down[0]), "the top level must be fully convolutional"
+
+
+def test_base_unet_attention_levels():
+    cfg = load_preset("base64-2b")
+    with torch.device("meta"):
+        net = _build(cfg)
+    with_attention = sum("FusedAttention" in _kinds(step) for step in net.down)
+    # 3 blocks at each of the 32, 16 and 8 px levels; none at 64 px.
+    assert with_attention == 9 and "FusedAttention" not in _kinds(net.down[0])
+    assert "FusedAttention" in _kinds(net.middle)
+
+
+def test_build_model_checks_stage():
+    cfg = load_preset("base64-tiny")
+    with pytest.raises(ValueError, match="efficient_unet"):
+        build_model(cfg.model, cfg.text, "sr256", 256)
+
+
 def test_tiny_presets_are_tiny(tiny):
     assert count_parameters(_build(tiny)) < 2e6
     assert tiny.training.micro_batch_size == 8 and tiny.training.precision == "fp32"
