@@ -1,6 +1,6 @@
 """`python -m data_tools <command>` (installed as `imagen-data`): build and check training shards.
 
-Commands: make-shards, synthetic, precompute-embeddings, inspect, verify. Each prints a JSON
+Commands: make-shards, synthetic, make-encoder, precompute-embeddings, inspect, verify. Each prints a JSON
 summary last on stdout; `verify` exits 1 when anything is bad.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
-from data_tools import inspect_shards, make_shards, precompute, synthetic
+from data_tools import inspect_shards, make_encoder, make_shards, precompute, synthetic
 from data_tools.common import print_summary
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     make_shards.add_parser(sub)
     synthetic.add_parser(sub)
     precompute.add_parser(sub)
+    make_encoder.add_parser(sub)
     inspect_shards.add_parsers(sub)
     return parser
 

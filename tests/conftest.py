@@ -21,38 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_T5_DIM = 64
 
-_CORPUS_WORDS = ("a small large red green blue yellow purple orange white black circle square "
-                 "triangle star shape at the top bottom left right center in on of dark light "
-                 "background picture photo image dog cat tree car house with and").split()
-
-
 def build_tiny_t5(folder: Path, d_model: int = TINY_T5_DIM, num_layers: int = 2, seed: int = 0) -> Path:
     """Write a random-weight T5 encoder + freshly trained SentencePiece tokenizer to `folder`."""
-    import random
-
-    import sentencepiece as spm
-    import torch
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    folder = Path(folder)
-    spm_dir = folder.parent / (folder.name + "-spm")
-    spm_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    sentences = [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
-    # T5's ids: pad 0, eos 1, unk 2, no bos (transformers 5 ignores T5Tokenizer(vocab_file=...)).
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=str(spm_dir / "spiece"), vocab_size=96,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, model_type="unigram",
-        minloglevel=2)
-    tokenizer = T5Tokenizer.from_pretrained(str(spm_dir), extra_ids=0)
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model,
-                      num_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0)
-    model = T5EncoderModel(config).eval()
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    from imagen_train.text.tiny import build_tiny_t5 as build
+    return build(folder, d_model=d_model, num_layers=num_layers, seed=seed)
 
 
 @dataclass
