@@ -318,11 +318,18 @@ class EvaluationConfig:
     num_images_per_prompt: int = 1
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     num_fid_samples: int = 0
-    inception_path: Optional[str] = None
-    clip_path: Optional[str] = None
+    inception_path: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID)
+    clip_path: Optional[str] = None       # a CLIPModel save_pretrained folder (CLIP score)
+    # Reference FID statistics (.npz from `data_tools fid-stats`); None: the eval shards' images.
+    fid_stats_path: Optional[str] = None
+    # Images sampled per rank per network call.
+    batch_size: int = 8
+    # Sampling noise seed (fixed, so grids of successive evaluations are comparable).
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.eval_every_steps >= 0, "eval_every_steps", "a non-negative int", self.eval_every_steps)
+        _check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
         _check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
                self.num_images_per_prompt)
         _check(self.num_fid_samples >= 0, "num_fid_samples", "a non-negative int", self.num_fid_samples)

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from imagen_train.training.trainer import Trainer, TrainingStopped
 
     try:
-        result = Trainer(cfg, resume=args.resume).run()
+        callbacks = []
+        if cfg.evaluation.eval_every_steps > 0:
+            from imagen_train.evaluation.periodic import make_periodic_evaluator
+            callbacks.append(make_periodic_evaluator(cfg))
+        result = Trainer(cfg, resume=args.resume, callbacks=callbacks).run()
     except TrainingStopped as err:
         from imagen_train.utils.dist import is_main
         if is_main():

@@ -1,0 +1,270 @@
+"""The cascaded sampler: text -> 64 px -> 256 px -> 1024 px (Saharia et al. 2022, figure A.4).
+
+Memory: the text encoder runs once and is released before any UNet is loaded; each UNet is
+loaded, run over every image, and released before the next, so the peak is the largest
+stage's, not the sum (the reference keeps T5 and every UNet resident). Each stage's output
+passes unclamped, at its native size, as the next stage's `lowres` input; the SR network
+upsamples it itself (CONTRACTS.md).
+
+    cfg = load_pipeline_config("configs/inference_pipeline.yaml")
+    result = generate(cfg, cfg.prompts())
+    write_outputs(cfg, result)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from imagen_train.config import Config
+from .grids import make_grid, save_png, to_pil
+from .memory import PeakMemory, release
+from .pipeline_config import InferencePipelineConfig
+
+
+@dataclass
+class StageStats:
+    """What one stage (or the text encoder) cost."""
+
+    stage: str
+    resolution: int
+    num_images: int
+    time_s: float
+    peak_mem_gib: float
+    mem_kind: str
+    nfe_per_image: int = 0        # network calls per image (Heun: 2N - 1)
+    net_batch_factor: int = 1     # 2 with guidance: cond + uncond in one batch
+    checkpoint: str = ""
+    weights: str = ""
+    dtype: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.num_images / max(self.time_s, 1e-9)
+
+
+@dataclass
+class CascadeResult:
+    """Final images (N, 3, H, W) float32 on CPU, unclamped; prompt of each image; costs."""
+
+    images: Tensor
+    prompts: list[str]
+    stats: list[StageStats] = field(default_factory=list)
+    stage_images: dict[str, Tensor] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Precision:
+    """Weight dtype and autocast for one of the reference's precision modes on a device."""
+
+    def __init__(self, mode: int | str, device: torch.device):
+        self.mode, self.device = mode, device
+        half = torch.float16 if device.type == "cuda" else torch.bfloat16  # no fp16 convs on CPU
+        self.weight_dtype = half if mode == 16 else torch.float32
+        self.autocast_dtype = half if mode == "AMP" else None
+
+    def context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def name(self) -> str:
+        if self.autocast_dtype is not None:
+            return f"amp_{str(self.autocast_dtype).removeprefix('torch.')}"
+        return str(self.weight_dtype).removeprefix("torch.")
+
+
+class NetCaller:
+    """The network as the diffusion code calls it: inputs in the weights' dtype (noise levels in
+    fp32), under autocast when asked, output fp32 so the sampler's arithmetic stays fp32."""
+
+    def __init__(self, net: torch.nn.Module, precision: Precision):
+        self.net, self.precision = net, precision
+
+    def __call__(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
+        dt = self.precision.weight_dtype
+        cast = (lambda t: None if t is None else t.to(dt))
+        with self.precision.context():
+            out = self.net(cast(x), noise_cond.float(), cast(text_emb), text_mask, cast(lowres),
+                           None if lowres_noise_cond is None else lowres_noise_cond.float())
+        return out.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: an exported safetensors file or a training checkpoint folder.
+
+def stage_config(path: str) -> Config:
+    """The stage's training config, read without loading any weights."""
+    from safetensors import safe_open
+
+    from imagen_train.config import from_dict
+    from imagen_train.training.export import CONFIG_KEY, find_checkpoint, read_config
+
+    p = Path(path)
+    if p.is_dir():
+        return read_config(find_checkpoint(p))
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (an exported .safetensors file or a "
+                                "training checkpoint folder)")
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{path} is not an imagen-train export (no '{CONFIG_KEY}' metadata)")
+    return from_dict(json.loads(meta[CONFIG_KEY]), Config, str(p))
+
+
+def load_stage(path: str, ema: bool, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Config]:
+    """Build a stage's network with its EMA (or raw) weights, on `device` in `dtype`, eval mode."""
+    from imagen_train.models import build_model
+    from imagen_train.training.export import ema_state_dict, find_checkpoint, load_exported, read_config
+
+    p = Path(path)
+    if p.is_dir():
+        folder = find_checkpoint(p)
+        cfg = read_config(folder)
+        if ema:
+            state = ema_state_dict(folder)
+        else:
+            from imagen_train.training.engine import consolidated_weights
+            state = consolidated_weights(str(folder.parent), folder.name)
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+        net.load_state_dict(state, strict=True)
+        del state
+    else:
+        net, cfg = load_exported(p, weights="ema" if ema else "raw")
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The cascade.
+
+def encode_prompts(encoder_path: Optional[str], texts: Sequence[str], device: torch.device,
+                   max_length: int, precision: Precision) -> tuple[Tensor, Tensor, StageStats]:
+    """Run the T5 encoder once over `texts` and release it: (emb (P, L, D), mask (P, L), stats)."""
+    from imagen_train.config import ConfigError
+    from imagen_train.text import load_text_encoder
+
+    if not encoder_path:
+        raise ConfigError("encoder_path", "a local T5 save_pretrained folder (nothing is downloaded)", None)
+    dtype = torch.float32 if precision.mode == 32 or device.type == "cpu" else None
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        encoder = load_text_encoder(encoder_path, device, dtype=dtype, max_length=max_length)
+        emb, mask = encoder.encode(list(texts), max_length=max_length, pad_to_max_length=True)
+        emb = emb.float()
+        del encoder
+        release(device)
+    stats = StageStats("text_encoder", 0, len(texts), time.perf_counter() - start, mem.peak_gib, mem.kind,
+                       checkpoint=str(encoder_path), dtype=str(dtype or "default"))
+    return emb, mask, stats
+
+
+def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tensor, device: torch.device,
+              precision: Precision, lowres: Optional[Tensor], seed: int) -> tuple[Tensor, StageStats]:
+    """Load one stage, sample every image (in batches of cfg.batch_size), release it.
+
+    emb (N, L, D) / mask (N, L): one row per output image. lowres: (N, 3, h, w) or None.
+    Returns the images (N, 3, H, W) float32 on CPU, unclamped.
+    """
+    from imagen_train.diffusion import build_diffusion
+
+    path = getattr(cfg.checkpoints, stage)
+    sampler = cfg.sampler_for(stage)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = time.perf_counter()
+    out, nfe, factor = [], 0, 1
+    with PeakMemory(device) as mem:
+        net, stage_cfg = load_stage(path, cfg.run_ema_model, device, precision.weight_dtype)
+        if stage_cfg.stage != stage:
+            raise ValueError(f"checkpoints.{stage}={path} holds a {stage_cfg.stage} model")
+        diffusion = build_diffusion(stage_cfg.diffusion)
+        caller = NetCaller(net, precision)
+        res = stage_cfg.output_resolution
+        L = stage_cfg.text.max_length
+        for i in range(0, emb.shape[0], cfg.batch_size):
+            e = emb[i:i + cfg.batch_size, :L].to(device)
+            m = mask[i:i + cfg.batch_size, :L].to(device)
+            low = None if lowres is None else lowres[i:i + cfg.batch_size].to(device)
+            result = diffusion.sample(caller, (e.shape[0], 3, res, res), e, m, sampler, lowres=low,
+                                      generator=generator)
+            out.append(result.images.float().cpu())
+            nfe, factor = result.nfe, result.net_batch_factor
+        del net, caller, diffusion
+        release(device)
+    stats = StageStats(stage, res, emb.shape[0], time.perf_counter() - start, mem.peak_gib, mem.kind,
+                       nfe, factor, str(path), "ema" if cfg.run_ema_model else "raw", precision.name)
+    return torch.cat(out), stats
+
+
+def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optional[torch.device] = None,
+             seed_offset: int = 0, keep_stage_images: bool = False,
+             text: Optional[tuple[Tensor, Tensor]] = None) -> CascadeResult:
+    """Run the stages `cfg.target_resolution` needs for `num_images_per_prompt` images per prompt.
+
+    `text` (emb (P, L, D), mask (P, L)) skips the encoder (e.g. a guidance sweep encodes once);
+    `seed_offset` gives each rank of a distributed evaluation its own noise.
+    """
+    device = device or resolve_device(cfg.device)
+    precision = Precision(cfg.inference_precision, device)
+    configs = {stage: stage_config(getattr(cfg.checkpoints, stage)) for stage in cfg.stages}
+    max_length = max(c.text.max_length for c in configs.values())
+    stats: list[StageStats] = []
+    if text is None:
+        emb, mask, enc_stats = encode_prompts(cfg.encoder_path, prompts, device, max_length, precision)
+        stats.append(enc_stats)
+    else:
+        emb, mask = text
+    for stage, c in configs.items():
+        if c.text.embed_dim != emb.shape[-1]:
+            raise ValueError(f"checkpoints.{stage} expects text embeddings of width {c.text.embed_dim}; "
+                             f"the encoder gives {emb.shape[-1]} (encoder_path={cfg.encoder_path})")
+    k = cfg.num_images_per_prompt
+    emb, mask = emb.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (P*K, L, D), prompt-major
+    images, stage_images = None, {}
+    for index, stage in enumerate(cfg.stages):
+        images, s = run_stage(cfg, stage, emb, mask, device, precision, images,
+                              seed=cfg.seed * 1000 + index * 100 + seed_offset)
+        stats.append(s)
+        if keep_stage_images:
+            stage_images[stage] = images
+    return CascadeResult(images, [p for p in prompts for _ in range(k)], stats, stage_images)
+
+
+def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: Sequence[str]) -> Path:
+    """PNG per image (images/pPPP_iII.png), a grid per prompt (grids/pPPP.png), settings.json."""
+    out = Path(cfg.output_path)
+    k = cfg.num_images_per_prompt
+    for p in range(len(prompts)):
+        for i in range(k):
+            save_png(to_pil(result.images[p * k + i]), out / "images" / f"p{p:03d}_i{i:02d}.png")
+        save_png(make_grid(result.images[p * k:(p + 1) * k]), out / "grids" / f"p{p:03d}.png")
+    summary = {
+        "settings": cfg.to_dict(),
+        "prompts": list(prompts),
+        "device": str(resolve_device(cfg.device)),
+        "torch": torch.__version__,
+        "stages": [{**asdict(s), "images_per_s": s.images_per_s} for s in result.stats],
+        "peak_mem_gib_max_stage": max((s.peak_mem_gib for s in result.stats), default=0.0),
+    }
+    path = out / "settings.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+__all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "load_stage", "stage_config",
+           "CascadeResult", "StageStats", "Precision", "NetCaller", "resolve_device"]

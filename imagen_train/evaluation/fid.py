@@ -1,0 +1,108 @@
+"""Fréchet Inception Distance (Heusel et al. 2017) on 2048-d pool3 features.
+
+FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)), statistics in float64, the matrix
+square root by scipy.linalg.sqrtm (as pytorch-fid does, with the same small-diagonal fallback
+when the product is near singular). Reference statistics are cached in an .npz with `mu`,
+`sigma` and `num_samples` (data_tools fid-stats writes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .weights import require_file
+
+
+@dataclass
+class FeatureStats:
+    """Mean (D,) and covariance (D, D) of a feature set, float64."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_samples: int
+
+    @classmethod
+    def from_features(cls, features: Tensor | np.ndarray) -> "FeatureStats":
+        """Statistics of features (N, D); N >= 2 (unbiased covariance, as pytorch-fid)."""
+        f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"FID needs at least 2 feature vectors (N, D); got shape {f.shape}")
+        return cls(f.mean(axis=0), np.cov(f, rowvar=False), int(f.shape[0]))
+
+    def save(self, path: str | Path, **meta: str) -> Path:
+        """Write an .npz with mu, sigma, num_samples (and string metadata)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, num_samples=self.num_samples,
+                 **{k: np.array(str(v)) for k, v in meta.items()})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, setting: str = "evaluation.fid_stats_path") -> "FeatureStats":
+        """Read an .npz written by `save` (or pytorch-fid's `mu`/`sigma` files)."""
+        file = require_file(str(path) if path else None, setting,
+                            "reference FID statistics (an .npz from `python -m data_tools fid-stats`)")
+        with np.load(file) as data:
+            n = int(data["num_samples"]) if "num_samples" in data else -1
+            return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():
+        # Near-singular product (few samples): offset the diagonals, as pytorch-fid does.
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real  # numerical noise; pytorch-fid refuses only large imaginary parts
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two sets of statistics."""
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def fid_from_features(real: Tensor | np.ndarray, fake: Tensor | np.ndarray) -> float:
+    """FID between two feature sets (N, D) and (M, D)."""
+    return fid_from_stats(FeatureStats.from_features(real), FeatureStats.from_features(fake))
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] (any float dtype, unclamped) -> uint8 in [0, 255], as saved to PNG."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def extract_features(net: Callable[[Tensor], Tensor], images: Iterable[Tensor] | Tensor,
+                     batch_size: int = 32, device: Optional[torch.device | str] = None) -> Tensor:
+    """Run `net` (uint8 (N,3,H,W) -> (N,D)) over images (a tensor or batches); (N, D) float32 on CPU."""
+    if torch.is_tensor(images):
+        images = images.split(batch_size)
+    out = []
+    for batch in images:
+        if device is not None:
+            batch = batch.to(device)
+        out.append(net(batch).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2048)
+
+
+__all__ = ["FeatureStats", "frechet_distance", "fid_from_stats", "fid_from_features", "to_uint8",
+           "extract_features"]

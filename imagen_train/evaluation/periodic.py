@@ -1,0 +1,285 @@
+"""Periodic evaluation during training, as a Trainer callback.
+
+    trainer = Trainer(cfg, callbacks=[make_periodic_evaluator(cfg)])
+
+Every `evaluation.eval_every_steps` optimizer steps, on every rank:
+1. the EMA slices are gathered into a plain (non-DeepSpeed) copy of the network on every rank
+   (every rank enters the same collectives, whatever the ZeRO stage);
+2. a grid of samples is drawn and saved to run_dir/samples/step_N.png and logged as an image;
+3. when `evaluation.num_fid_samples` > 0 and the Inception (FID) and/or CLIP weights are
+   configured, that many samples are drawn (split over the ranks, features gathered) and FID
+   and CLIP score (plain cosine) are logged under eval/.
+
+Conditioning. Base stage with `text.encoder_path` set: the grid shows `evaluation.prompts`,
+encoded once. Otherwise (no encoder, or an SR stage) the grid shows the first
+len(prompts) (4 if none) samples of `data.eval_shards`, using their captions' precomputed
+embeddings and, for SR stages, their ground-truth low-res images. FID/CLIP always condition on
+the first `num_fid_samples` eval-shard samples; FID compares with those samples' images unless
+`evaluation.fid_stats_path` names cached statistics.
+
+The training run is unchanged by it: the torch/numpy/python (and CUDA) RNG states are saved
+and restored around it, sampling draws from its own seeded generator, and the training loader
+and engine are never touched (eval shards are read directly with the data layer).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from imagen_train.config import Config, ConfigError
+from imagen_train.utils import dist
+
+DEFAULT_GRID_SAMPLES = 4
+
+
+@contextmanager
+def preserved_rng():
+    """Restore torch (CPU and CUDA), numpy and python RNG states on exit."""
+    torch_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def gather_ema_state(trainer) -> dict[str, Tensor]:
+    """The full EMA weights on every rank, stitched from each rank's flat slice (any ZeRO stage).
+
+    Three collectives in all: the slice sizes, then one flat buffer of every slice.
+    """
+    names = list(trainer.layout)
+    local = [trainer.ema.shadow[n].reshape(-1) for n in names]
+    sizes = torch.tensor([t.numel() for t in local], dtype=torch.long, device=local[0].device)
+    all_sizes = dist.all_gather_tensor(sizes[None])                  # (world, P)
+    flat = dist.all_gather_tensor(torch.cat(local).float())          # (sum of every rank's slices,)
+    per_rank = flat.split(all_sizes.sum(1).tolist())
+    pieces = [chunk.split(row.tolist()) for chunk, row in zip(per_rank, all_sizes)]
+    state = {}
+    for i, name in enumerate(names):
+        entry = trainer.layout[name]
+        full = torch.cat([p[i] for p in pieces])[: entry["numel"]]
+        state[name] = full.reshape(entry["shape"]).clone()
+    return state
+
+
+def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
+    """The first `n` decodable samples of `data.eval_shards` (center crop; deterministic).
+
+    Returns {"image" (n, 3, T, T), ["lowres" (n, 3, t, t)], "text_emb" (n, L, D), "text_mask",
+    "caption"}, images in [-1, 1]. Fewer than n if the shards hold fewer.
+    """
+    from imagen_train.data import expand_shards, iter_raw_samples
+    from imagen_train.data.transforms import (SkipSample, StageGeometry, decode_sample, pad_embeddings,
+                                              to_unit_range)
+
+    if not cfg.data.eval_shards:
+        raise ConfigError("data.eval_shards", "eval shards (periodic evaluation conditions on them)", None)
+    geo = replace(StageGeometry.from_config(cfg), random_crop=False)
+    rng = random.Random(cfg.evaluation.seed)  # sr1024's patch position; never the global RNG
+    samples = []
+    for url in expand_shards(cfg.data.eval_shards):
+        for raw in iter_raw_samples(url):
+            try:
+                samples.append(decode_sample(raw, geo, cfg.text.embed_dim, cfg.text.max_length, rng))
+            except SkipSample:
+                continue
+            if len(samples) >= n:
+                break
+        if len(samples) >= n:
+            break
+    if not samples:
+        raise ConfigError("data.eval_shards", "shards with usable samples", cfg.data.eval_shards)
+    out: dict[str, Any] = {k: to_unit_range(torch.stack([s[k] for s in samples]))
+                           for k in ("image", "lowres") if k in samples[0]}
+    out["text_emb"], out["text_mask"] = pad_embeddings([s["emb"] for s in samples], cfg.text.max_length)
+    out["caption"] = [s["caption"] for s in samples]
+    return out
+
+
+def _take(batch: dict[str, Any], index: list[int]) -> dict[str, Any]:
+    return {k: ([v[i] for i in index] if isinstance(v, list) else v[index]) for k, v in batch.items()}
+
+
+class PeriodicEvaluator:
+    """The callback object; see the module docstring."""
+
+    def __init__(self, cfg: Config):
+        from imagen_train.evaluation.weights import MissingWeightsError  # noqa: F401 (documented raise)
+
+        self.cfg, self.ev = cfg, cfg.evaluation
+        self.every = self.ev.eval_every_steps
+        self.use_prompts = cfg.stage == "base64" and bool(cfg.text.encoder_path) and bool(self.ev.prompts)
+        self.num_grid = (len(self.ev.prompts) or DEFAULT_GRID_SAMPLES) * self.ev.num_images_per_prompt
+        self.fid_on = self.ev.num_fid_samples > 0 and bool(self.ev.inception_path)
+        self.clip_on = self.ev.num_fid_samples > 0 and bool(self.ev.clip_path)
+        # Fail at start-up, not after hours of training: weights that are named must exist, and
+        # what the evaluation conditions on must be readable.
+        from imagen_train.evaluation.clip_score import CLIP_HOW_TO
+        from imagen_train.evaluation.weights import require_file
+        if self.fid_on:
+            require_file(self.ev.inception_path, "evaluation.inception_path", "the FID Inception weights")
+            if self.ev.fid_stats_path:
+                require_file(self.ev.fid_stats_path, "evaluation.fid_stats_path", "FID statistics (.npz)")
+        if self.clip_on:
+            require_file(self.ev.clip_path, "evaluation.clip_path", CLIP_HOW_TO, folder=True)
+        if not self.use_prompts or self.fid_on or self.clip_on:
+            if not cfg.data.eval_shards:
+                raise ConfigError("data.eval_shards", "eval shards (evaluation conditions on their captions"
+                                  + (" and low-res images" if cfg.stage != "base64" else "") + ")", None)
+        if self.ev.num_fid_samples > 0 and not (self.fid_on or self.clip_on):
+            dist.print0("[eval] evaluation.num_fid_samples > 0 but neither evaluation.inception_path nor "
+                        "evaluation.clip_path is set: sample grids only")
+        self._grid_cond: Optional[dict[str, Any]] = None
+        self._metric_cond: Optional[dict[str, Any]] = None
+        self._inception = self._clip = self._real_stats = None
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, trainer) -> None:
+        if self.every <= 0 or trainer.step % self.every:
+            return
+        with preserved_rng(), torch.no_grad():
+            self.evaluate(trainer)
+
+    def _net(self, trainer) -> torch.nn.Module:
+        from imagen_train.models import build_model
+
+        state = gather_ema_state(trainer)
+        net = build_model(self.cfg.model, self.cfg.text, self.cfg.stage, self.cfg.train_resolution)
+        net.load_state_dict(state, strict=True)
+        return net.to(trainer.device).eval().requires_grad_(False)
+
+    def _grid_conditioning(self) -> dict[str, Any]:
+        if self._grid_cond is None:
+            if self.use_prompts:
+                from imagen_train.text import load_text_encoder
+                enc = load_text_encoder(self.cfg.text.encoder_path, "cpu", torch.float32,
+                                        self.cfg.text.max_length)
+                emb, mask = enc.encode(self.ev.prompts, pad_to_max_length=True)
+                del enc
+                k = self.ev.num_images_per_prompt
+                self._grid_cond = {"text_emb": emb.float().repeat_interleave(k, 0),
+                                   "text_mask": mask.repeat_interleave(k, 0),
+                                   "caption": [p for p in self.ev.prompts for _ in range(k)]}
+            else:
+                n = len(self.ev.prompts) or DEFAULT_GRID_SAMPLES
+                k = self.ev.num_images_per_prompt
+                batch = read_eval_samples(self.cfg, n)
+                index = [i for i in range(len(batch["caption"])) for _ in range(k)]
+                self._grid_cond = _take(batch, index)
+        return self._grid_cond
+
+    def _sample(self, trainer, net, cond: dict[str, Any], seed: int) -> Tensor:
+        """Samples for this rank's share (rows rank::world) of `cond`, gathered in rank order.
+
+        Returns (N, 3, T, T) on every rank, ordered by rank then row (see `_order`).
+        """
+        from imagen_train.diffusion import build_diffusion
+
+        diffusion = build_diffusion(self.cfg.diffusion)
+        rank, world = dist.rank(), dist.world_size()
+        mine = list(range(rank, len(cond["caption"]), world))
+        part = _take(cond, mine)
+        res = self.cfg.train_resolution
+        gen = torch.Generator(device=trainer.device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
+        out = [torch.zeros(0, 3, res, res)]
+        for i in range(0, len(mine), self.ev.batch_size):
+            emb = part["text_emb"][i:i + self.ev.batch_size].to(trainer.device)
+            mask = part["text_mask"][i:i + self.ev.batch_size].to(trainer.device)
+            low = part["lowres"][i:i + self.ev.batch_size].to(trainer.device) if "lowres" in part else None
+            result = diffusion.sample(net, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
+                                      lowres=low, generator=gen)
+            out.append(result.images.float().cpu())
+        local = torch.cat(out).to(trainer.device)
+        return dist.all_gather_tensor(local).cpu()
+
+    @staticmethod
+    def _order(n: int) -> list[int]:
+        """Row indices of `cond` in the order `_sample` returns them (rank-major)."""
+        world = dist.world_size()
+        return [i for r in range(world) for i in range(r, n, world)]
+
+    def evaluate(self, trainer) -> None:
+        from imagen_train.evaluation.grids import make_grid, save_png
+
+        start = time.perf_counter()
+        step = trainer.step
+        net = self._net(trainer)
+        cond = self._grid_conditioning()
+        images = self._sample(trainer, net, cond, seed=0)
+        order = self._order(len(cond["caption"]))
+        images = images[torch.argsort(torch.tensor(order))]  # back to prompt order
+        path = Path(trainer.run_dir) / "samples" / f"step_{step}.png"
+        metrics: dict[str, float] = {}
+        if dist.is_main():
+            k = self.ev.num_images_per_prompt
+            save_png(make_grid(images, ncols=k if k > 1 else None), path)  # a row per prompt
+            trainer.logger.log_image("eval/samples", path, step, caption=" | ".join(dict.fromkeys(cond["caption"])))
+        if self.fid_on or self.clip_on:
+            metrics.update(self._metrics(trainer, net))
+        del net
+        metrics["eval/time_s"] = time.perf_counter() - start
+        trainer.logger.log(metrics, step)
+        dist.print0(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                    + f"; grid {path}")
+        dist.barrier()
+
+    def _metrics(self, trainer, net) -> dict[str, float]:
+        from imagen_train.evaluation.clip_score import ClipScorer
+        from imagen_train.evaluation.fid import FeatureStats, extract_features, fid_from_stats, to_uint8
+        from imagen_train.evaluation.inception import load_fid_inception
+
+        if self._metric_cond is None:
+            self._metric_cond = read_eval_samples(self.cfg, self.ev.num_fid_samples)
+        cond = self._metric_cond
+        n = len(cond["caption"])
+        fake = to_uint8(self._sample(trainer, net, cond, seed=1))        # (n, 3, T, T) rank-major
+        captions = [cond["caption"][i] for i in self._order(n)]
+        out: dict[str, float] = {}
+        # Features are computed on each rank for its share, then gathered.
+        rank, world = dist.rank(), dist.world_size()
+        share = slice(rank * -(-n // world), (rank + 1) * -(-n // world))
+        if self.fid_on:
+            if self._inception is None:
+                self._inception = load_fid_inception(self.ev.inception_path, trainer.device)
+            feats = dist.all_gather_tensor(extract_features(self._inception, fake[share], 32, trainer.device)
+                                           .to(trainer.device)).cpu()
+            if self._real_stats is None:
+                if self.ev.fid_stats_path:
+                    self._real_stats = FeatureStats.load(self.ev.fid_stats_path)
+                else:
+                    real = to_uint8(cond["image"])
+                    real_feats = dist.all_gather_tensor(
+                        extract_features(self._inception, real[share], 32, trainer.device).to(trainer.device)).cpu()
+                    self._real_stats = FeatureStats.from_features(real_feats)
+            out["eval/fid"] = fid_from_stats(self._real_stats, FeatureStats.from_features(feats))
+        if self.clip_on:
+            if self._clip is None:
+                self._clip = ClipScorer(self.ev.clip_path, trainer.device)
+            cos = self._clip.cosine(fake[share], captions[share]).to(trainer.device)
+            out["eval/clip_score"] = float(dist.all_gather_tensor(cos).mean())
+        out["eval/num_samples"] = float(n)
+        return out
+
+
+def make_periodic_evaluator(cfg: Config) -> Callable[[Any], None]:
+    """A Trainer callback running the periodic evaluation (a no-op when eval_every_steps is 0)."""
+    return PeriodicEvaluator(cfg)
+
+
+__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "gather_ema_state", "read_eval_samples",
+           "preserved_rng"]
