@@ -65,8 +65,14 @@ def _encode(img: Image.Image, image_format: str) -> bytes:
 
 def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, shard_size: int = 1000,
                     seed: int = 0, holdout: float = 0.0, holdout_out: Optional[str | Path] = None,
-                    image_format: str = "png", progress_bar: bool = True) -> dict[str, Any]:
-    """Draw `num_samples` samples into shards under `out` (the last `holdout` fraction apart)."""
+                    image_format: str = "png", progress_bar: bool = True,
+                    exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Draw `num_samples` samples into shards under `out` (the last `holdout` fraction apart).
+
+    Training samples whose caption contains any phrase of `exclude` are passed over (the next
+    index is drawn instead), so prompts with those combinations are new to a model trained on
+    the shards; the holdout keeps every combination.
+    """
     if not 64 <= resolution <= 1024:
         raise ValueError(f"resolution must be in 64..1024, got {resolution}")
     if not 0.0 <= holdout < 1.0:
@@ -78,14 +84,21 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
     holdout_dir = Path(holdout_out) if holdout_out else out / "holdout"
     timer = Timer()
     train, held = ShardWriter(out, shard_size), (ShardWriter(holdout_dir, shard_size) if num_holdout else None)
+    written, skipped, i = 0, 0, 0
     with progress(num_samples, "synthetic", progress_bar) as bar:
-        for i in range(num_samples):
+        while written < num_samples:
             img, caption, meta = draw_sample(seed, i, resolution)
+            in_holdout = held is not None and written >= num_samples - num_holdout
             key = f"{i:09d}"
+            i += 1
+            if not in_holdout and any(phrase in caption for phrase in exclude):
+                skipped += 1
+                continue
             meta = {"key": key, "caption": caption, "width": resolution, "height": resolution, **meta}
             entries = {image_format: _encode(img, image_format), "txt": caption.encode(),
                        "json": json.dumps(meta).encode()}
-            (held if held is not None and i >= num_samples - num_holdout else train).write(key, entries)
+            (held if in_holdout else train).write(key, entries)
+            written += 1
             bar.update()
     train.flush()
     if held is not None:
@@ -94,6 +107,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
             "shards": len(train.shards), "holdout_out": str(holdout_dir) if held else None,
             "holdout_samples": num_holdout, "holdout_shards": len(held.shards) if held else 0,
             "resolution": resolution, "seed": seed, "format": image_format,
+            "excluded_phrases": list(exclude), "skipped_for_exclude": skipped,
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(num_samples, timer.seconds)}
 
 
@@ -111,6 +125,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png",
                    help="image encoding")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--exclude", action="append", default=[], metavar="PHRASE",
+                   help="leave training samples whose caption contains PHRASE out (repeatable), "
+                        "e.g. 'red square', so such prompts are new at sampling")
     p.set_defaults(func=lambda a: write_synthetic(
         a.out, a.num_samples, a.resolution, a.shard_size, a.seed, a.holdout, a.holdout_out,
-        a.image_format, not a.no_progress))
+        a.image_format, not a.no_progress, tuple(a.exclude)))

@@ -232,3 +232,28 @@ def test_cli_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "data_tools", "precompute-embeddings", "--help"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--max-length" in out and "default: 128" in out
+
+
+def test_synthetic_exclude_leaves_phrases_out_of_training_only(tmp_path):
+    import tarfile
+
+    from data_tools.synthetic import write_synthetic
+
+    summary = write_synthetic(tmp_path / "s", 200, resolution=64, shard_size=100, holdout=0.25,
+                              progress_bar=False, exclude=("red square", "blue circle at the top left"))
+    assert summary["num_samples"] == 150 and summary["holdout_samples"] == 50
+    assert summary["skipped_for_exclude"] > 0
+
+    def captions(folder):
+        out = []
+        for shard in sorted(folder.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                out += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+        return out
+
+    train = captions(tmp_path / "s")
+    assert len(train) == 150
+    assert not any("red square" in c or "blue circle at the top left" in c for c in train)
+    assert any("red" in c for c in train) and any("square" in c for c in train)
+    held = captions(tmp_path / "s" / "holdout")
+    assert len(held) == 50
