@@ -1,7 +1,7 @@
 """`python -m data_tools <command>` (installed as `imagen-data`): build and check training shards.
 
-Commands: make-shards, synthetic, make-encoder, precompute-embeddings, inspect, verify. Each prints a JSON
-summary last on stdout; `verify` exits 1 when anything is bad.
+Commands: make-shards, synthetic, make-encoder, precompute-embeddings, inspect, verify, fid-stats.
+Each prints a JSON summary last on stdout; `verify` exits 1 when anything is bad.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
-from data_tools import inspect_shards, make_encoder, make_shards, precompute, synthetic
+from data_tools import fid_stats, inspect_shards, make_encoder, make_shards, precompute, synthetic
 from data_tools.common import print_summary
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_parser(sub)
     make_encoder.add_parser(sub)
     inspect_shards.add_parsers(sub)
+    fid_stats.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,211 @@
+"""FID (our TF-compatible Inception-v3), CLIP score, fid-stats, and periodic evaluation in training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from imagen_train.evaluation.fid import FeatureStats, fid_from_features, frechet_distance
+from imagen_train.evaluation.inception import FIDInceptionV3, load_fid_inception, resize_bilinear_tf1
+from imagen_train.evaluation.weights import MissingWeightsError
+
+from sampling_helpers import build_tiny_clip, random_fid_inception
+
+
+def _direct_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    return random_fid_inception(tmp_path_factory.mktemp("inception") / "pt_inception-random.pth")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_matches_scipy():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(32, 32))
+    real = rng.normal(size=(500, 32)) @ mix
+    fake = 1.3 * (rng.normal(size=(400, 32)) @ mix) + 0.5
+    assert abs(fid_from_features(real, real)) < 1e-6 * np.trace(np.cov(real, rowvar=False))
+    ours = fid_from_features(torch.from_numpy(real).float(), torch.from_numpy(fake).float())
+    direct = _direct_fid(real.astype(np.float32).astype(np.float64), fake.astype(np.float32).astype(np.float64))
+    assert ours > 1.0
+    assert ours == pytest.approx(direct, rel=1e-3)
+    # Statistics round-trip through the cached .npz.
+    stats = FeatureStats.from_features(real)
+    assert frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma) == pytest.approx(0, abs=1e-6)
+
+
+def test_low_rank_fid_matches_the_full_computation():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(20, 48)), rng.normal(size=(16, 48)) * 1.5 + 0.3  # N < D: singular covariances
+    full = frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
+    assert fid_from_features(real, fake) == pytest.approx(full, rel=1e-6)
+    assert fid_from_features(real, fake) == pytest.approx(_direct_fid(real, fake), rel=1e-3)
+    assert abs(fid_from_features(real, real)) < 1e-8 * np.trace(np.cov(real, rowvar=False))
+
+
+def test_inception_weights_load_strict_with_the_standard_names(inception_file):
+    net = load_fid_inception(str(inception_file))
+    saved = torch.load(inception_file, weights_only=True)
+    for key, value in saved.items():
+        torch.testing.assert_close(net.state_dict()[key], value)
+    # The names and shapes of the ported TF file (torchvision Inception3 layout, 1008 classes, no aux).
+    shapes = {k: tuple(v.shape) for k, v in FIDInceptionV3().state_dict().items()}
+    expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.running_var": (32,),
+                "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+                "Mixed_5d.branch5x5_2.conv.weight": (64, 48, 5, 5), "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+                "Mixed_6b.branch7x7dbl_5.conv.weight": (192, 128, 1, 7),
+                "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+                "Mixed_7b.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+                "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048), "fc.bias": (1008,)}
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    assert not any(k.startswith("AuxLogits") for k in shapes)
+    assert sum(v.numel() for k, v in FIDInceptionV3().named_parameters()) == 23_850_960
+    # A state dict carrying exactly the standard key names (no batch counters) loads strictly.
+    standard = {k: torch.randn(s) if k.endswith("weight") or k.endswith("bias") else torch.rand(s) + 0.5
+                for k, s in shapes.items() if not k.endswith("num_batches_tracked")}
+    FIDInceptionV3().load_state_dict({**standard, **{k: torch.tensor(0) for k in shapes
+                                                     if k.endswith("num_batches_tracked")}}, strict=True)
+    torch.save(standard, inception_file.parent / "standard.pth")
+    load_fid_inception(str(inception_file.parent / "standard.pth"))
+    # A file with a wrong or missing key is refused with the setting named.
+    torch.save({k: v for k, v in standard.items() if k != "fc.bias"}, inception_file.parent / "bad.pth")
+    with pytest.raises(MissingWeightsError, match="evaluation.inception_path"):
+        load_fid_inception(str(inception_file.parent / "bad.pth"))
+
+
+def test_tf1_bilinear_resize():
+    x = torch.arange(64.0).reshape(1, 1, 8, 8)
+    assert torch.equal(resize_bilinear_tf1(x, 8), x)
+    torch.testing.assert_close(resize_bilinear_tf1(x, 4), x[..., ::2, ::2])  # src = 2 * dst, no half-pixel shift
+    up = resize_bilinear_tf1(x, 16)
+    assert up[0, 0, 0, 1] == pytest.approx(0.5) and up[0, 0, -1, -1] == 63.0
+
+
+def test_fid_path_with_random_inception(inception_file):
+    net = load_fid_inception(str(inception_file))
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (3, 3, 64, 64), generator=gen, dtype=torch.uint8)
+    fake = (real.float() * 0.5 + 60).to(torch.uint8)
+    fr, ff = net(real), net(fake)
+    assert fr.shape == (3, 2048) and torch.isfinite(fr).all()
+    torch.testing.assert_close(net(real[:1]), fr[:1], rtol=1e-4, atol=1e-5)  # batch-independent (eval BN)
+    assert fid_from_features(fr, fr) == pytest.approx(0.0, abs=1e-6 * float(fr.var(0).sum()))
+    ours = fid_from_features(fr, ff)
+    # Direct NumPy on the same features: Tr((S_r S_f)^(1/2)) from the eigenvalues of the small
+    # Gram product (the nonzero spectrum of S_r S_f when N < D).
+    a, b = fr.double().numpy(), ff.double().numpy()
+    A, B = a - a.mean(0), b - b.mean(0)
+    eig = np.linalg.eigvals((A @ B.T) @ (B @ A.T) / ((len(a) - 1) * (len(b) - 1))).real
+    direct = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+              + np.trace(np.cov(b, rowvar=False)) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+    assert ours > 0 and ours == pytest.approx(direct, rel=1e-3)
+    with pytest.raises(ValueError, match="uint8"):
+        net(real.float())
+
+
+def test_clip_score_is_the_plain_mean_cosine(clip_dir):
+    from imagen_train.evaluation.clip_score import ClipScorer
+
+    scorer = ClipScorer(str(clip_dir))
+    images = torch.randint(0, 256, (3, 3, 48, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    captions = ["a red circle", "a blue square at the top", "dog"]
+    cos = scorer.cosine(images, captions, batch_size=2)
+    assert cos.shape == (3,) and (cos.abs() <= 1 + 1e-5).all()
+    # The same numbers straight from the model's projections.
+    model = scorer.model
+    pix = scorer.preprocess(images)
+    assert pix.shape == (3, 3, 32, 32)
+    img = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)
+    tok = scorer.tokenizer(captions, padding=True, return_tensors="pt")
+    txt = model.text_projection(model.text_model(**tok).pooler_output)
+    direct = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    torch.testing.assert_close(cos, direct.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_missing_weights_name_the_setting(tmp_path):
+    from imagen_train.evaluation.clip_score import ClipScorer
+
+    with pytest.raises(MissingWeightsError, match=r"evaluation.inception_path is not set.*pt_inception-2015-12-05"):
+        load_fid_inception(None)
+    with pytest.raises(MissingWeightsError, match=r"evaluation.inception_path=.*nope.pth: no such file"):
+        load_fid_inception(str(tmp_path / "nope.pth"))
+    with pytest.raises(MissingWeightsError, match=r"evaluation.clip_path is not set.*CLIPModel"):
+        ClipScorer(None)
+    with pytest.raises(MissingWeightsError, match=r"evaluation.clip_path=.*: no such folder"):
+        ClipScorer(str(tmp_path / "no-clip"))
+    # The periodic evaluator refuses at start-up, before any training.
+    from imagen_train.config import load_preset
+    from imagen_train.evaluation.periodic import make_periodic_evaluator
+
+    cfg = load_preset("base64-tiny", ["evaluation.eval_every_steps=2", "evaluation.num_fid_samples=8",
+                                      f"evaluation.inception_path={tmp_path / 'missing.pth'}"])
+    with pytest.raises(MissingWeightsError, match="evaluation.inception_path"):
+        make_periodic_evaluator(cfg)
+
+
+def test_fid_stats_command_caches_reference_statistics(tmp_path, shards_64, inception_file):
+    from data_tools.__main__ import main
+    from data_tools.fid_stats import iter_images
+
+    out = tmp_path / "stats.npz"
+    assert main(["fid-stats", "--shards", shards_64.pattern, "--inception", str(inception_file), "--out", str(out),
+                 "--resolution", "64", "--max-samples", "6", "--no-progress"]) == 0
+    stats = FeatureStats.load(out)
+    assert stats.num_samples == 6 and stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048)
+    net = load_fid_inception(str(inception_file))
+    feats = net(torch.stack(list(iter_images(shards_64.pattern, 64, 6))))
+    again = FeatureStats.from_features(feats)
+    np.testing.assert_allclose(again.mu, stats.mu, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MissingWeightsError, match="--inception"):
+        main(["fid-stats", "--shards", shards_64.pattern, "--inception", str(tmp_path / "x.pth"),
+              "--out", str(out)])
+
+
+def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path, shards_64, tiny_t5_dir,
+                                                                        inception_file, clip_dir):
+    from safetensors.torch import load_file
+
+    from imagen_train.training.export import export_checkpoint
+    from train_helpers import read_metrics, run_training, tiny_overrides
+
+    plain, evaluated = tmp_path / "plain", tmp_path / "eval"
+    common = dict(zero_stage=3, max_steps=4, **{"text.encoder_path": str(tiny_t5_dir)})
+    run_training("base64-tiny.yaml", tiny_overrides(plain, shards_64.pattern, shards_64.embed_dim, **common))
+    proc = run_training("base64-tiny.yaml", tiny_overrides(
+        evaluated, shards_64.pattern, shards_64.embed_dim, **common, **{
+            "evaluation.eval_every_steps": 2, "evaluation.prompts": "[a red circle, a blue square]",
+            "evaluation.num_images_per_prompt": 2, "evaluation.sampler.steps": 2,
+            "evaluation.sampler.guidance_scale": 2.0, "evaluation.num_fid_samples": 2,
+            "evaluation.inception_path": str(inception_file), "evaluation.clip_path": str(clip_dir),
+            "data.eval_shards": shards_64.pattern}))
+    for step in (2, 4):
+        assert (evaluated / "samples" / f"step_{step}.png").is_file(), proc.stdout[-3000:]
+    from PIL import Image
+    assert Image.open(evaluated / "samples" / "step_2.png").size == (2 * 64 + 6, 2 * 64 + 6)
+    evals = [m for m in read_metrics(evaluated) if "eval/time_s" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all(np.isfinite(m["eval/fid"]) and -1 <= m["eval/clip_score"] <= 1 for m in evals)
+    # Same weights (EMA and raw) and the same losses as the run without evaluation.
+    a = load_file(str(export_checkpoint(plain / "checkpoints" / "step_00000004", tmp_path / "a.safetensors", True)))
+    b = load_file(str(export_checkpoint(evaluated / "checkpoints" / "step_00000004", tmp_path / "b.safetensors",
+                                        True)))
+    assert a.keys() == b.keys() and any(k.startswith("raw.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} changed by periodic evaluation"
+    la = [m["train/loss"] for m in read_metrics(plain) if "train/loss" in m]
+    lb = [m["train/loss"] for m in read_metrics(evaluated) if "train/loss" in m]
+    assert la == lb and len(la) == 4
