@@ -1,0 +1,34 @@
+"""FID and CLIP score over a sweep of guidance scales:
+`[torchrun --nproc_per_node N] launch/evaluate.py --config configs/inference_pipeline.yaml
+ --out DIR [--set evaluation.captions_file=captions.txt ...]`.
+Writes DIR/sweep.csv, sweep.md, sweep.png (FID vs CLIP curve) and sweep.json."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from imagen_train.evaluation.pipeline_config import load_pipeline_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/inference_pipeline.yaml")
+    parser.add_argument("--out", required=True, help="folder for the table and the plot")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set evaluation.guidance_scales=[1,3,5] (repeatable)")
+    args = parser.parse_args(argv)
+    cfg = load_pipeline_config(args.config, args.overrides)
+
+    from imagen_train.evaluation.sweep import init_distributed, run_sweep
+
+    init_distributed()
+    run_sweep(cfg, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
