@@ -111,13 +111,11 @@ class NoiseAugConfig:
 
     # Training: the augmentation level is drawn uniformly from [0, max_level] as a fraction of
     # the diffusion time (continuous) or mapped to sigma (EDM, see diffusion.augment).
+    # At sampling the level is each stage's `SamplerConfig.noise_aug_level`.
     max_level: float = 0.5
-    # Sampling: the fixed level the low-res image is corrupted to.
-    sample_level: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.max_level <= 1.0, "max_level", "a float in [0, 1]", self.max_level)
-        _check(0.0 <= self.sample_level <= 1.0, "sample_level", "a float in [0, 1]", self.sample_level)
 
 
 @dataclass

@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from imagen_train.evaluation.grids import make_grid, save_png  # noqa: E402
+
 # Prompts whose combination of colour, shape and position no training caption holds word for
 # word: the synthetic data is drawn without these combinations (see --exclude of `synthetic`).
 HELD_OUT_PROMPTS = [
@@ -64,6 +66,85 @@ def train(stage_config: str, run_dir: Path, overrides: list[str], nproc: int) ->
                   "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
 
+def last_loss(run_dir: Path) -> float | None:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    return json.loads(lines[-1])["train/loss"] if lines else None
+
+
+def fid_over_training(args, out: Path, encoder: Path, base_dir: Path, holdout: Path) -> dict:
+    """FID (64 px) of samples from each kept base checkpoint against the held-out images."""
+    import torch
+
+    from imagen_train.data import expand_shards, iter_raw_samples
+    from imagen_train.evaluation.cascade import load_stage, Precision
+    from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8
+    from imagen_train.evaluation.inception import FIDInceptionV3, load_fid_inception
+    from imagen_train.diffusion import build_diffusion
+    from imagen_train.config import SamplerConfig
+    from imagen_train.text import load_text_encoder
+    from imagen_train.training.checkpoint import list_complete
+    from PIL import Image
+    import io
+    import numpy as np
+
+    if args.inception:
+        inception, extractor = load_fid_inception(args.inception), "Inception-v3 (pt_inception-2015-12-05 weights)"
+    else:
+        inception = FIDInceptionV3.random(seed=0)
+        extractor = ("Inception-v3 with RANDOM weights (seed 0): no pre-trained weights offline; the numbers "
+                     "track progress within this run only and are not comparable with published FID")
+    real, captions = [], []
+    for url in expand_shards("::".join(sorted(str(p) for p in holdout.glob("*.tar")))):
+        for sample in iter_raw_samples(url):
+            image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((64, 64), Image.BICUBIC)
+            real.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+            captions.append(sample["txt"].decode())
+    real_features = extract_features(inception, torch.stack(real))
+    text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
+    n = min(args.fid_samples, len(captions))
+    emb, mask = text.encode(captions[:n], max_length=32, pad_to_max_length=True)
+    sampler = SamplerConfig(name="edm_heun", steps=4 if args.short else 12, guidance_scale=4.0)
+    points = {}
+    for tag in list_complete(base_dir / "checkpoints"):
+        net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
+        images = build_diffusion(cfg.diffusion).sample(
+            net, (n, 3, 64, 64), emb, mask, sampler, generator=torch.Generator().manual_seed(0)).images
+        points[tag] = round(fid_from_features(real_features, extract_features(inception, to_uint8(images))), 3)
+        log(f"FID at {tag}: {points[tag]}")
+    return {"feature_extractor": extractor, "real_images": len(real), "generated_per_point": n,
+            "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}", "by_checkpoint": points}
+
+
+def write_report(out: Path, metrics: dict) -> None:
+    fid = metrics["fid_64px"]
+    rows = "\n".join(f"| {tag} | {value} |" for tag, value in fid["by_checkpoint"].items())
+    prompts = "\n".join(f"{i}. {p}" for i, p in enumerate(metrics["prompts"]))
+    (out / "report.md").write_text(f"""# Quickstart report
+
+Finished in {metrics['minutes']} minutes. The text encoder is a small random T5 (not pre-trained).
+
+## Samples for prompts no training caption holds word for word (4 per prompt, one row each)
+{prompts}
+
+64 px (base stage): ![64 px](samples/grid-64.png)
+
+256 px (64 -> 256 stage): ![256 px](samples/grid-256.png)
+
+Per-prompt grids and PNGs: `samples/grids/`, `samples/images/`; settings and timings: `samples/settings.json`.
+
+## FID of the 64 px stage against {fid['real_images']} held-out images, over training
+Feature extractor: {fid['feature_extractor']}.
+{fid['generated_per_point']} generated images per point, {fid['sampler']}.
+
+| checkpoint | FID |
+|---|---|
+{rows}
+
+Last logged training loss: {metrics['train_loss_last']}.
+Exported EMA weights: {metrics['exports']}.
+""")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "runs" / "quickstart"), help="output folder")
@@ -74,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-steps", type=int, default=1600, help="optimizer steps of the 64 px stage")
     parser.add_argument("--sr-steps", type=int, default=500, help="optimizer steps of the 64->256 stage")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (CPU processes)")
+    parser.add_argument("--inception", default=None,
+                        help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth); without it "
+                             "FID uses a randomly initialised Inception-v3 and says so")
+    parser.add_argument("--fid-samples", type=int, default=64, help="generated images per FID point")
     args = parser.parse_args(argv)
     if args.short:
-        args.samples, args.base_steps, args.sr_steps = 96, 4, 2
+        args.samples, args.base_steps, args.sr_steps, args.fid_samples = 96, 4, 2, 8
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.train_shards={train_shards}", "checkpoint.keep_last=2"]
     base_dir, sr_dir = out / "base64", out / "sr256"
     train("quickstart-base64.yaml", base_dir, common + [f"training.max_steps={args.base_steps}",
-                                                 f"checkpoint.every_steps={max(1, args.base_steps // 4)}"],
+                                                       f"checkpoint.every_steps={max(1, args.base_steps // 4)}",
+                                                       "checkpoint.keep_last=4"],
           args.nproc)
     train("quickstart-sr256.yaml", sr_dir, common + [f"training.max_steps={args.sr_steps}",
                                               f"checkpoint.every_steps={max(1, args.sr_steps // 2)}"],
@@ -122,10 +208,36 @@ def main(argv: list[str] | None = None) -> int:
         exports[name] = export_checkpoint(find_checkpoint(run_dir / "checkpoints"), out / f"{name}-ema.safetensors")
         log(f"exported {exports[name]}")
 
-    summary = {"out": str(out), "minutes": round((time.time() - start) / 60, 2),
-               "exports": {k: str(v) for k, v in exports.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(json.dumps(summary))
+    # 7. Cascaded sampling 64 -> 256 for prompts no training caption holds word for word.
+    from imagen_train.evaluation.cascade import generate, write_outputs
+    from imagen_train.evaluation.pipeline_config import InferencePipelineConfig
+    from imagen_train.config import from_dict
+    steps = {"base64": 4 if args.short else 30, "sr256": 2 if args.short else 20}
+    pipeline = from_dict({
+        "num_images_per_prompt": 4, "target_resolution": 256, "encoder_path": str(encoder),
+        "checkpoints": {"base64": str(exports["base64"]), "sr256": str(exports["sr256"])},
+        "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"), "batch_size": 16, "device": "cpu",
+        "samplers": {"base64": {"name": "edm_heun", "steps": steps["base64"], "guidance_scale": 4.0},
+                     "sr256": {"name": "edm_heun", "steps": steps["sr256"], "guidance_scale": 2.0,
+                               "noise_aug_level": 0.1}}}, InferencePipelineConfig, "quickstart")
+    log(f"sampling {len(HELD_OUT_PROMPTS)} new prompts, 64 -> 256")
+    result = generate(pipeline, HELD_OUT_PROMPTS, keep_stage_images=True)
+    write_outputs(pipeline, result, HELD_OUT_PROMPTS)
+    save_png(make_grid(result.stage_images["base64"], ncols=4), out / "samples" / "grid-64.png")
+    save_png(make_grid(result.images, ncols=4), out / "samples" / "grid-256.png")
+
+    # 8. FID of the 64 px stage against the held-out images, over the training checkpoints.
+    fid = fid_over_training(args, out, encoder, base_dir, raw / "holdout")
+
+    # 9. The report.
+    minutes = round((time.time() - start) / 60, 2)
+    metrics = {"minutes": minutes, "fid_64px": fid, "prompts": HELD_OUT_PROMPTS,
+               "exports": {k: str(v) for k, v in exports.items()},
+               "train_loss_last": {name: last_loss(d) for name, d in (("base64", base_dir), ("sr256", sr_dir))}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(out, metrics)
+    log(f"done in {minutes} min: report {out / 'report.md'}, grids {out / 'samples'}, "
+        f"W&B offline runs under {base_dir / 'wandb'} and {sr_dir / 'wandb'}")
     return 0
 
 

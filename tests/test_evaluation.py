@@ -209,3 +209,19 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
     la = [m["train/loss"] for m in read_metrics(plain) if "train/loss" in m]
     lb = [m["train/loss"] for m in read_metrics(evaluated) if "train/loss" in m]
     assert la == lb and len(la) == 4
+
+
+def test_random_inception_tells_images_apart():
+    """The offline stand-in must not collapse every image to the same features (FID ~0)."""
+    import torch
+
+    from imagen_train.evaluation.fid import fid_from_features
+    from imagen_train.evaluation.inception import FIDInceptionV3
+
+    net = FIDInceptionV3.random(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    dark = torch.randint(0, 60, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
+    light = torch.randint(190, 255, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
+    f_dark, f_light = net(dark), net(light)
+    assert f_dark.std(0).mean() > 1e-4
+    assert fid_from_features(f_dark, f_light) > 100 * max(fid_from_features(f_dark[:3], f_dark[3:]), 1e-6)

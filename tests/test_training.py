@@ -193,3 +193,18 @@ def test_deepspeed_launcher_runs_the_main_job(tmp_path, shards_64):
     proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ckpt.find_resume_tag(run_dir / "checkpoints") == "step_00000002"
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, shards_64):
+    run_dir = tmp_path / "run"
+    sets = dict(**{"logging.wandb_mode": "offline", "checkpoint.every_steps": 2})
+    run_training("base64-tiny.yaml", tiny_overrides(run_dir, shards_64.pattern, shards_64.embed_dim,
+                                                    max_steps=2, **sets), WANDB_SILENT="true")
+    first = ckpt.load_rank_state(run_dir / "checkpoints" / "step_00000002")["wandb_id"]
+    assert first
+    run_training("base64-tiny.yaml", tiny_overrides(run_dir, shards_64.pattern, shards_64.embed_dim,
+                                                    max_steps=4, **sets), WANDB_SILENT="true")
+    second = ckpt.load_rank_state(run_dir / "checkpoints" / "step_00000004")["wandb_id"]
+    assert second == first
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(first) for name in runs), runs

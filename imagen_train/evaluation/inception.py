@@ -209,6 +209,24 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
         self.eval().requires_grad_(False)
 
+    @classmethod
+    def random(cls, seed: int = 0) -> "FIDInceptionV3":
+        """The architecture with random, scale-preserving weights (He-normal convolutions).
+
+        PyTorch's default initialisation shrinks activations at every layer, so after 90-odd
+        layers the features are ~1e-8 and every image looks alike (FID ~0). He-normal keeps them
+        at order 1. For tests and offline runs without the real weights only: such FIDs track
+        progress within a run and are not comparable with published numbers.
+        """
+        net = cls()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, nn.Conv2d):
+                    fan_in = module.weight[0].numel()
+                    module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
+        return net.eval()
+
     def train(self, mode: bool = True) -> "FIDInceptionV3":
         return super().train(False)  # BatchNorm must always use the stored statistics
 
