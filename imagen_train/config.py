@@ -186,8 +186,17 @@ class DataConfig:
     pin_memory: bool = True
     # Random instead of center crop of the stage's output square (the paper center-crops).
     random_crop: bool = False
+    # A shard read that fails (I/O error, broken remote stream, `pipe:` silent for
+    # read_timeout_s) is retried read_retries times, waiting retry_backoff_s * 2**attempt;
+    # then the shard is skipped and counted (loader stats: skipped.bad_shard).
+    read_retries: int = 3
+    retry_backoff_s: float = 1.0
+    read_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        _check(self.read_retries >= 0, "read_retries", "a non-negative int", self.read_retries)
+        _check(self.retry_backoff_s >= 0, "retry_backoff_s", "a non-negative float", self.retry_backoff_s)
+        _check(self.read_timeout_s > 0, "read_timeout_s", "a positive float", self.read_timeout_s)
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", "a non-negative int", self.shuffle_buffer)
         _check(self.num_workers >= 0, "num_workers", "a non-negative int", self.num_workers)
         _check(self.min_image_size >= 0, "min_image_size", "a non-negative int", self.min_image_size)

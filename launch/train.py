@@ -13,6 +13,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from imagen_train.config import load_config  # noqa: E402
 
 
+def _is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because a peer died, hung past the timeout or closed its connection."""
+    import torch.distributed as tdist
+    if isinstance(err, getattr(tdist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(word in text for word in (
+        "connection closed", "connection reset", "timed out", "timeout", "broken pipe", "gloo", "nccl"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/sr256-400m.yaml")
@@ -24,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
+    from imagen_train.training.checkpoint import CheckpointError
     from imagen_train.training.trainer import Trainer, TrainingStopped
+    from imagen_train.utils.dist import rank
 
     try:
         callbacks = []
@@ -37,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         if is_main():
             print(f"[train] stopped: {err}", file=sys.stderr, flush=True)
         return 3
+    except CheckpointError as err:
+        # Every rank that hit it says so: a failed write may be on one rank only.
+        print(f"[train] rank {rank()}: checkpoint error: {err}", file=sys.stderr, flush=True)
+        return 4
+    except Exception as err:
+        if not _is_lost_peer(err):
+            raise
+        print(f"[train] rank {rank()}: lost another rank or a collective timed out "
+              f"(training.dist_timeout_s={cfg.training.dist_timeout_s}): {type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}. Completed checkpoints are intact; "
+              f"restart with --resume auto.", file=sys.stderr, flush=True)
+        return 5
     from imagen_train.utils.dist import print0
     print0(f"[train] done at step {result.step}; last checkpoint {result.last_checkpoint}")
     return 0

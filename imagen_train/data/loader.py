@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imagen_train.data.schema import KNOWN_KEYS
+from imagen_train.data.schema import KNOWN_KEYS, is_unsafe_key
 from imagen_train.data.shards import expand_shards, iter_raw_samples
 from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
 
@@ -111,7 +111,10 @@ class StageStream(IterableDataset):
         empty_in_a_row = 0
         for url in order:
             got = 0
-            for sample in iter_raw_samples(url, on_error, keep=lambda ext: ext in KNOWN_KEYS):
+            for sample in iter_raw_samples(url, on_error, keep=lambda ext: ext in KNOWN_KEYS or is_unsafe_key(ext),
+                                           retries=self.cfg.data.read_retries,
+                                           backoff_s=self.cfg.data.retry_backoff_s,
+                                           timeout_s=self.cfg.data.read_timeout_s):
                 got += 1
                 if split is not None:
                     index += 1

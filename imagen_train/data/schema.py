@@ -40,6 +40,14 @@ TEXT_KEY = "txt"
 META_KEY = "json"
 # Everything the loader will ever decode; any other entry is carried as bytes or dropped.
 KNOWN_KEYS = IMAGE_KEYS + (TEXT_KEY, META_KEY, EMBED_KEY, EMBED_META_KEY)
+# Entries that other readers (webdataset's default decoders, torch.load) would unpickle, i.e.
+# run code from. We never decode them; a sample carrying one is skipped and reported.
+UNSAFE_SUFFIXES = ("pickle", "pkl", "pyd", "pth", "pt")
+
+
+def is_unsafe_key(ext: str) -> bool:
+    """Whether an entry's extension (e.g. `pyd`, `meta.pickle`) names a pickle-based format."""
+    return ext.rsplit(".", 1)[-1].lower() in UNSAFE_SUFFIXES
 
 
 class SchemaError(ValueError):

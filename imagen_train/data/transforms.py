@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, read_embedding
+from imagen_train.data.schema import (EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, is_unsafe_key,
+                                      read_embedding)
 
 Image.MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs above ~268 MP
 
@@ -127,6 +128,10 @@ def pad_embeddings(embs: list[np.ndarray], max_length: int) -> tuple[torch.Tenso
 def decode_sample(raw: dict[str, Any], geo: StageGeometry, embed_dim: int, max_length: int,
                   rng: random.Random) -> dict[str, Any]:
     """One raw tar sample -> {image, [lowres], emb (n, D) float16, caption}, or raise SkipSample."""
+    unsafe = sorted(k for k in raw if not k.startswith("__") and is_unsafe_key(k))
+    if unsafe:  # the bytes were read, never decoded: a pickle is never loaded
+        raise SkipSample("unsafe_entry", f"carries {', '.join('.' + k for k in unsafe)} (pickle formats "
+                                         f"are refused)")
     ext = image_key(raw)
     if ext is None:
         raise SkipSample("no_image")

@@ -33,6 +33,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is incomplete or corrupt; the message names the file."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full or failing disk); the previous one is intact."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 

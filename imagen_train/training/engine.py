@@ -92,7 +92,33 @@ def create_engine(cfg: Config, model: torch.nn.Module):
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, cfg.training.max_steps))
+    _skip_nonfinite_steps(engine)
     return engine
+
+
+def _skip_nonfinite_steps(engine) -> None:
+    """Give an optimizer without DeepSpeed's overflow check (ZeRO-0) one.
+
+    ZeRO 1-3 skip a step whose all-reduced gradient norm is not finite and say so through
+    `optimizer.overflow`, which the engine reads to skip the LR step and report
+    `was_step_applied() == False`. Without ZeRO the bare optimizer would apply NaN gradients;
+    here its `step` checks the gradients (already all-reduced, so identical on every rank)
+    and follows the same contract.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "overflow"):
+        return
+    inner_step = opt.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        opt.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if opt.overflow:
+            return None
+        return inner_step(*args, **kwargs)
+
+    opt.overflow = False
+    opt.step = step
 
 
 def is_zero3(engine) -> bool:

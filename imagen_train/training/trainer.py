@@ -5,8 +5,10 @@ config -> data loader -> network -> diffusion loss -> DeepSpeed engine -> EMA ->
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -19,12 +21,13 @@ import torch
 from imagen_train.config import Config, ConfigError, save_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine as ds
+from imagen_train.training import faults
 from imagen_train.training.ema import EMA
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
 
-# Fault injection for tests: comma-separated optimizer steps whose loss is replaced by NaN.
-FAULT_NAN_STEPS_ENV = "IMAGEN_TRAIN_FAULT_NAN_STEPS"
+# Fault injection for tests (see training/faults.py), kept here for older callers.
+FAULT_NAN_STEPS_ENV = faults.NAN_LOSS
 
 
 class TrainingStopped(RuntimeError):
@@ -80,11 +83,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _nan_fault_steps() -> set[int]:
-    raw = os.environ.get(FAULT_NAN_STEPS_ENV, "")
-    return {int(s) for s in raw.split(",") if s.strip()}
 
 
 def count_flops_per_sample(cfg: Config) -> Optional[float]:
@@ -155,6 +153,25 @@ def preflight(cfg: Config, world_size: int) -> None:
                 raise ConfigError(key, "a writable folder", f"{folder} ({err.strerror})") from None
 
 
+def check_resume_target(cfg: Config, folder: Path, world_size: int) -> None:
+    """Refuse a checkpoint of another stage or written by another number of ranks, by name."""
+    import json
+
+    import yaml
+    config_file = folder / "config.yaml"
+    try:
+        stage = (yaml.safe_load(config_file.read_text()) or {}).get("stage")
+    except (OSError, yaml.YAMLError) as err:
+        raise ckpt.CheckpointError(f"{config_file} cannot be read: {err}") from None
+    if stage != cfg.stage:
+        raise ckpt.CheckpointError(f"{folder} is a checkpoint of stage {stage}, this run trains stage "
+                                   f"{cfg.stage}: point checkpoint.dir or --resume elsewhere")
+    saved = json.loads((folder / ckpt.MANIFEST).read_text()).get("world_size")
+    if saved is not None and saved != world_size:
+        raise ckpt.CheckpointError(f"{folder} was written by {saved} ranks; this run has {world_size} "
+                                   f"(export the weights to change the size)")
+
+
 class Trainer:
     """Trains one stage; `run()` returns when max_steps is reached or a signal asks it to stop.
 
@@ -173,6 +190,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = checkpoint_root(cfg)
         preflight(cfg, dist.world_size())
+        # Refuse a checkpoint of another stage or world size before building anything.
+        self.resume_folder = self._resume_folder(resume)
+        if self.resume_folder is not None:
+            check_resume_target(cfg, self.resume_folder, dist.world_size())
         ds.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
@@ -190,31 +211,34 @@ class Trainer:
         self.accum = cfg.training.grad_accum_for(dist.world_size())
         self.step = 0
         self.bad_steps = 0
+        self.skipped_total = 0  # micro batches and updates skipped for non-finite values, this process
         self.wandb_id: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         # Different noise on every rank from here on.
         _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
-        self._resume(resume)
+        self.faults = faults.Faults()
+        if self.resume_folder is not None:
+            self.load_checkpoint(self.resume_folder)
+            dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
         if dist.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
         self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id)
         self.wandb_id = self.logger.run_id
 
     # ------------------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
+    def _resume_folder(self, resume: str) -> Optional[Path]:
+        """The verified checkpoint to resume from ('auto': newest that verifies), or None."""
         if resume == "none":
-            return
+            return None
         if resume == "auto":
             tag = ckpt.find_resume_tag(self.ckpt_root, log=dist.print0)
             if tag is None:
                 dist.print0(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
-                return
-            folder = self.ckpt_root / tag
-        else:
-            folder = Path(resume)
-            ckpt.verify(folder)
-        self.load_checkpoint(folder)
-        dist.print0(f"[train] resumed from {folder} at step {self.step}")
+                return None
+            return self.ckpt_root / tag
+        folder = Path(resume)
+        ckpt.verify(folder)
+        return folder
 
     def load_checkpoint(self, folder: Path) -> None:
         state = ckpt.load_rank_state(folder)
@@ -234,15 +258,33 @@ class Trainer:
         self.last_checkpoint = folder
 
     def save_checkpoint(self) -> Path:
+        """Write, seal and point to the checkpoint of this step; a failed write raises loudly.
+
+        A rank whose write fails (full disk, I/O error) raises CheckpointWriteError naming the
+        checkpoint and the cause, and removes the staging folder; the other ranks then fail
+        at the next collective (or its timeout). The previous checkpoint and `latest` are
+        never touched before the new checkpoint is complete.
+        """
         staging = ckpt.prepare_staging(self.ckpt_root, self.step)
-        ds.save_engine(self.engine, str(self.ckpt_root), staging.name)
-        ckpt.save_rank_state(staging, {
-            "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
-            "rank": dist.rank(), "ema": self.ema.state_dict(), "layout": self.layout,
-            "data": self.loader.state_dict(), "rng": _rng_state(), "bad_steps": self.bad_steps,
-            "wandb_id": self.wandb_id})
-        if dist.is_main():
-            save_config(self.cfg, staging / "config.yaml")
+        rank = dist.rank()
+        try:
+            ds.save_engine(self.engine, str(self.ckpt_root), staging.name)
+            self.faults.kill_if(faults.KILL_IN_SAVE, self.step, rank)
+            self.faults.raise_if_save_error(self.step, rank, str(staging))
+            ckpt.save_rank_state(staging, {
+                "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
+                "rank": rank, "ema": self.ema.state_dict(), "layout": self.layout,
+                "data": self.loader.state_dict(), "rng": _rng_state(), "bad_steps": self.bad_steps,
+                "wandb_id": self.wandb_id})
+            if dist.is_main():
+                save_config(self.cfg, staging / "config.yaml")
+        except Exception as err:  # torch.save reports a full disk as RuntimeError, not OSError
+            shutil.rmtree(staging, ignore_errors=True)  # give the space back; never read
+            raise ckpt.CheckpointWriteError(
+                f"rank {rank} could not write checkpoint step {self.step} to {staging}: "
+                f"{type(err).__name__}: {err}. The previous checkpoint "
+                f"{self.last_checkpoint or '(none)'} and {self.ckpt_root / ckpt.LATEST} are intact"
+            ) from err
         self.last_checkpoint = ckpt.commit(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last)
         return self.last_checkpoint
 
@@ -262,7 +304,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         stop = _StopFlag()
         stop.install()
-        nan_steps = _nan_fault_steps()
+        rank = dist.rank()
         data_iter = iter(self.loader)
         progress = None
         if dist.is_main() and cfg.logging.progress_bar:
@@ -284,26 +326,30 @@ class Trainer:
                     loss = self.diffusion.training_loss(
                         self._net, batch["image"], batch["text_emb"], batch["text_mask"],
                         lowres=batch.get("lowres")).mean()
-                    if self.step + 1 in nan_steps:  # injected once per listed step
-                        nan_steps.discard(self.step + 1)
+                    if self.faults.fire(faults.NAN_LOSS, self.step + 1, rank):
                         loss = loss * float("nan")
                     if dist.any_true(not bool(torch.isfinite(loss)), self.device):
-                        self.bad_steps += 1
-                        dist.print0(f"[train] non-finite loss at step {self.step + 1}; skipping the "
-                                    f"micro batch ({self.bad_steps} in a row)")
-                        if self.bad_steps >= t.max_bad_steps:
-                            raise TrainingStopped(
-                                f"{self.bad_steps} non-finite losses in a row (training.max_bad_steps="
-                                f"{t.max_bad_steps}); the last good checkpoint is {self.last_checkpoint}")
+                        self._bad_step(f"non-finite loss at step {self.step + 1}; skipping the micro batch")
                         continue
-                    self.bad_steps = 0
+                    if self.faults.fire(faults.NAN_GRAD, self.step + 1, rank):
+                        loss = faults.nan_gradient(loss)
                     self.engine.backward(loss)
                     self.engine.step()
                     micro_done += 1
                     window["loss"] += loss.item()
                     window["micro"] += 1
                     window["samples"] += batch["image"].shape[0] * dist.world_size()
+
+                # Non-finite gradients: DeepSpeed reduces the gradients, finds their global norm
+                # non-finite on every rank alike and skips the update (no weight, optimizer or LR
+                # change); the step is redone with new data, the same on every rank.
+                if not self._update_applied():
+                    self._bad_step(f"non-finite gradient at step {self.step + 1}; the update was skipped "
+                                   f"on every rank")
+                    continue
+                self.bad_steps = 0
                 self.step += 1
+                self.faults.kill_if(faults.KILL, self.step, rank)
 
                 # Update EMA.
                 self.ema.update(self.step)
@@ -334,6 +380,33 @@ class Trainer:
             self.logger.close()
         return TrainResult(self.step, stopped_by_signal, self.last_checkpoint)
 
+    def _bad_step(self, what: str) -> None:
+        """Count a skipped micro batch or update (identical on every rank); stop after too many."""
+        self.bad_steps += 1
+        self.skipped_total += 1
+        dist.print0(f"[train] {what} ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.training.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_steps} non-finite losses in a row (losses or gradients; training.max_bad_steps="
+                f"{self.cfg.training.max_bad_steps}); the last good checkpoint is {self.last_checkpoint}")
+
+    def _update_applied(self) -> bool:
+        """Whether the optimizer step just taken changed the weights (False: skipped by DeepSpeed).
+
+        DeepSpeed's ZeRO 1-3 optimizers skip a step whose all-reduced gradient norm is not
+        finite (fp32, bf16 and fp16 alike); the decision comes from an all-reduced value, so
+        every rank agrees. Where a step with a non-finite norm was applied anyway the weights
+        are lost: stop rather than train on.
+        """
+        if not self.engine.was_step_applied():
+            return False
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            raise TrainingStopped(f"a non-finite gradient (norm {norm}) was applied at step {self.step + 1} "
+                                  f"(ZeRO stage {self.cfg.training.zero_stage} does not skip it); the last "
+                                  f"good checkpoint is {self.last_checkpoint}")
+        return True
+
     def _log(self, window: dict) -> None:
         micro = max(1, window["micro"])
         loss = torch.tensor([window["loss"] / micro], device=self.device)
@@ -347,6 +420,7 @@ class Trainer:
             "perf/samples_per_s": samples_per_s,
             "perf/data_wait_s": window["data_s"],
             "perf/step_s": window["step_s"] / max(1, self.cfg.training.log_every_steps),
+            "train/skipped_total": self.skipped_total,
         }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:

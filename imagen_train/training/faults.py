@@ -1,0 +1,82 @@
+"""Fault injection for the fault-tolerance tests, read from environment variables.
+
+Nothing here runs unless a variable is set. Each variable holds comma-separated `STEP` or
+`STEP@RANK` entries (no `@RANK`: every rank); STEP is the optimizer step being computed
+(1-based, the step that becomes `trainer.step` once it succeeds).
+
+    IMAGEN_TRAIN_FAULT_NAN_STEPS       the loss of that step's first micro batch becomes NaN
+    IMAGEN_TRAIN_FAULT_NAN_GRAD_STEPS  that micro batch's gradient becomes NaN (the loss stays finite)
+    IMAGEN_TRAIN_FAULT_KILL_STEPS      SIGKILL the rank right after that step's optimizer update
+    IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS SIGKILL the rank in the middle of writing that step's checkpoint
+    IMAGEN_TRAIN_FAULT_SAVE_ERROR_STEPS raise ENOSPC while writing that step's checkpoint
+
+Each entry fires once per process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+
+import torch
+
+NAN_LOSS = "IMAGEN_TRAIN_FAULT_NAN_STEPS"
+NAN_GRAD = "IMAGEN_TRAIN_FAULT_NAN_GRAD_STEPS"
+KILL = "IMAGEN_TRAIN_FAULT_KILL_STEPS"
+KILL_IN_SAVE = "IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS"
+SAVE_ERROR = "IMAGEN_TRAIN_FAULT_SAVE_ERROR_STEPS"
+
+
+def _parse(raw: str) -> set[tuple[int, int | None]]:
+    entries = set()
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        step, _, rank = item.partition("@")
+        entries.add((int(step), int(rank) if rank else None))
+    return entries
+
+
+class Faults:
+    """The injected faults of this process; `fire(kind, step, rank)` is true once per entry."""
+
+    def __init__(self, environ=os.environ):
+        self._pending = {kind: _parse(environ.get(kind, ""))
+                         for kind in (NAN_LOSS, NAN_GRAD, KILL, KILL_IN_SAVE, SAVE_ERROR)}
+
+    def fire(self, kind: str, step: int, rank: int) -> bool:
+        for key in ((step, rank), (step, None)):
+            if key in self._pending[kind]:
+                self._pending[kind].discard(key)
+                return True
+        return False
+
+    def kill_if(self, kind: str, step: int, rank: int) -> None:
+        """SIGKILL this process (no cleanup, no exit handlers: a node dying) if an entry fires."""
+        if self.fire(kind, step, rank):
+            print(f"[fault] SIGKILL rank {rank} at step {step} ({kind})", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def raise_if_save_error(self, step: int, rank: int, path: str) -> None:
+        if self.fire(SAVE_ERROR, step, rank):
+            raise OSError(errno.ENOSPC, f"No space left on device (injected) writing {path}")
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; the gradient flowing back through it becomes NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def nan_gradient(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` with the same value, whose backward pass fills every gradient with NaN."""
+    return _NanGradient.apply(loss)
