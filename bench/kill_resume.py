@@ -105,7 +105,7 @@ def main() -> int:
         tag = ckpt.find_resume_tag(run_dir / "checkpoints", log=lambda *_: None)
         resumed_from = ckpt.step_of(tag) if tag else 0
         rc2, _, log2 = run(sets(run_dir), 600)
-        ok = (rc != 0 and rc2 == 0 and f"at step {resumed_from}" in log2 if resumed_from else rc2 == 0)
+        ok = rc != 0 and rc2 == 0 and (f"at step {resumed_from}" in log2 if resumed_from else True)
         ok = ok and same(reference, final_weights(run_dir, args.max_steps, run_dir / "final.safetensors"))
         trial = {"trial": i, "killed": where, "step": step, "rank": victim, "exit_rc": rc,
                  "exit_s": round(exit_s, 1), "resumed_from": resumed_from, "steps_lost": step - resumed_from,
