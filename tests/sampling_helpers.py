@@ -15,12 +15,21 @@ from imagen_train.training.export import CONFIG_KEY
 TINY_PRESETS = {"base64": "base64-tiny", "sr256": "sr256-tiny", "sr1024": "sr1024-tiny"}
 
 
-def export_tiny(stage: str, out: Path, embed_dim: int = 64, seed: int = 0, raw: bool = False) -> Path:
+def export_tiny(stage: str, out: Path, embed_dim: int = 64, seed: int = 0, raw: bool = False,
+                live: bool = False) -> Path:
     """Build the tiny preset of `stage` with random weights and write it as load_exported reads it
-    (tensors prefixed `ema.`, optionally `raw.`, the config JSON in the metadata)."""
+    (tensors prefixed `ema.`, optionally `raw.`, the config JSON in the metadata).
+
+    `live` adds noise to every weight, so the zero-initialised output layers do not make the
+    network's output independent of its inputs (text included).
+    """
     cfg = load_preset(TINY_PRESETS[stage], [f"text.embed_dim={embed_dim}"])
     torch.manual_seed(seed)
     net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    if live:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
     tensors = {f"ema.{k}": v.contiguous() for k, v in net.state_dict().items()}
     if raw:
         tensors.update({f"raw.{k}": (v + 0.01).contiguous() for k, v in net.state_dict().items()})
@@ -60,8 +69,8 @@ def random_fid_inception(path: Path, seed: int = 0, drop_batch_counters: bool = 
     ported TF file is (no num_batches_tracked entries)."""
     from imagen_train.evaluation.inception import FIDInceptionV3
 
+    net = FIDInceptionV3.random(seed)  # scale-preserving, so features tell images apart
     torch.manual_seed(seed)
-    net = FIDInceptionV3()
     state = net.state_dict()
     for key, value in state.items():
         if key.endswith("running_mean"):

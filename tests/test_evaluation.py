@@ -225,3 +225,44 @@ def test_random_inception_tells_images_apart():
     f_dark, f_light = net(dark), net(light)
     assert f_dark.std(0).mean() > 1e-4
     assert fid_from_features(f_dark, f_light) > 100 * max(fid_from_features(f_dark[:3], f_dark[3:]), 1e-6)
+
+
+def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_dir, inception_file, clip_dir):
+    """launch/evaluate.py end to end at 64 px: one row per guidance scale, CSV, markdown, PNG plot."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    from sampling_helpers import export_tiny
+
+    REPO = Path(__file__).resolve().parent.parent
+    base = export_tiny("base64", tmp_path / "base64.safetensors", live=True)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square\na green triangle\n")
+    net = load_fid_inception(str(inception_file))
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 255, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
+    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz")
+    from launch.evaluate import main
+
+    sets = {"checkpoints.base64": base, "target_resolution": 64, "encoder_path": tiny_t5_dir,
+            "device": "cpu", "num_images_per_prompt": 2, "samplers.base64.steps": 2,
+            "evaluation.captions_file": captions, "evaluation.guidance_scales": "[1.0, 5.0]",
+            "evaluation.fid_stats_path": stats, "evaluation.inception_path": inception_file,
+            "evaluation.clip_path": clip_dir}
+    argv = ["--config", str(REPO / "configs" / "inference_pipeline.yaml"), "--out", str(tmp_path / "sweep")]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    assert [float(r["guidance_scale"]) for r in rows] == [1.0, 5.0]
+    assert all(float(r["fid"]) >= 0 and -1 <= float(r["clip_score"]) <= 1 for r in rows)
+    assert all(int(r["num_images"]) == 6 for r in rows)  # 3 captions x 2 images
+    assert all(float(r["fid"]) > 0 for r in rows)
+    assert rows[0]["clip_score"] != rows[1]["clip_score"]  # the guidance scale reaches the sampler
+    assert "| guidance | FID | CLIP score |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert Image.open(tmp_path / "sweep" / "sweep.png").size[0] > 100
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"] == json.loads(
+        json.dumps([{k: (float(v) if k in ("guidance_scale", "fid", "clip_score", "time_s") else int(v))
+                     for k, v in r.items()} for r in rows]))
