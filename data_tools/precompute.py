@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -90,18 +91,32 @@ def precompute_embeddings(shards: str | list[str], encoder: str, out: str | Path
 
     enc = load_text_encoder(encoder, device, torch_dtype, max_length, local_files_only) if todo else None
     load_s = timer.seconds
-    with progress(None, f"precompute rank {rank}", progress_bar) as bar:
+
+    def read_shard(url: str) -> list[tuple[dict[str, Any], str]]:
+        """Samples of one shard that have a caption and a decodable image (the rest are counted)."""
+        samples = []
+        for s in iter_raw_samples(url, on_error=lambda u, k, m: skip("bad_shard", f"{u}:{k} {m}".strip())):
+            sid = f"{url}:{s['__key__']}"
+            caption = s.get("txt", b"").decode("utf-8", "replace").strip()
+            if not caption:
+                skip("no_caption", sid)
+            elif not _image_ok(s):
+                skip("bad_image", sid)
+            else:
+                samples.append((s, caption))
+        return samples
+
+    # Reading (and decoding to check) the next shard and writing the previous one run in
+    # background threads while the encoder works on the current one; PIL, tar I/O and torch
+    # release the GIL, so on a GPU node the I/O hides behind the encoder.
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer, \
+            progress(None, f"precompute rank {rank}", progress_bar) as bar:
+        pending_read = reader.submit(read_shard, todo[0][0]) if todo else None
+        pending_write = None
         for done, (url, name) in enumerate(todo):
-            samples = []
-            for s in iter_raw_samples(url, on_error=lambda u, k, m: skip("bad_shard", f"{u}:{k} {m}".strip())):
-                sid = f"{url}:{s['__key__']}"
-                caption = s.get("txt", b"").decode("utf-8", "replace").strip()
-                if not caption:
-                    skip("no_caption", sid)
-                elif not _image_ok(s):
-                    skip("bad_image", sid)
-                else:
-                    samples.append((s, caption))
+            samples = pending_read.result()
+            if done + 1 < len(todo):
+                pending_read = reader.submit(read_shard, todo[done + 1][0])
             out_samples = []
             for start in range(0, len(samples), batch_size):
                 chunk = samples[start:start + batch_size]
@@ -117,11 +132,15 @@ def precompute_embeddings(shards: str | list[str], encoder: str, out: str | Path
                                                     truncated=n >= max_length))
                     out_samples.append((s["__key__"], entries))
                 bar.update(len(chunk))
-            write_tar_atomic(out / name, out_samples)
+            if pending_write is not None:
+                pending_write.result()  # one shard in flight at a time; raises a write error here
+            pending_write = writer.submit(write_tar_atomic, out / name, out_samples)
             written_samples += len(out_samples)
             if done == 0 and len(todo) > 1:
                 bar.total = len(samples) * len(todo)  # estimate, for the ETA
             bar.set_postfix(shards=f"{done + 1}/{len(todo)}")
+        if pending_write is not None:
+            pending_write.result()
     seconds = timer.seconds
     return {"command": "precompute-embeddings", "out": str(out), "rank": rank, "world_size": world_size,
             "shards_assigned": len(mine), "shards_written": len(todo),
