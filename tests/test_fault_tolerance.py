@@ -344,3 +344,24 @@ def test_missing_encoder_and_unwritable_output_refused_before_training(tmp_path,
     with pytest.raises(ConfigError, match="run_dir.*writable"):
         Trainer(cfg(run_dir=str(blocker / "run")))
     assert not tdist.is_initialized()
+
+
+def test_checksum_work_is_split_over_ranks(tmp_path):
+    """Each rank hashes only its share of the files; together the shares cover every file."""
+    import json
+
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"f{i}.bin").write_bytes(bytes([i]) * 100)
+    entries = {f"f{i}.bin": {"size": 100, "sha256": ckpt._sha256(folder / f"f{i}.bin")} for i in range(5)}
+    (folder / ckpt.MANIFEST).write_text(json.dumps({"step": 1, "world_size": 2, "files": entries}))
+    (folder / "f3.bin").write_bytes(bytes([9]) * 100)  # same size, other bytes: only a checksum sees it
+    caught = []
+    for rank in range(2):
+        try:
+            ckpt.verify(folder, share=(rank, 2))
+        except ckpt.CheckpointError as err:
+            caught.append((rank, str(err)))
+    assert len(caught) == 1 and "f3.bin" in caught[0][1]
+    assert ckpt.verify_shared(folder) is not None and "f3.bin" in ckpt.verify_shared(folder)

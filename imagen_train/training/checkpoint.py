@@ -143,8 +143,12 @@ def list_complete(root: Path) -> list[str]:
     return sorted(tags, key=step_of)
 
 
-def verify(folder: Path, checksums: bool = True) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file."""
+def verify(folder: Path, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file.
+
+    `share=(i, n)` hashes only every n-th file starting at i (sizes are checked for all), so n
+    ranks can split the checksum work of one checkpoint.
+    """
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder} has no {MANIFEST}: it was never completed")
@@ -152,19 +156,19 @@ def verify(folder: Path, checksums: bool = True) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest_path} is not valid JSON: {err}") from None
-    for name, entry in manifest["files"].items():
+    for index, (name, entry) in enumerate(sorted(manifest["files"].items())):
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
         size = path.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(f"{path} has {size} bytes, the manifest says {entry['size']}")
-        if checksums and _sha256(path) != entry["sha256"]:
+        if checksums and index % share[1] == share[0] and _sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in the manifest (corrupt)")
 
 
-def find_resume_tag(root: Path, log=print) -> str | None:
-    """The newest checkpoint that verifies: `latest` first, then older ones, newest first."""
+def resume_candidates(root: Path) -> list[str]:
+    """Complete checkpoints, most preferred first: `latest`, then the others newest first."""
     candidates = list_complete(root)
     pointer = root / LATEST
     if pointer.is_file():
@@ -172,10 +176,34 @@ def find_resume_tag(root: Path, log=print) -> str | None:
         if named in candidates:
             candidates.remove(named)
             candidates.append(named)
-    for tag in reversed(candidates):
+    return list(reversed(candidates))
+
+
+def find_resume_tag(root: Path, log=print, checksums: bool = True) -> str | None:
+    """The newest checkpoint that verifies (on one process): `latest` first, then newest first."""
+    for tag in resume_candidates(root):
         try:
-            verify(root / tag)
+            verify(root / tag, checksums)
             return tag
         except CheckpointError as err:
             log(f"[checkpoint] skipping {tag}: {err}")
     return None
+
+
+def verify_shared(folder: Path) -> str | None:
+    """Verify `folder` with the checksum work split over the ranks; every rank gets the same answer.
+
+    Returns None when the checkpoint is intact, else the first error message of any rank. Call
+    on every rank (it enters a collective). Reading a multi-GB checkpoint once in total, instead
+    of once per rank, is what keeps a many-rank resume from hammering shared storage.
+    """
+    try:
+        verify(folder, checksums=True, share=(dist.rank(), dist.world_size()))
+        error = None
+    except CheckpointError as err:
+        error = str(err)
+    if not dist.is_initialized():
+        return error
+    gathered: list = [None] * dist.world_size()
+    torch.distributed.all_gather_object(gathered, error)
+    return next((e for e in gathered if e), None)

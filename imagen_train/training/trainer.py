@@ -190,12 +190,14 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = checkpoint_root(cfg)
         preflight(cfg, dist.world_size())
-        # Refuse a checkpoint of another stage or world size before building anything.
-        self.resume_folder = self._resume_folder(resume)
-        if self.resume_folder is not None:
-            check_resume_target(cfg, self.resume_folder, dist.world_size())
+        # Refuse a checkpoint of another stage or world size before building anything (file sizes
+        # only here; the checksums are split over the ranks once the process group exists).
+        candidates = self._resume_candidates(resume)
+        if candidates:
+            check_resume_target(cfg, candidates[0], dist.world_size())
         ds.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
+        self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
         _seed_everything(cfg.training.seed)
         net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
@@ -226,19 +228,36 @@ class Trainer:
         self.wandb_id = self.logger.run_id
 
     # ------------------------------------------------------------------------------------------
-    def _resume_folder(self, resume: str) -> Optional[Path]:
-        """The verified checkpoint to resume from ('auto': newest that verifies), or None."""
+    def _resume_candidates(self, resume: str) -> list[Path]:
+        """Checkpoints to try, most preferred first, whose files all have their manifest sizes."""
         if resume == "none":
-            return None
-        if resume == "auto":
-            tag = ckpt.find_resume_tag(self.ckpt_root, log=dist.print0)
-            if tag is None:
-                dist.print0(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
-                return None
-            return self.ckpt_root / tag
-        folder = Path(resume)
-        ckpt.verify(folder)
-        return folder
+            return []
+        if resume != "auto":
+            ckpt.verify(Path(resume), checksums=False)
+            return [Path(resume)]
+        found = []
+        for tag in ckpt.resume_candidates(self.ckpt_root):
+            try:
+                ckpt.verify(self.ckpt_root / tag, checksums=False)
+                found.append(self.ckpt_root / tag)
+            except ckpt.CheckpointError as err:
+                dist.print0(f"[checkpoint] skipping {tag}: {err}")
+        if not found:
+            dist.print0(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
+        return found
+
+    def _first_intact(self, candidates: list[Path], explicit: bool) -> Optional[Path]:
+        """The first candidate whose checksums verify (work split over the ranks), or None."""
+        for folder in candidates:
+            error = ckpt.verify_shared(folder)
+            if error is None:
+                return folder
+            if explicit:
+                raise ckpt.CheckpointError(error)
+            dist.print0(f"[checkpoint] skipping {folder.name}: {error}")
+        if candidates:
+            dist.print0(f"[train] no intact checkpoint in {self.ckpt_root}: starting from scratch")
+        return None
 
     def load_checkpoint(self, folder: Path) -> None:
         state = ckpt.load_rank_state(folder)
