@@ -51,6 +51,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
     p.add_argument("--d-model", type=int, default=64, help="embedding width")
     p.add_argument("--num-layers", type=int, default=2, help="encoder layers")
-    p.add_argument("--vocab-size", type=int, default=128, help="SentencePiece vocabulary (a soft limit)")
+    p.add_argument("--vocab-size", type=int, default=256, help="SentencePiece BPE vocabulary (a soft limit)")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
     p.set_defaults(func=lambda a: make_encoder(a.shards, a.out, a.d_model, a.num_layers, a.vocab_size, a.seed))

@@ -17,10 +17,14 @@ _DEFAULT_WORDS = ("a small large red green blue yellow purple orange white black
 
 
 def build_tiny_t5(folder: str | Path, d_model: int = 64, num_layers: int = 2, seed: int = 0,
-                  sentences: Optional[Iterable[str]] = None, vocab_size: int = 96) -> Path:
+                  sentences: Optional[Iterable[str]] = None, vocab_size: int = 96,
+                  model_type: str = "bpe") -> Path:
     """Write a random-weight T5EncoderModel and a freshly trained T5 tokenizer to `folder`.
 
-    `sentences` trains the tokenizer (default: random sentences over a small vocabulary).
+    `sentences` trains the tokenizer (default: random sentences over a small vocabulary). BPE
+    keeps whole words of a small closed vocabulary as single tokens; SentencePiece's unigram model
+    with a soft vocabulary limit shrank to ~40 pieces on the quickstart's captions and split every
+    word into characters (34 tokens for a 12-word caption, so captions were cut at 32 tokens).
     T5's special ids are kept: pad 0, eos 1, unk 2, no bos. transformers 5 ignores
     `T5Tokenizer(vocab_file=...)`, so the SentencePiece model is trained into a folder and the
     tokenizer loaded from it with `from_pretrained`.
@@ -39,7 +43,7 @@ def build_tiny_t5(folder: str | Path, d_model: int = 64, num_layers: int = 2, se
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(sentences)), model_prefix=str(spm_dir / "spiece"),
         vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-        model_type="unigram", minloglevel=2)
+        model_type=model_type, minloglevel=2)
     tokenizer = T5Tokenizer.from_pretrained(str(spm_dir), extra_ids=0)
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model,
