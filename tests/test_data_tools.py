@@ -194,7 +194,9 @@ def _corrupt_shards(src: list[dict], folder: Path) -> None:
                                             ("nocaption", no_caption), ("wrongwidth", wrong_width)])
     write_tar_atomic(folder / "full.tar", [(f"t{i}", clean[4 + i]) for i in range(3)])
     data = (folder / "full.tar").read_bytes()
-    (folder / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside the 2nd sample
+    with tarfile.open(folder / "full.tar") as tar:  # cut inside the 3rd sample's data
+        third = next(m for m in tar.getmembers() if m.name.startswith("t2."))
+    (folder / "00001.tar").write_bytes(data[: third.offset_data + 10])
     (folder / "full.tar").unlink()
 
 
