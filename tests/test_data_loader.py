@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from imagen_train.data import build_train_loader, expand_shards
 from imagen_train.data.shards import iter_raw_samples
 from imagen_train.data.transforms import StageGeometry, image_pyramid, to_unit_range
 from test_data_tools import _corrupt_shards
+from train_helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,12 +136,6 @@ def test_ranks_split_samples_without_overlap(shards_64, world_size):
     assert sum(len(s) for s in seen) == 48 and len(set().union(*seen)) == 48
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 GLOO_SCRIPT = textwrap.dedent("""
     import json, sys, torch.distributed as dist
     sys.path.insert(0, {tests!r})
@@ -163,7 +157,7 @@ def test_two_rank_gloo_job_sees_distinct_samples(tmp_path, shards_64):
     script = tmp_path / "job.py"
     out = tmp_path / "keys.json"
     script.write_text(GLOO_SCRIPT.format(tests=str(REPO / "tests"), pattern=shards_64.pattern, out=str(out)))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]

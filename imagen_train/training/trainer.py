@@ -26,9 +26,6 @@ from imagen_train.training.ema import EMA
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
 
-# Fault injection for tests (see training/faults.py), kept here for older callers.
-FAULT_NAN_STEPS_ENV = faults.NAN_LOSS
-
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite losses); the last good checkpoint stays."""
