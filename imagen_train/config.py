@@ -254,6 +254,12 @@ class TrainingConfig:
     log_every_steps: int = 10
     # Extra DeepSpeed config keys merged over the generated ones.
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)
+    # Feed the network channels_last images, so convolutions and their activations run in NHWC
+    # (the weights stay contiguous: DeepSpeed refuses channels_last parameters).
+    channels_last: bool = False
+    # torch.compile the network (inductor: a C++ compiler on a CPU, Triton on a GPU); the first
+    # steps are slow while it compiles. Checked before training starts.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps", "a positive int", self.max_steps)

@@ -99,3 +99,13 @@ def test_every_shipped_config_loads():
         if path.name.startswith("inference"):
             continue
         load_config(path)
+
+
+def test_speed_options_are_typed_and_off_by_default(tmp_path):
+    cfg = load_config(configs_dir() / "base64-tiny.yaml")
+    assert cfg.training.channels_last is False and cfg.training.compile is False
+    on = load_config(configs_dir() / "base64-tiny.yaml", ["training.channels_last=true", "training.compile=true"])
+    assert on.training.channels_last is True and on.training.compile is True
+    for key in ("training.channels_last", "training.compile"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*a bool"):
+            load_config(configs_dir() / "base64-tiny.yaml", [f"{key}=yes please"])

@@ -93,6 +93,10 @@ def create_engine(cfg: Config, model: torch.nn.Module):
         config=ds_config,
         lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, cfg.training.max_steps))
     _skip_nonfinite_steps(engine)
+    if cfg.training.compile:
+        # torch.compile of the module in place (nn.Module.compile): parameter names, and so
+        # checkpoints and the EMA, are unchanged.
+        engine.compile()
     return engine
 
 

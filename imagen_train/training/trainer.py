@@ -21,7 +21,7 @@ import torch
 from imagen_train.config import Config, ConfigError, save_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine as ds
-from imagen_train.training import faults
+from imagen_train.training import faults, speed
 from imagen_train.training.ema import EMA
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
@@ -138,6 +138,8 @@ def preflight(cfg: Config, world_size: int) -> None:
                           f"{spec} ({len(local)} shard(s), no sample in any)")
     if cfg.text.encoder_path and not Path(cfg.text.encoder_path).exists():
         raise ConfigError("text.encoder_path", "an existing encoder folder", cfg.text.encoder_path)
+    if cfg.training.compile:
+        speed.check_compile()
     if dist.rank() == 0:
         ckpt_dir = checkpoint_root(cfg)
         for key, folder in (("run_dir", Path(cfg.run_dir)), ("checkpoint.dir", ckpt_dir)):
@@ -202,6 +204,7 @@ class Trainer:
         self.engine = ds.create_engine(cfg, net)
         self.device = ds.current_device()
         self.dtype = ds.model_dtype(self.engine)
+        self.memory_format = speed.memory_format(cfg.training)
         self.diffusion = build_diffusion(cfg.diffusion)
         self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
         self.ema = EMA(ds.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
@@ -306,11 +309,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _net(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
-        """The engine as the diffusion code calls it: inputs in the engine's dtype, output fp32."""
-        cast = (lambda t: None if t is None else t.to(self.dtype))
-        out = self.engine(cast(x), noise_cond.float(), cast(text_emb), text_mask, cast(lowres),
-                          None if lowres_noise_cond is None else lowres_noise_cond.float())
-        return out.float()
+        """The engine as the diffusion code calls it: inputs in the engine's dtype and memory format,
+        output fp32."""
+        return speed.call_network(self.engine, self.dtype, self.memory_format, x, noise_cond, text_emb,
+                                  text_mask, lowres, lowres_noise_cond)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)

@@ -1,0 +1,64 @@
+"""Speed options applied to the network from outside the model code: channels_last activations
+and torch.compile (torchtitan's split: the model is written for one device, the trainer decides
+how it runs). The trainer and bench/train_step.py call the network through `call_network`, so
+the benchmark times the same step the trainer takes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from imagen_train.config import ConfigError, TrainingConfig
+
+
+def memory_format(training: TrainingConfig) -> torch.memory_format:
+    """The memory format the image inputs are given in (`training.channels_last`).
+
+    Only the inputs are converted: convolution kernels (oneDNN on a CPU, cuDNN on a GPU) pick
+    channels_last when their input is, so every activation and its gradient follow, while the
+    weights stay contiguous. DeepSpeed cannot take channels_last parameters (its broadcast views
+    each one as bytes, which needs a unit last stride) and ZeRO 1-2 flatten them anyway.
+    """
+    return torch.channels_last if training.channels_last else torch.contiguous_format
+
+
+def to_network(x: Optional[Tensor], dtype: torch.dtype, fmt: torch.memory_format) -> Optional[Tensor]:
+    """`x` in `dtype`, and images (4-D) also in `fmt`; None stays None."""
+    if x is None:
+        return None
+    if x.dim() == 4:
+        return x.to(dtype=dtype, memory_format=fmt)
+    return x.to(dtype)
+
+
+def call_network(net: Callable, dtype: torch.dtype, fmt: torch.memory_format, x: Tensor, noise_cond: Tensor,
+                 text_emb: Tensor, text_mask: Tensor, lowres: Optional[Tensor] = None,
+                 lowres_noise_cond: Optional[Tensor] = None) -> Tensor:
+    """The network as the diffusion code calls it: inputs in the training dtype and memory format,
+    noise levels in float32 (bf16 cannot resolve their features), output in float32."""
+    out = net(to_network(x, dtype, fmt), noise_cond.float(), to_network(text_emb, dtype, fmt), text_mask,
+              to_network(lowres, dtype, fmt), None if lowres_noise_cond is None else lowres_noise_cond.float())
+    return out.float()
+
+
+def check_compile(device: Optional[str] = None) -> None:
+    """Raise ConfigError('training.compile') unless torch.compile builds and runs a kernel here.
+
+    Inductor compiles lazily, at the first call: without this check a missing C++ compiler (CPU)
+    or Triton (GPU) would surface as a long backend traceback in the middle of the first step.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def probe(x: Tensor) -> Tensor:
+        return torch.nn.functional.silu(x) * 2.0
+
+    try:
+        torch.compile(probe, dynamic=False)(torch.randn(8, device=device))
+    except Exception as err:  # inductor raises many types (InductorError, BackendCompilerFailed, ...)
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ConfigError("training.compile", "false, or a machine where torch.compile's inductor backend "
+                          f"works on {device} (a C++ compiler on a CPU, Triton on a GPU)",
+                          f"true ({type(err).__name__}: {first})") from None

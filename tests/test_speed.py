@@ -1,0 +1,64 @@
+"""Speed options (imagen_train/training/speed.py): channels_last inputs as the trainer feeds them,
+and the torch.compile check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imagen_train.config import ConfigError, load_preset
+from imagen_train.models import build_model
+from imagen_train.training import speed
+from imagen_train.training.trainer import Trainer
+
+
+def _trainer_net(channels_last: bool):
+    """Trainer._net on a tiny network, without building the data, engine or process group."""
+    cfg = load_preset("base64-tiny", [f"training.channels_last={str(channels_last).lower()}"])
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = cfg
+    trainer.engine = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    trainer.dtype = torch.float32
+    trainer.memory_format = speed.memory_format(cfg.training)
+    return cfg, trainer
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_trainer_feeds_the_network_in_the_configured_memory_format(channels_last):
+    cfg, trainer = _trainer_net(channels_last)
+    net = trainer.engine
+    seen = {}
+    net.input.register_forward_hook(lambda m, args, out: seen.update(x=args[0], h=out))
+    L = cfg.text.max_length
+    out = trainer._net(torch.randn(2, 3, 64, 64), torch.zeros(2), torch.randn(2, L, cfg.text.embed_dim),
+                       torch.ones(2, L, dtype=torch.bool))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 64, 64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # The image arrives in the configured format and the first activation follows it...
+    assert seen["x"].is_contiguous(memory_format=fmt) and seen["h"].is_contiguous(memory_format=fmt)
+    # ... while the weights stay contiguous (DeepSpeed cannot broadcast channels_last parameters).
+    assert net.input.weight.is_contiguous()
+
+
+def test_channels_last_gives_the_same_output():
+    cfg, plain = _trainer_net(False)
+    _, nhwc = _trainer_net(True)
+    with torch.no_grad():  # re-draw the matrices: the zero-initialised output conv would hide everything
+        for p in plain.engine.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.1)
+    nhwc.engine.load_state_dict(plain.engine.state_dict())
+    L, D = cfg.text.max_length, cfg.text.embed_dim
+    args = (torch.randn(2, 3, 64, 64), torch.rand(2), torch.randn(2, L, D), torch.ones(2, L, dtype=torch.bool))
+    torch.testing.assert_close(nhwc._net(*args), plain._net(*args), rtol=1e-4, atol=1e-4)
+
+
+def test_check_compile_names_the_setting(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(ConfigError, match=r"training\.compile.*C\+\+ compiler"):
+        speed.check_compile("cpu")
