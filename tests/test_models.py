@@ -99,6 +99,14 @@ def test_reference_presets_on_meta(name):
     assert out.shape == args["x"].shape and out.dtype == torch.float32
 
 
+def test_cpu_benchmark_preset_is_35m():
+    """base64-35m, the CPU configuration of bench/train_step.py, has 33-37M parameters."""
+    cfg = load_preset("base64-35m")
+    with torch.device("meta"):
+        count = count_parameters(_build(cfg))
+    assert 33e6 <= count <= 37e6, f"{count / 1e6:.2f}M parameters"
+
+
 def _kinds(step) -> list[str]:
     return [type(block).__name__ for block in step]
 
