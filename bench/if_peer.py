@@ -30,6 +30,7 @@ from imagen_train.config import Config
 
 IF_LAYERS_PER_BLOCK = 3
 IF_POOL_HEAD_WIDTH = 64  # IF pools its 4096-wide T5 tokens with 64 heads
+CLOSE = 0.02  # parameter counts this close to ours count as matched when choosing the layout
 
 
 def if_unet_kwargs(cfg: Config, model_channels: int, layers_per_block: list[int]) -> dict[str, Any]:
@@ -76,7 +77,8 @@ def match_peer(cfg: Config, target_params: int) -> tuple[dict[str, Any], int]:
 
     Widths: multiples of the GroupNorm groups from half to twice our model_channels, wide enough
     for one attention head at every attention level. Depths: k blocks per level (k = 1..5), then
-    mixes of k and k + 1 blocks around the target.
+    mixes of k and k + 1 blocks around the target. Among layouts within 2 % of the target, the
+    one closest to IF's 3 blocks per level wins, then the one closest to our width.
     """
     m = cfg.model
     levels = len(m.channel_mult)
@@ -96,9 +98,11 @@ def match_peer(cfg: Config, target_params: int) -> tuple[dict[str, Any], int]:
         if count is None:
             return None
         depth = kwargs["layers_per_block"]
-        # Closest count first; then IF's own depth and our width.
-        key = (abs(count - target_params) / target_params,
-               sum(abs(d - IF_LAYERS_PER_BLOCK) for d in depth), abs(kwargs["block_out_channels"][0] - m.model_channels))
+        # Within CLOSE of the target, the most IF-like depth, then our width, then the closest count;
+        # else the closest count.
+        off = abs(count - target_params) / target_params
+        key = (off > CLOSE, sum(abs(d - IF_LAYERS_PER_BLOCK) for d in depth) if off <= CLOSE else 0,
+               abs(kwargs["block_out_channels"][0] - m.model_channels) if off <= CLOSE else 0, off)
         if best is None or key < best[0]:
             best = (key, kwargs, count)
         return count
