@@ -28,12 +28,19 @@ POSITIONS = {"in the center": (0.5, 0.5), "at the top left": (0.27, 0.27),
 BACKGROUNDS = {"light": (225, 225, 225), "dark": (35, 35, 35)}
 
 
-def draw_sample(seed: int, index: int, resolution: int) -> tuple[Image.Image, str, dict[str, Any]]:
-    """(RGB image, caption, metadata) of sample `index`; a pure function of its arguments."""
+def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] = tuple(SIZES)
+                ) -> tuple[Image.Image, str, dict[str, Any]]:
+    """(RGB image, caption, metadata) of sample `index`; a pure function of its arguments.
+
+    `sizes` narrows the size names drawn from (the CPU quickstart draws only large shapes).
+    """
+    unknown = sorted(set(sizes) - set(SIZES))
+    if not sizes or unknown:
+        raise ValueError(f"sizes must be a non-empty subset of {sorted(SIZES)}, got {list(sizes)}")
     rng = random.Random(int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0]))
     shape = rng.choice(SHAPES)
     colour = rng.choice(sorted(COLOURS))
-    size = rng.choice(sorted(SIZES))
+    size = rng.choice(sorted(sizes))
     position = rng.choice(sorted(POSITIONS))
     background = rng.choice(sorted(BACKGROUNDS))
     r = SIZES[size] * resolution
@@ -66,7 +73,7 @@ def _encode(img: Image.Image, image_format: str) -> bytes:
 def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, shard_size: int = 1000,
                     seed: int = 0, holdout: float = 0.0, holdout_out: Optional[str | Path] = None,
                     image_format: str = "png", progress_bar: bool = True,
-                    exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+                    exclude: tuple[str, ...] = (), sizes: tuple[str, ...] = tuple(SIZES)) -> dict[str, Any]:
     """Draw `num_samples` samples into shards under `out` (the last `holdout` fraction apart).
 
     Training samples whose caption contains any phrase of `exclude` are passed over (the next
@@ -79,6 +86,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image format must be png or jpg, got {image_format}")
+    draw_sample(seed, 0, 64, sizes)  # a bad `sizes` fails before any shard is written
     out = Path(out)
     num_holdout = int(round(num_samples * holdout))
     holdout_dir = Path(holdout_out) if holdout_out else out / "holdout"
@@ -87,7 +95,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
     written, skipped, i = 0, 0, 0
     with progress(num_samples, "synthetic", progress_bar) as bar:
         while written < num_samples:
-            img, caption, meta = draw_sample(seed, i, resolution)
+            img, caption, meta = draw_sample(seed, i, resolution, sizes)
             in_holdout = held is not None and written >= num_samples - num_holdout
             key = f"{i:09d}"
             i += 1
@@ -107,7 +115,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
             "shards": len(train.shards), "holdout_out": str(holdout_dir) if held else None,
             "holdout_samples": num_holdout, "holdout_shards": len(held.shards) if held else 0,
             "resolution": resolution, "seed": seed, "format": image_format,
-            "excluded_phrases": list(exclude), "skipped_for_exclude": skipped,
+            "excluded_phrases": list(exclude), "sizes": sorted(sizes), "skipped_for_exclude": skipped,
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(num_samples, timer.seconds)}
 
 
@@ -128,6 +136,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PHRASE",
                    help="leave training samples whose caption contains PHRASE out (repeatable), "
                         "e.g. 'red square', so such prompts are new at sampling")
+    p.add_argument("--sizes", default=",".join(SIZES),
+                   help=f"comma-separated shape sizes to draw, a subset of {','.join(SIZES)}")
     p.set_defaults(func=lambda a: write_synthetic(
         a.out, a.num_samples, a.resolution, a.shard_size, a.seed, a.holdout, a.holdout_out,
-        a.image_format, not a.no_progress, tuple(a.exclude)))
+        a.image_format, not a.no_progress, tuple(a.exclude), tuple(x for x in a.sizes.split(",") if x)))

@@ -259,3 +259,21 @@ def test_synthetic_exclude_leaves_phrases_out_of_training_only(tmp_path):
     assert any("red" in c for c in train) and any("square" in c for c in train)
     held = captions(tmp_path / "s" / "holdout")
     assert len(held) == 50
+
+
+def test_synthetic_sizes_narrows_the_drawn_sizes_and_rejects_unknown_names(tmp_path, capsys):
+    from data_tools.synthetic import draw_sample
+
+    metas = [draw_sample(0, i, 64, ("large",))[2] for i in range(30)]
+    assert {m["size"] for m in metas} == {"large"}
+    assert all(draw_sample(0, i, 64, ("large",))[1].startswith("a large ") for i in range(30))
+    # The default still draws both sizes, with the same images as before for a given index.
+    assert {draw_sample(0, i, 64)[2]["size"] for i in range(30)} == {"small", "large"}
+    code, summary = run_cli(capsys, "synthetic", "--out", str(tmp_path / "l"), "--num-samples", "6",
+                            "--sizes", "large", "--no-progress")
+    assert code == 0 and summary["sizes"] == ["large"]
+    from data_tools.synthetic import write_synthetic
+
+    with pytest.raises(ValueError, match="huge"):
+        write_synthetic(tmp_path / "bad", 6, progress_bar=False, sizes=("huge",))
+    assert not list(tmp_path.glob("bad/*.tar"))  # nothing written
