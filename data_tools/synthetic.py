@@ -28,15 +28,19 @@ POSITIONS = {"in the center": (0.5, 0.5), "at the top left": (0.27, 0.27),
 BACKGROUNDS = {"light": (225, 225, 225), "dark": (35, 35, 35)}
 
 
+def check_sizes(sizes: tuple[str, ...]) -> None:
+    """Raise ValueError unless `sizes` is a non-empty subset of the SIZES names."""
+    if not sizes or set(sizes) - set(SIZES):
+        raise ValueError(f"sizes must be a non-empty subset of {sorted(SIZES)}, got {list(sizes)}")
+
+
 def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] = tuple(SIZES)
                 ) -> tuple[Image.Image, str, dict[str, Any]]:
     """(RGB image, caption, metadata) of sample `index`; a pure function of its arguments.
 
     `sizes` narrows the size names drawn from (the CPU quickstart draws only large shapes).
     """
-    unknown = sorted(set(sizes) - set(SIZES))
-    if not sizes or unknown:
-        raise ValueError(f"sizes must be a non-empty subset of {sorted(SIZES)}, got {list(sizes)}")
+    check_sizes(sizes)
     rng = random.Random(int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0]))
     shape = rng.choice(SHAPES)
     colour = rng.choice(sorted(COLOURS))
@@ -86,7 +90,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image format must be png or jpg, got {image_format}")
-    draw_sample(seed, 0, 64, sizes)  # a bad `sizes` fails before any shard is written
+    check_sizes(sizes)
     out = Path(out)
     num_holdout = int(round(num_samples * holdout))
     holdout_dir = Path(holdout_out) if holdout_out else out / "holdout"

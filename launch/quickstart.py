@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -77,7 +76,7 @@ def fid_over_training(args, out: Path, encoder: Path, base_dir: Path, holdout: P
     import torch
 
     from imagen_train.data import expand_shards, iter_raw_samples
-    from imagen_train.evaluation.cascade import load_stage, Precision
+    from imagen_train.evaluation.cascade import load_stage
     from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8
     from imagen_train.evaluation.inception import FIDInceptionV3, load_fid_inception
     from imagen_train.diffusion import build_diffusion
