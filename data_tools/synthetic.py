@@ -65,6 +65,89 @@ def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] =
     return img, caption, meta
 
 
+def parse_caption(caption: str) -> dict[str, str]:
+    """The attributes a caption (or prompt) names: shape, colour, position, background, size.
+
+    Raises ValueError naming the caption if it lacks a colour, shape or position of this dataset.
+    """
+    found = {"shape": [s for s in SHAPES if f" {s} " in f" {caption} "],
+             "colour": [c for c in COLOURS if f" {c} " in f" {caption} "],
+             "position": [p for p in POSITIONS if p in caption],
+             "background": [b for b in BACKGROUNDS if f"{b} background" in caption],
+             "size": [z for z in SIZES if f" {z} " in f" {caption} "]}
+    missing = [k for k in ("shape", "colour", "position") if len(found[k]) != 1]
+    if missing:
+        raise ValueError(f"caption {caption!r} names no single {', '.join(missing)} of the synthetic dataset")
+    return {k: v[0] for k, v in found.items() if len(v) == 1}
+
+
+def _clean(mask: np.ndarray) -> np.ndarray:
+    """Majority vote over each pixel's 3x3 neighbourhood: drops speckles, keeps shapes."""
+    padded = np.pad(mask.astype(np.int32), 1)
+    votes = sum(padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]] for dy in range(3) for dx in range(3))
+    return votes >= 5
+
+
+def read_shape(image: np.ndarray) -> dict[str, Any]:
+    """What a (H, W, 3) uint8 image of this dataset shows, read back from its pixels.
+
+    The inverse of `draw_sample`, for judging generated images. The background is the median
+    border colour; the foreground is every pixel far from it (RGB distance > 100), speckles voted
+    out; its colour is the named colour nearest the foreground's median. Its kind: a triangle
+    (apex up) when the top half of its bounding box holds under 0.6x the foreground of the bottom
+    half (a triangle 1/3, a square or circle 1), else a square when it fills over 0.89 of the box
+    (a square 1, a circle pi/4), else a circle. Its position is the named position nearest the
+    centre of the bounding box. `shape`, `colour` and `position` are None when under 2 % of the
+    image is foreground.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
+    h, w, _ = img.shape
+    pixels = img.astype(np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    bg = np.median(border, axis=0)
+    background = min(BACKGROUNDS, key=lambda b: np.linalg.norm(np.array(BACKGROUNDS[b]) - bg))
+    mask = _clean(np.linalg.norm(pixels - bg, axis=2) > 100.0)
+    result: dict[str, Any] = {"background": background, "area": round(float(mask.mean()), 4),
+                              "shape": None, "colour": None, "position": None}
+    if mask.mean() < 0.02:
+        return result
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box = mask[y0:y1, x0:x1]
+    half = (y1 - y0) // 2
+    top, bottom = box[:half].sum(), box[-half:].sum()
+    fill = float(box.mean())
+    if top < 0.6 * bottom:
+        shape = "triangle"
+    else:
+        shape = "square" if fill > 0.89 else "circle"
+    cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
+    result.update(
+        colour=min(COLOURS, key=lambda c: np.linalg.norm(np.array(COLOURS[c]) - np.median(pixels[mask], axis=0))),
+        shape=shape,
+        position=min(POSITIONS, key=lambda p: np.hypot(POSITIONS[p][0] - cx, POSITIONS[p][1] - cy)),
+        fill=round(fill, 3), center=[round(float(cx), 3), round(float(cy), 3)])
+    return result
+
+
+def prompt_following(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """Fractions of images (N, H, W, 3) uint8 whose read colour, shape, position, background, and
+    all of colour + shape + position, match their prompt's (`prompts[i]` for image i)."""
+    if len(images) != len(prompts) or not len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    keys = ("colour", "shape", "position", "background")
+    hits = {k: 0 for k in (*keys, "all")}
+    for image, prompt in zip(images, prompts):
+        want, got = parse_caption(prompt), read_shape(image)
+        ok = {k: got[k] == want.get(k) for k in keys}
+        for k in keys:
+            hits[k] += ok[k]
+        hits["all"] += ok["colour"] and ok["shape"] and ok["position"]
+    return {k: round(v / len(prompts), 3) for k, v in hits.items()}
+
+
 def _encode(img: Image.Image, image_format: str) -> bytes:
     buf = io.BytesIO()
     if image_format == "jpg":

@@ -115,8 +115,28 @@ def fid_over_training(args, out: Path, encoder: Path, base_dir: Path, holdout: P
             "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}", "by_checkpoint": points}
 
 
+def score_prompt_following(images_by_size: dict[str, "torch.Tensor"], prompts: list[str]) -> dict:
+    """Per size: the fractions of samples whose colour, kind, position and background, read back
+    from their pixels (`data_tools.synthetic.read_shape`), match their prompt; overall and per prompt."""
+    from data_tools.synthetic import prompt_following
+    from imagen_train.evaluation.fid import to_uint8
+
+    scores = {}
+    for size, images in images_by_size.items():
+        pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        by_prompt = {p: prompt_following(pixels[[i for i, q in enumerate(prompts) if q == p]], [p] * prompts.count(p))
+                     for p in dict.fromkeys(prompts)}
+        scores[size] = {"all_prompts": prompt_following(pixels, prompts), "by_prompt": by_prompt}
+    return scores
+
+
 def write_report(out: Path, metrics: dict) -> None:
     fid = metrics["fid_64px"]
+    following = metrics["prompt_following"]
+    follow_rows = "\n".join(
+        f"| {size} | {prompt} | " + " | ".join(str(s[k]) for k in ("colour", "shape", "position", "background", "all")) + " |"
+        for size, by_size in following.items()
+        for prompt, s in [*by_size["by_prompt"].items(), ("**all prompts**", by_size["all_prompts"])])
     rows = "\n".join(f"| {tag} | {value} |" for tag, value in fid["by_checkpoint"].items())
     prompts = "\n".join(f"{i}. {p}" for i, p in enumerate(metrics["prompts"]))
     (out / "report.md").write_text(f"""# Quickstart report
@@ -131,6 +151,17 @@ Finished in {metrics['minutes']} minutes. The text encoder is a small random T5 
 256 px (64 -> 256 stage): ![256 px](samples/grid-256.png)
 
 Per-prompt grids and PNGs: `samples/grids/`, `samples/images/`; settings and timings: `samples/settings.json`.
+
+## Do the samples follow their prompts?
+Each sample's shape is read back from its pixels (`data_tools.synthetic.read_shape`: background
+from the border, the shape's colour, its kind from how it fills its bounding box, its position
+from the box's centre); the table gives the fraction of samples whose attribute matches the
+prompt ("all": colour, kind and position at once). Chance is 1/4 for colour, 1/3 for kind, 1/5 for
+position.
+
+| size | prompt | colour | kind | position | background | all |
+|---|---|---|---|---|---|---|
+{follow_rows}
 
 ## FID of the 64 px stage against {fid['real_images']} held-out images, over training
 Feature extractor: {fid['feature_extractor']}.
@@ -225,13 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(pipeline, result, HELD_OUT_PROMPTS)
     save_png(make_grid(result.stage_images["base64"], ncols=4), out / "samples" / "grid-64.png")
     save_png(make_grid(result.images, ncols=4), out / "samples" / "grid-256.png")
+    following = score_prompt_following({"64px": result.stage_images["base64"], "256px": result.images},
+                                       result.prompts)
+    log("prompt following (colour, kind, position all right): "
+        + ", ".join(f"{size} {s['all_prompts']['all']:.0%}" for size, s in following.items()))
 
     # 8. FID of the 64 px stage against the held-out images, over the training checkpoints.
     fid = fid_over_training(args, out, encoder, base_dir, raw / "holdout")
 
     # 9. The report.
     minutes = round((time.time() - start) / 60, 2)
-    metrics = {"minutes": minutes, "fid_64px": fid, "prompts": HELD_OUT_PROMPTS,
+    metrics = {"minutes": minutes, "fid_64px": fid, "prompts": HELD_OUT_PROMPTS, "prompt_following": following,
                "exports": {k: str(v) for k, v in exports.items()},
                "train_loss_last": {name: last_loss(d) for name, d in (("base64", base_dir), ("sr256", sr_dir))}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -277,3 +277,40 @@ def test_synthetic_sizes_narrows_the_drawn_sizes_and_rejects_unknown_names(tmp_p
     with pytest.raises(ValueError, match="huge"):
         write_synthetic(tmp_path / "bad", 6, progress_bar=False, sizes=("huge",))
     assert not list(tmp_path.glob("bad/*.tar"))  # nothing written
+
+
+def test_read_shape_recovers_what_was_drawn_even_through_noise():
+    """`read_shape` inverts `draw_sample` (every kind, colour, position, background and size)."""
+    from data_tools.synthetic import read_shape
+
+    rng = np.random.default_rng(0)
+    for resolution in (64, 256):
+        for i in range(120):
+            img, caption, meta = draw_sample(5, i, resolution)
+            clean = np.asarray(img)
+            noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
+            for pixels in (clean, noisy):
+                got = read_shape(pixels)
+                assert {k: got[k] for k in ("shape", "colour", "position", "background")} == \
+                    {k: meta[k] for k in ("shape", "colour", "position", "background")}, caption
+    blank = np.full((64, 64, 3), BACKGROUNDS["dark"], np.uint8)
+    assert read_shape(blank)["shape"] is None and read_shape(blank)["background"] == "dark"
+    with pytest.raises(ValueError, match="shape"):
+        read_shape(np.zeros((64, 64), np.uint8))
+
+
+def test_prompt_following_scores_each_attribute():
+    from data_tools.synthetic import parse_caption, prompt_following
+
+    assert parse_caption("a large blue circle at the top left on a light background") == {
+        "shape": "circle", "colour": "blue", "position": "at the top left", "background": "light", "size": "large"}
+    with pytest.raises(ValueError, match="'a cat'"):
+        parse_caption("a cat")
+    img, caption, _ = draw_sample(0, 0, 64)
+    wrong_colour = next(c for c in COLOURS if f" {c} " not in caption)
+    right_colour = next(c for c in COLOURS if f" {c} " in caption)
+    prompts = [caption, caption.replace(f" {right_colour} ", f" {wrong_colour} ")]
+    scores = prompt_following(np.stack([np.asarray(img)] * 2), prompts)
+    assert scores == {"colour": 0.5, "shape": 1.0, "position": 1.0, "background": 1.0, "all": 0.5}
+    with pytest.raises(ValueError, match="1 images for 2 prompts"):
+        prompt_following(np.asarray(img)[None], prompts)

@@ -25,8 +25,14 @@ def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
     assert Image.open(out / "samples" / "images" / "p000_i00.png").size == (256, 256)
     assert (out / "base64-ema.safetensors").is_file() and (out / "sr256-ema.safetensors").is_file()
     assert list((out / "base64" / "wandb").glob("offline-run-*")), "no offline W&B run"
+    following = metrics["prompt_following"]
+    for size in ("64px", "256px"):
+        overall = following[size]["all_prompts"]
+        assert set(overall) == {"colour", "shape", "position", "background", "all"}
+        assert all(0.0 <= v <= 1.0 for v in overall.values())
+        assert list(following[size]["by_prompt"]) == metrics["prompts"]
     report = (out / "report.md").read_text()
-    assert "random T5" in report and "grid-256.png" in report
+    assert "random T5" in report and "grid-256.png" in report and "| 256px | **all prompts** |" in report
 
     shard = out / "data" / "raw" / "00000.tar"
     stamp = shard.stat().st_mtime_ns
