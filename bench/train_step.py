@@ -250,9 +250,10 @@ class Trainable:
         self.master = self.params if self.dtype == torch.float32 else [
             p.detach().float().clone().requires_grad_(True) for p in self.params]
         o = self.cfg.optim
-        extra = {"fused": True} if self.device.type == "cuda" else {}  # DeepSpeed: FusedAdam on a GPU
+        # fused: one kernel over all tensors, as DeepSpeed steps AdamW on one flat partition (FusedAdam
+        # on a GPU, torch AdamW on a CPU) rather than tensor by tensor.
         self.optimizer = torch.optim.AdamW(self.master, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay, **extra)
+                                           weight_decay=o.weight_decay, fused=True)
         self.diffusion = build_diffusion(self.cfg.diffusion)
         self.call = partial(speed.call_network, self.forward, self.dtype, speed.memory_format(self.cfg.training))
 
