@@ -124,8 +124,10 @@ def score_prompt_following(images_by_size: dict[str, "torch.Tensor"], prompts: l
     scores = {}
     for size, images in images_by_size.items():
         pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-        by_prompt = {p: prompt_following(pixels[[i for i, q in enumerate(prompts) if q == p]], [p] * prompts.count(p))
-                     for p in dict.fromkeys(prompts)}
+        by_prompt = {}
+        for prompt in dict.fromkeys(prompts):
+            rows = [i for i, q in enumerate(prompts) if q == prompt]
+            by_prompt[prompt] = prompt_following(pixels[rows], [prompt] * len(rows))
         scores[size] = {"all_prompts": prompt_following(pixels, prompts), "by_prompt": by_prompt}
     return scores
 

@@ -40,3 +40,25 @@ def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert shard.stat().st_mtime_ns == stamp  # the data was not drawn again
     assert "resumed from" in again.stdout + again.stderr  # training picked up its checkpoints
+
+
+def test_prompt_following_scores_drawn_images_as_right_and_swapped_prompts_as_wrong():
+    """The quickstart's scoring, fed the dataset's own images in the network's [-1, 1] range."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "launch"))
+    from quickstart import score_prompt_following
+
+    from data_tools.synthetic import draw_sample
+
+    drawn = [draw_sample(0, i, 64, ("large",)) for i in range(24)]
+    images = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+                          for img, _, _ in drawn])
+    captions = [caption for _, caption, _ in drawn]
+    right = score_prompt_following({"64px": images}, captions)["64px"]
+    assert right["all_prompts"] == {"colour": 1.0, "shape": 1.0, "position": 1.0, "background": 1.0, "all": 1.0}
+    assert set(right["by_prompt"]) == set(captions)
+    shifted = captions[1:] + captions[:1]  # every image judged against another sample's caption
+    wrong = score_prompt_following({"64px": images}, shifted)["64px"]["all_prompts"]
+    assert wrong["all"] < 0.5
