@@ -124,8 +124,9 @@ def read_shape(image: np.ndarray) -> dict[str, Any]:
     else:
         shape = "square" if fill > 0.89 else "circle"
     cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
+    fg = np.median(pixels[mask], axis=0)
     result.update(
-        colour=min(COLOURS, key=lambda c: np.linalg.norm(np.array(COLOURS[c]) - np.median(pixels[mask], axis=0))),
+        colour=min(COLOURS, key=lambda c: np.linalg.norm(np.array(COLOURS[c]) - fg)),
         shape=shape,
         position=min(POSITIONS, key=lambda p: np.hypot(POSITIONS[p][0] - cx, POSITIONS[p][1] - cy)),
         fill=round(fill, 3), center=[round(float(cx), 3), round(float(cy), 3)])
