@@ -80,3 +80,35 @@ def test_peer_is_matched_and_compared(tmp_path):
     ratio = result["ratio"]
     assert ratio["samples_per_s"] == pytest.approx(ours["samples_per_s"] / peer["samples_per_s"])
     assert ratio["peak_mem"] == pytest.approx(ours["peak_mem_gib"] / peer["peak_mem_gib"])
+
+
+def test_norm_act_variants_compute_the_resblock_region():
+    """bench/norm_act.py times three forms of the same function: the folded-affine one must equal
+    the eager one (values and gradients), and the eager one must be what ResBlock runs."""
+    import norm_act
+    from imagen_train.models.layers import ResBlock
+
+    torch.manual_seed(0)
+    channels = 64
+    h = torch.randn(2, channels, 8, 8, requires_grad=True)
+    weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
+    scale, shift = torch.randn(2, channels, 1, 1, requires_grad=True), torch.randn(2, channels, 1, 1, requires_grad=True)
+    inputs = (h, weight, bias, scale, shift)
+    outs, grads = [], []
+    for fn in (norm_act.eager, norm_act.folded):
+        out = fn(*inputs)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out.square().sum(), inputs))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    block = ResBlock(channels, channels, emb_dim=4, num_groups=norm_act.GROUPS).eval()
+    seen = {}
+    block.conv1.register_forward_hook(lambda m, args, out: seen.__setitem__("conv1_out", out))
+    block.conv2.register_forward_pre_hook(lambda m, args: seen.__setitem__("conv2_in", args[0]))
+    emb = torch.randn(2, 4)
+    with torch.no_grad():
+        block(torch.randn(2, channels, 8, 8), emb)
+        block_scale, block_shift = block.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        expected = norm_act.eager(seen["conv1_out"], block.norm2.weight, block.norm2.bias, block_scale, block_shift)
+    torch.testing.assert_close(seen["conv2_in"], expected)
