@@ -2,7 +2,7 @@
 optionally side by side with a matched diffusers peer (DeepFloyd IF's stage-I UNet family).
 
     python bench/train_step.py --config configs/base64-35m.yaml [--precision fp32|bf16] [--batch N]
-        [--steps N] [--warmup N] [--rounds R] [--set key=value ...] [--peer] [--json OUT]
+        [--steps N] [--warmup N] [--rounds R] [--set key=value ...] [--peer] [--baseline NAME] [--json OUT]
 
 A step is what the trainer does per micro batch on one rank: the stage's diffusion loss
 (`training_loss`: noise level, noising, preconditioning, network forward, weighted L2) on a
@@ -36,12 +36,19 @@ torch runs fp32 convolutions in TF32 by default but not fp32 matmuls (the peak).
 --peer adds diffusers' UNet2DConditionModel set up like IF stage I (bench/if_peer.py), sized to
 our parameter count within 5 % (base64 configs only), trained on the same batch with the same
 loss, precision, optimizer and speed options; the two alternate A/B/A/B in `--rounds` rounds in
-one process, and the ratios ours/peer of samples/s and of peak memory are reported.
+one process, and the ratios ours/peer of samples/s and of peak memory are reported. Each round
+starts with `--settle` untimed steps (default 1): memory is measured over them, time is not (see
+`timed_steps`).
 
 Speed options, all through --set: training.channels_last=true, training.compile=true (both
 applied to the peer as well), model.activation_checkpointing=true (diffusers' gradient
 checkpointing for the peer). Attention always goes through F.scaled_dot_product_attention
 (flash kernels on a GPU).
+
+--baseline NAME also trains a second copy of our network with one speed change undone, in the
+same A/B/C rounds, and reports ours / baseline: `composed-norm` runs the GroupNorm -> FiLM -> SiLU
+regions as separate PyTorch ops instead of imagen_train.models.norm_act's fused function;
+`math-attention` makes SDPA use its reference (math) kernel instead of the flash kernels.
 
 --threads sets torch's CPU threads (default: torch's choice, one per core). OpenMP threads wait
 on each other, so a CPU shared with other jobs distorts everything: a tiny base64 step took
@@ -60,6 +67,7 @@ import re
 import statistics
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,6 +82,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from imagen_train.config import Config, load_config  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
+from imagen_train.models.norm_act import fused_norm_act  # noqa: E402
 from imagen_train.training import speed  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, bf16 tensor core, dense
@@ -236,6 +245,7 @@ class Trainable:
     dtype: torch.dtype
     device: torch.device
     notes: str = ""
+    context: Callable[[], AbstractContextManager] = nullcontext  # entered around every step
     params: list = field(init=False)
     master: list = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
@@ -267,8 +277,9 @@ class Trainable:
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward, clip, AdamW; gradients freed afterwards (as DeepSpeed does)."""
-        loss = self.loss(batch)
-        loss.backward()
+        with self.context():
+            loss = self.loss(batch)
+            loss.backward()
         if self.master is not self.params:
             for m, p in zip(self.master, self.params):
                 m.grad, p.grad = p.grad.float(), None
@@ -285,7 +296,8 @@ class Trainable:
         """Model FLOPs of one sample's forward + backward (no recomputation), on the eager module."""
         self.set_recompute(False)
         try:
-            total = count_flops(lambda: self.loss(batch).backward())
+            with self.context():
+                total = count_flops(lambda: self.loss(batch).backward())
         finally:
             self.set_recompute(self.cfg.model.activation_checkpointing)
             for p in self.params:
@@ -299,14 +311,26 @@ class Trainable:
         return tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()) + self.master + opt_state)
 
 
-def _ours(cfg: Config, dtype: torch.dtype, device: torch.device) -> Trainable:
+# Earlier forms of our step, trained beside the current one by --baseline to measure a change
+# before and after in one process: name -> (label, context entered around each of its steps).
+BASELINES: dict[str, tuple[str, Callable[[], AbstractContextManager]]] = {
+    "composed-norm": ("ours, GroupNorm/FiLM/SiLU composed", lambda: fused_norm_act(False)),
+    "math-attention": ("ours, math attention", lambda: torch.nn.attention.sdpa_kernel(
+        torch.nn.attention.SDPBackend.MATH)),
+}
+
+
+def _ours(cfg: Config, dtype: torch.dtype, device: torch.device, baseline: Optional[str] = None) -> Trainable:
     torch.manual_seed(cfg.training.seed)
     net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
 
     def set_recompute(enabled: bool) -> None:
         net.checkpointing = enabled
 
-    return Trainable("ours", net, net, set_recompute, cfg, dtype, device)
+    if baseline is None:
+        return Trainable("ours", net, net, set_recompute, cfg, dtype, device)
+    label, context = BASELINES[baseline]
+    return Trainable(label, net, net, set_recompute, cfg, dtype, device, context=context)
 
 
 def _peer(cfg: Config, target_params: int, dtype: torch.dtype, device: torch.device) -> Trainable:
@@ -336,9 +360,18 @@ def prepare(t: Trainable, batch: dict[str, torch.Tensor], compile_net: bool, war
     synchronize(t.device)
 
 
-def timed_steps(t: Trainable, batch: dict[str, torch.Tensor], steps: int) -> str:
-    """Take `steps` steps, recording each one's wall time and the memory growth; returns how memory was measured."""
+def timed_steps(t: Trainable, batch: dict[str, torch.Tensor], steps: int, settle: int = 1) -> str:
+    """Take `settle` untimed steps, then `steps` steps recording each one's wall time, all inside one
+    memory-growth probe; returns how memory was measured.
+
+    The settling steps are not timed because the first step of a round runs just after the probe's
+    malloc_trim (which hands freed memory back to the OS, so the step faults its pages in again)
+    and after the other network's round: at base64-35m on the CPU it was the round's slowest step
+    by 0.3 s (ours) and 0.4 s (the peer) of 4-5 s.
+    """
     with PeakGrowth(t.device) as growth:
+        for _ in range(settle):
+            t.step(batch)
         for _ in range(steps):
             synchronize(t.device)
             start = time.perf_counter()
@@ -383,7 +416,8 @@ def table(result: dict[str, Any]) -> str:
              f"stage {result['stage']} at {result['resolution']} px, batch {result['batch']}, {result['precision']}, "
              f"channels_last={result['channels_last']}, compile={result['compile']}, "
              f"activation_checkpointing={result['activation_checkpointing']}; "
-             f"{result['steps_per_model']} timed steps per network in {result['rounds']} round(s), "
+             f"{result['steps_per_model']} timed steps per network in {result['rounds']} round(s) "
+             f"(each after {result['settle']} untimed), "
              f"{result['warmup']} warm-up",
              f"measured peak: {result['matmul_n']}x{result['matmul_n']} {result['precision']} matmul, median of "
              f"{result['matmul_reps']}: {result['matmul_peak_tflops']:.3f} TFLOP/s"]
@@ -403,6 +437,10 @@ def table(result: dict[str, Any]) -> str:
         r = result["ratio"]
         lines += ["", f"ours / peer: samples/s {r['samples_per_s']:.2f}x, peak memory {r['peak_mem']:.2f}x, "
                       f"parameters {r['params']:.3f}x"]
+    if "speedup" in result:
+        r = result["speedup"]
+        lines += ["", f"ours / {r['baseline']} baseline: samples/s {r['samples_per_s']:.3f}x, "
+                      f"peak memory {r['peak_mem']:.2f}x"]
     lines.append(f"memory: {result['models'][0]['mem_kind']}")
     return "\n".join(lines)
 
@@ -416,7 +454,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per network (split over the rounds)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per network first")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds (A/B/A/B with --peer)")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed steps at the start of each round (memory still measured over them)")
     parser.add_argument("--peer", action="store_true", help="also train the matched diffusers IF-I peer")
+    parser.add_argument("--baseline", choices=sorted(BASELINES),
+                        help="also train our network without one speed change (before / after in one run)")
     parser.add_argument("--matmul-n", type=int, help="matmul size for the peak (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--matmul-reps", type=int, default=3, help="timed matmuls per round")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
@@ -440,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     models = [_ours(cfg, dtype, device)]
     if args.peer:
         models.append(_peer(cfg, models[0].num_params, dtype, device))
+    if args.baseline:
+        models.append(_ours(cfg, dtype, device, args.baseline))
     for t in models:
         prepare(t, batch, cfg.training.compile, args.warmup)
 
@@ -452,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for _ in range(args.rounds):
         matmul_times += matmul_seconds(device, dtype, matmul_n, args.matmul_reps)
         for t in models:
-            mem_kind = timed_steps(t, batch, per_round)
+            mem_kind = timed_steps(t, batch, per_round, args.settle)
     peak_tflops = 2 * matmul_n**3 / statistics.median(matmul_times) / 1e12
 
     result: dict[str, Any] = {
@@ -461,17 +505,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "config": args.config, "overrides": args.set, "stage": cfg.stage, "resolution": cfg.train_resolution,
         "text": [cfg.text.max_length, cfg.text.embed_dim], "batch": batch_size, "precision": precision,
         "channels_last": cfg.training.channels_last, "compile": cfg.training.compile,
-        "activation_checkpointing": cfg.model.activation_checkpointing,
+        "activation_checkpointing": cfg.model.activation_checkpointing, "baseline": args.baseline,
         "rounds": args.rounds, "steps_per_model": per_round * args.rounds, "warmup": args.warmup,
+        "settle": args.settle,
         "matmul_n": matmul_n, "matmul_reps": len(matmul_times), "matmul_peak_tflops": peak_tflops,
         "datasheet_tflops": H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None,
         "models": [summarize(t, batch_size, peak_tflops, mem_kind) for t in models],
     }
+    ours = result["models"][0]
     if args.peer:
-        ours, peer = result["models"]
+        peer = result["models"][1]
         result["ratio"] = {"samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
                            "peak_mem": ours["peak_mem_gib"] / peer["peak_mem_gib"],
                            "params": ours["params"] / peer["params"]}
+    if args.baseline:
+        before = result["models"][-1]
+        result["speedup"] = {"baseline": args.baseline, "samples_per_s": ours["samples_per_s"] / before["samples_per_s"],
+                             "peak_mem": ours["peak_mem_gib"] / before["peak_mem_gib"]}
     print(table(result), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

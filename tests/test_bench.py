@@ -82,33 +82,107 @@ def test_peer_is_matched_and_compared(tmp_path):
     assert ratio["peak_mem"] == pytest.approx(ours["peak_mem_gib"] / peer["peak_mem_gib"])
 
 
-def test_norm_act_variants_compute_the_resblock_region():
-    """bench/norm_act.py times three forms of the same function: the folded-affine one must equal
-    the eager one (values and gradients), and the eager one must be what ResBlock runs."""
+@pytest.mark.parametrize("baseline", sorted(train_step.BASELINES))
+def test_baseline_trains_beside_ours_with_the_change_undone(baseline, monkeypatch):
+    """--baseline trains a second copy of our network whose steps run inside the baseline's context."""
+    from imagen_train.models import norm_act
+
+    seen = []
+    real = norm_act.fused_applies
+    monkeypatch.setattr(norm_act, "fused_applies",
+                        lambda x, norm: seen.append((norm_act._enabled, real(x, norm))) or seen[-1][1])
+    entered = []
+    label, context = train_step.BASELINES[baseline]
+    monkeypatch.setitem(train_step.BASELINES, baseline, (label, lambda: _recording(entered, context())))
+    # sr256-tiny's 256 px maps in channels_last are large enough for the fused path.
+    result = train_step.main(["--config", str(REPO / "configs" / "sr256-tiny.yaml"), "--set",
+                              "training.channels_last=true"] + SMOKE[2:] + ["--baseline", baseline])
+    ours, before = result["models"]
+    assert (ours["name"], before["name"]) == ("ours", label) and result["baseline"] == baseline
+    assert ours["params"] == before["params"]
+    if baseline == "math-attention":  # the math kernel's backward does not recompute the scores
+        assert before["flops_per_sample"] < ours["flops_per_sample"]
+    else:
+        assert before["flops_per_sample"] == ours["flops_per_sample"]
+    # The flop count, the warm-up step, and per round one settling and one timed step of the baseline.
+    assert len(entered) == 1 + 1 + 2 * (1 + 1)
+    assert result["speedup"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / before["samples_per_s"])
+    fused_in_ours = any(fused for enabled, fused in seen if enabled)
+    assert fused_in_ours  # the 256 px maps take the fused path ...
+    switched_off = [fused for enabled, fused in seen if not enabled]
+    if baseline == "composed-norm":  # ... except in the composed-norm baseline
+        assert switched_off and not any(switched_off)
+    else:
+        assert not switched_off
+
+
+class _recording:
+    def __init__(self, log, inner):
+        self.log, self.inner = log, inner
+
+    def __enter__(self):
+        self.log.append(1)
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+
+@pytest.mark.parametrize("size", [8, 32])  # the ResBlock composes at 8 px and fuses at 32 px (CPU fp32 NHWC)
+def test_norm_act_variants_compute_the_resblock_region(size):
+    """bench/norm_act.py times forms of one function: the folded-affine and fused ones must equal the
+    eager one (values and gradients), and the eager one must be what ResBlock computes."""
     import norm_act
     from imagen_train.models.layers import ResBlock
+    from imagen_train.models.norm_act import fused_applies
 
     torch.manual_seed(0)
     channels = 64
-    h = torch.randn(2, channels, 8, 8, requires_grad=True)
+    h = torch.randn(2, channels, size, size, requires_grad=True)
     weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
     scale, shift = torch.randn(2, channels, 1, 1, requires_grad=True), torch.randn(2, channels, 1, 1, requires_grad=True)
     inputs = (h, weight, bias, scale, shift)
     outs, grads = [], []
-    for fn in (norm_act.eager, norm_act.folded):
+    for fn in (norm_act.eager, norm_act.folded, norm_act.fused):
         out = fn(*inputs)
         outs.append(out.detach())
         grads.append(torch.autograd.grad(out.square().sum(), inputs))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for variant in (1, 2):
+        torch.testing.assert_close(outs[variant], outs[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads[variant], grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     block = ResBlock(channels, channels, emb_dim=4, num_groups=norm_act.GROUPS).eval()
     seen = {}
     block.conv1.register_forward_hook(lambda m, args, out: seen.__setitem__("conv1_out", out))
     block.conv2.register_forward_pre_hook(lambda m, args: seen.__setitem__("conv2_in", args[0]))
     emb = torch.randn(2, 4)
+    x = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last)
+    assert fused_applies(x, block.norm1) == (size == 32)
     with torch.no_grad():
-        block(torch.randn(2, channels, 8, 8), emb)
+        block(x, emb)
         block_scale, block_shift = block.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         expected = norm_act.eager(seen["conv1_out"], block.norm2.weight, block.norm2.bias, block_scale, block_shift)
-    torch.testing.assert_close(seen["conv2_in"], expected)
+    torch.testing.assert_close(seen["conv2_in"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_profile_step_splits_the_step_and_rates_kernels():
+    import profile_step
+
+    # FLOPs from shapes: a stride-2 3x3 conv forward, its backward, a matmul, flash attention.
+    assert profile_step.op_flops("aten::mkldnn_convolution", [[2, 4, 16, 16], [8, 4, 3, 3], [8]],
+                                 [None, None, None, [1, 1], [2, 2], [1, 1], 1]) == 2 * 2 * 8 * 8 * 8 * 4 * 9
+    assert profile_step.op_flops("aten::convolution_backward", [[2, 8, 8, 8], [2, 4, 16, 16], [8, 4, 3, 3]],
+                                 []) == 2 * 2 * 2 * 8 * 8 * 8 * 4 * 9
+    assert profile_step.op_flops("aten::addmm", [[5], [3, 4], [4, 5]], []) == 2 * 3 * 4 * 5
+    assert profile_step.op_flops("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                 [[2, 3, 16, 8], [2, 3, 20, 8], [2, 3, 20, 8]], []) == 4 * 2 * 3 * 16 * 20 * 8
+    assert profile_step.op_flops("aten::silu", [[2, 3]], []) is None
+    assert profile_step.kind_of("aten::silu_backward") == "elementwise"
+    assert profile_step.kind_of("aten::_fused_adamw_") == "optimizer"
+
+    result = profile_step.main(["--config", TINY, "--batch", "2", "--steps", "1", "--threads", "1", "--top", "5"])
+    assert result["name"] == "ours"
+    assert sum(result["by_kind"].values()) == pytest.approx(result["total_ms"])
+    assert result["by_kind"]["convolution"] > 0 and result["by_kind"]["attention"] > 0
+    convs = [g for g in result["groups"] if g["op"] == "aten::mkldnn_convolution"]
+    assert convs and all(g["calls"] >= 1 and g["gflops_per_s"] > 0 for g in convs)

@@ -13,6 +13,8 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from imagen_train.models.norm_act import norm_film_silu
+
 
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero every parameter of `module` (output convs of residual branches start as identity)."""
@@ -82,9 +84,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb, text=None, text_mask=None):
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        h = self.conv1(norm_film_silu(self.norm1, x))  # (B, out, H, W)
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) each
-        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        h = norm_film_silu(self.norm2, h, scale, shift)
         h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
@@ -120,7 +122,7 @@ class OutputHead(nn.Module):
         self.conv = zero_module(nn.Conv2d(in_ch, out_ch, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.silu(self.norm(x)))
+        return self.conv(norm_film_silu(self.norm, x))
 
 
 def run_block(block: nn.Module, checkpointing: bool, x, emb, text, text_mask) -> torch.Tensor:
