@@ -24,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
 
     from imagen_train.evaluation.sweep import init_distributed, run_sweep
+    from imagen_train.utils.dist import shutdown
 
     init_distributed()
     run_sweep(cfg, args.out)
+    shutdown()
     return 0
 
 

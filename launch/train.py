@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from imagen_train.training.checkpoint import CheckpointError
     from imagen_train.training.trainer import Trainer, TrainingStopped
-    from imagen_train.utils.dist import rank
+    from imagen_train.utils.dist import rank, shutdown
 
     try:
         callbacks = []
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         from imagen_train.utils.dist import is_main
         if is_main():
             print(f"[train] stopped: {err}", file=sys.stderr, flush=True)
+        shutdown()  # every rank agreed to stop
         return 3
     except CheckpointError as err:
         # Every rank that hit it says so: a failed write may be on one rank only.
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 5
     from imagen_train.utils.dist import print0
     print0(f"[train] done at step {result.step}; last checkpoint {result.last_checkpoint}")
+    shutdown()
     return 0
 
 

@@ -208,3 +208,23 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, shards_64):
     assert second == first
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(first) for name in runs), runs
+
+
+def test_shutdown_destroys_the_process_group():
+    """launch/train.py and launch/evaluate.py end a finished run with dist.shutdown(): destroyed
+    before interpreter exit, gloo's threads cannot abort the rank."""
+    code = f"""
+import torch.distributed as dist
+from imagen_train.utils.dist import is_initialized, shutdown
+shutdown()  # no process group: nothing to do
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+assert is_initialized()
+shutdown()
+assert not is_initialized()
+shutdown()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    for launcher in ("launch/train.py", "launch/evaluate.py"):
+        assert "shutdown()" in (REPO / launcher).read_text()
