@@ -520,7 +520,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                            "params": ours["params"] / peer["params"]}
     if args.baseline:
         before = result["models"][-1]
-        result["speedup"] = {"baseline": args.baseline, "samples_per_s": ours["samples_per_s"] / before["samples_per_s"],
+        result["speedup"] = {"baseline": args.baseline,
+                             "samples_per_s": ours["samples_per_s"] / before["samples_per_s"],
                              "peak_mem": ours["peak_mem_gib"] / before["peak_mem_gib"]}
     print(table(result), flush=True)
     if args.json:

@@ -140,7 +140,8 @@ def test_norm_act_variants_compute_the_resblock_region(size):
     channels = 64
     h = torch.randn(2, channels, size, size, requires_grad=True)
     weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
-    scale, shift = torch.randn(2, channels, 1, 1, requires_grad=True), torch.randn(2, channels, 1, 1, requires_grad=True)
+    scale = torch.randn(2, channels, 1, 1, requires_grad=True)
+    shift = torch.randn(2, channels, 1, 1, requires_grad=True)
     inputs = (h, weight, bias, scale, shift)
     outs, grads = [], []
     for fn in (norm_act.eager, norm_act.folded, norm_act.fused):

@@ -3,8 +3,8 @@
 Every ResBlock runs this region twice. Composed from PyTorch ops, autograd keeps three full-size
 tensors per region (the GroupNorm input, its output and the pre-activation), its backward makes
 about a dozen passes over them, and on a CPU the composition takes up to 2.7x longer on
-channels_last maps than on contiguous ones (bench/norm_act.py), mostly in GroupNorm's backward. Here the GroupNorm affine and the FiLM scale and
-shift fold into one per-(sample, channel) gain and offset, so the forward is
+channels_last maps than on contiguous ones (bench/norm_act.py). Here the GroupNorm affine and
+the FiLM scale and shift fold into one per-(sample, channel) gain and offset, so the forward is
 `silu(x * gain + offset)`. Only `x` and the (B, groups) statistics are kept, and the backward
 recomputes the pre-activation and needs two reductions over `x` and the incoming gradient.
 
@@ -111,7 +111,8 @@ class _NormFiLMSiLU(torch.autograd.Function):
 def fused_applies(x: Tensor, norm: nn.GroupNorm) -> bool:
     """Whether `norm_film_silu` takes the fused path for this input (see the module docstring)."""
     return (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.shape[1] * x.shape[2] * x.shape[3] >= MIN_ELEMENTS and x.is_contiguous(memory_format=torch.channels_last)
+            and x.shape[1] * x.shape[2] * x.shape[3] >= MIN_ELEMENTS
+            and x.is_contiguous(memory_format=torch.channels_last)
             and norm.affine and not torch.compiler.is_compiling())
 
 
@@ -119,9 +120,10 @@ def norm_film_silu(norm: nn.GroupNorm, x: Tensor, scale: Optional[Tensor] = None
                    shift: Optional[Tensor] = None) -> Tensor:
     """`silu(norm(x) * (1 + scale) + shift)`; scale and shift (B, C, 1, 1), either may be None.
 
-    `norm` is a GroupNorm with affine weights (GroupNorm32: statistics in float32).
+    `norm` is a GroupNorm (GroupNorm32: statistics in float32); the fused path needs its affine weights.
     """
-    if fused_applies(x, norm) and (scale is None or scale.dtype == x.dtype) and (shift is None or shift.dtype == x.dtype):
+    same_dtype = all(t is None or t.dtype == x.dtype for t in (scale, shift))
+    if fused_applies(x, norm) and same_dtype:
         return _NormFiLMSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
     h = norm(x)
     if scale is not None:
