@@ -211,6 +211,12 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.01
+    # Which AdamW kernel DeepSpeed steps: "torch-fused" (torch.optim.AdamW(fused=True): ships with
+    # torch, on GPUs and CPUs, nothing to compile), "torch-foreach", or "deepspeed-fused"
+    # (DeepSpeed's FusedAdam, built just in time: needs nvcc matching torch on a GPU node, gcc on a
+    # CPU; built in the preflight). With training.offload_optimizer DeepSpeed's compiled CPU Adam
+    # steps instead, whatever this says.
+    implementation: Literal["torch-fused", "torch-foreach", "deepspeed-fused"] = "torch-fused"
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", "a positive float", self.lr)

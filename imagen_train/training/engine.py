@@ -52,8 +52,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[s
     accum = t.grad_accum_for(world_size)
     adam = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay}
-    if on_cpu:
-        adam["torch_adam"] = True  # no compiled fused kernel on a CPU
+    if not t.offload_optimizer:  # offloaded states are stepped by DeepSpeed's compiled CPU Adam
+        adam.update(TORCH_ADAM_PARAMS.get(cfg.optim.implementation, {}))
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 2:
         zero.update(overlap_comm=not on_cpu, contiguous_gradients=True)
@@ -77,6 +77,82 @@ def build_deepspeed_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[s
     return _merge(ds, t.deepspeed_extra)
 
 
+# optim.implementation -> the AdamW params that make DeepSpeed step torch's AdamW (its
+# `torch_adam` switch; DeepSpeed passes the other params on to torch.optim.AdamW).
+TORCH_ADAM_PARAMS = {"torch-fused": {"torch_adam": True, "fused": True},
+                     "torch-foreach": {"torch_adam": True, "foreach": True}}
+
+# Where DeepSpeed builds an op just in time, the variables that decide whether the build works.
+BUILD_ENVIRONMENT = ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "TORCH_EXTENSIONS_DIR")
+
+
+def compiled_optimizer_op(cfg: Config) -> str | None:
+    """The DeepSpeed op builder the run's optimizer needs built, or None (torch's AdamW)."""
+    if cfg.training.offload_optimizer:
+        return "CPUAdamBuilder"
+    if cfg.optim.implementation == "deepspeed-fused":
+        return "FusedAdamBuilder"
+    return None
+
+
+def build_optimizer_op(cfg: Config) -> None:
+    """Build or load the compiled optimizer op the config asks for, before any data or model work.
+
+    DeepSpeed otherwise builds it inside `deepspeed.initialize`, after the data and the network,
+    and a failure there (no nvcc, an nvcc that does not match torch, or an arch list such as
+    `9.0a` that its builder cannot parse) surfaces as a compiler traceback. Raises ConfigError
+    naming the setting and the environment that decides the build.
+    """
+    name = compiled_optimizer_op(cfg)
+    if name is None:
+        return
+    key = "training.offload_optimizer" if cfg.training.offload_optimizer else "optim.implementation"
+    try:
+        get_accelerator().create_op_builder(name).load(verbose=False)
+    except Exception as err:  # builders raise RuntimeError, ValueError, CalledProcessError, ImportError...
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        environment = ", ".join(f"{var}={os.environ[var]!r}" if var in os.environ else f"{var} unset"
+                                for var in BUILD_ENVIRONMENT)
+        offload = key == "training.offload_optimizer"
+        fix = "'false' (AdamW in GPU memory, nothing to build)" if offload else \
+            "'torch-fused' (torch's fused AdamW, nothing to build)"
+        found = True if offload else cfg.optim.implementation
+        raise ConfigError(key, f"{fix}, or a machine where DeepSpeed can build its {name} op: a compiler "
+                          f"matching torch (nvcc from CUDA_HOME on a GPU node, gcc on a CPU) and a "
+                          f"TORCH_CUDA_ARCH_LIST of plain archs such as '9.0' ({environment})",
+                          f"{found} ({type(err).__name__}: {first})") from None
+
+
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The optimizer that updates the weights, under DeepSpeed's ZeRO or mixed-precision wrapper."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and getattr(opt, "optimizer", None) is not None:
+        opt = opt.optimizer
+    return opt
+
+
+def describe_optimizer(engine) -> str:
+    """E.g. 'AdamW(fused=True) under DeepSpeedZeroOptimizer', for the run's log."""
+    opt = torch_optimizer(engine)
+    flags = [f"{flag}={opt.param_groups[0][flag]}" for flag in ("fused", "foreach")
+             if opt.param_groups and opt.param_groups[0].get(flag)]
+    wrapper = "" if engine.optimizer is opt else f" under {type(engine.optimizer).__name__}"
+    return f"{type(opt).__name__}({', '.join(flags)}){wrapper}"
+
+
+def _check_optimizer(cfg: Config, engine) -> None:
+    """Fail if the AdamW kernel asked for is not the one DeepSpeed built (the switch is easy to lose)."""
+    if compiled_optimizer_op(cfg) is not None:
+        return
+    opt = torch_optimizer(engine)
+    wanted = TORCH_ADAM_PARAMS[cfg.optim.implementation]
+    flag = "fused" if "fused" in wanted else "foreach"
+    if not isinstance(opt, torch.optim.AdamW) or not all(g.get(flag) for g in opt.param_groups):
+        raise ConfigError("optim.implementation", f"an engine stepping torch.optim.AdamW({flag}=True)",
+                          f"{cfg.optim.implementation} (DeepSpeed built {type(opt).__name__} with "
+                          f"{flag}={[g.get(flag) for g in opt.param_groups]}; check training.deepspeed_extra)")
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
@@ -92,6 +168,7 @@ def create_engine(cfg: Config, model: torch.nn.Module):
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, cfg.training.max_steps))
+    _check_optimizer(cfg, engine)
     _skip_nonfinite_steps(engine)
     if cfg.training.compile:
         # torch.compile of the module in place (nn.Module.compile): parameter names, and so

@@ -112,12 +112,14 @@ def _has_a_sample(url: str) -> bool:
 def preflight(cfg: Config, world_size: int) -> None:
     """Refuse a run that cannot work before any process group or model is built.
 
-    Checks that the shard spec names existing shards, that the batch sizes divide over the
-    ranks, and that every folder the run writes to is writable.
+    Checks that the batch sizes divide over the ranks, builds a compiled optimizer op if the
+    config asks for one, checks that the shard spec names existing shards, and that every
+    folder the run writes to is writable.
     """
     from imagen_train.data import expand_shards
 
     cfg.training.grad_accum_for(world_size)
+    ds.build_optimizer_op(cfg)  # a compiled optimizer op builds (or fails) before any data work
     spec = cfg.data.train_shards
     if not spec:
         raise ConfigError("data.train_shards", "a shard pattern, list file or path", spec)
@@ -202,6 +204,7 @@ class Trainer:
         net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
         self.flops_per_sample = count_flops_per_sample(cfg)
         self.engine = ds.create_engine(cfg, net)
+        dist.print0(f"[train] optimizer {ds.describe_optimizer(self.engine)}")
         self.device = ds.current_device()
         self.dtype = ds.model_dtype(self.engine)
         self.memory_format = speed.memory_format(cfg.training)
