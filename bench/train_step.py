@@ -211,13 +211,13 @@ def tensor_bytes(tensors) -> int:
 # The batch, the networks and one training step.
 
 def synthetic_batch(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch as the loader gives it: images in [-1, 1], fp32 T5 embeddings padded to max_length
+    """A batch as the loader gives it: images in [-1, 1], float16 T5 embeddings padded to max_length
     (row i keeps a different number of tokens), and the low-res image of the SR stages."""
     gen = torch.Generator().manual_seed(seed)
     res, length = cfg.train_resolution, cfg.text.max_length
     valid = torch.linspace(max(1, length // 4), length, batch).round().long()[:, None]  # (B, 1)
     out = {"image": torch.rand(batch, 3, res, res, generator=gen) * 2 - 1,  # (B, 3, H, W)
-           "text_emb": torch.randn(batch, length, cfg.text.embed_dim, generator=gen),  # (B, L, D)
+           "text_emb": torch.randn(batch, length, cfg.text.embed_dim, generator=gen).half(),  # (B, L, D)
            "text_mask": torch.arange(length)[None] < valid}  # (B, L)
     if cfg.lowres_resolution:
         low = cfg.lowres_resolution

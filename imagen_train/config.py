@@ -99,6 +99,10 @@ class TextConfig:
     embed_dim: int = 4096  # T5-XXL v1.1: 4096; t5-11b: 1024
     max_length: int = 128
     encoder_path: Optional[str] = None  # a local save_pretrained folder (sampling, precompute)
+    # Training batches: pad text to the batch's longest caption (rounded up to 8 tokens) instead
+    # of max_length. Outputs are the same (padding is masked); attention and the text layers do
+    # less work. false: every batch has max_length tokens (fixed shapes, e.g. for CUDA graphs).
+    pad_to_longest: bool = True
 
     def __post_init__(self) -> None:
         _check(self.embed_dim > 0, "embed_dim", "a positive int", self.embed_dim)

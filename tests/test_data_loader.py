@@ -19,7 +19,7 @@ from PIL import Image
 from imagen_train.config import Config, DataConfig, ModelConfig, TextConfig, TrainingConfig
 from imagen_train.data import build_train_loader, expand_shards
 from imagen_train.data.shards import iter_raw_samples
-from imagen_train.data.transforms import StageGeometry, image_pyramid, to_unit_range
+from imagen_train.data.transforms import StageGeometry, image_pyramid, pad_embeddings, to_unit_range
 from test_data_tools import _corrupt_shards
 from train_helpers import free_port
 
@@ -39,11 +39,18 @@ def take(loader, n: int) -> list[dict]:
 
 
 def test_base_batches_match_the_contract(shards_64):
+    fixed = make_cfg(shards_64.pattern)
+    fixed.text.pad_to_longest = False
+    assert next(iter(build_train_loader(fixed, 0, 1)))["text_emb"].shape == (4, 32, 64)
     loader = build_train_loader(make_cfg(shards_64.pattern), 0, 1)
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and batch["image"].min() < -0.5
-    assert batch["text_emb"].shape == (4, 32, 64) and batch["text_mask"].shape == (4, 32)
+    # Text padded to the batch's longest caption, rounded up to 8 tokens, kept float16.
+    longest = int(batch["text_mask"].sum(1).max())
+    length = -(-longest // 8) * 8
+    assert batch["text_emb"].shape == (4, length, 64) and batch["text_mask"].shape == (4, length)
+    assert batch["text_emb"].dtype == torch.float16 and length <= 32
     assert batch["text_mask"].dtype == torch.bool and "lowres" not in batch
     assert len(batch["caption"]) == 4 and all(isinstance(c, str) for c in batch["caption"])
     lengths = batch["text_mask"].sum(1)
@@ -68,7 +75,7 @@ def test_sr256_and_sr1024_batches(shards_1024):
     loader = build_train_loader(make_cfg(shards_1024.pattern, "sr256", batch=2), 0, 1)
     batch = next(loader)
     assert batch["image"].shape == (2, 3, 256, 256) and batch["lowres"].shape == (2, 3, 64, 64)
-    assert batch["text_emb"].shape == (2, 32, 64) and batch["text_mask"].shape == (2, 32)
+    assert batch["text_emb"].shape[::2] == (2, 64) and batch["text_mask"].shape == batch["text_emb"].shape[:2]
     cfg = make_cfg(shards_1024.pattern, "sr1024", batch=2)
     assert cfg.train_resolution == 256 and cfg.lowres_resolution == 64
     batch = next(build_train_loader(cfg, 0, 1))
@@ -214,3 +221,15 @@ def test_resume_refuses_another_layout(shards_64):
         other.load_state_dict(state)
     other.load_state_dict(state, strict=False)  # a fresh stream instead
     assert next(other)["image"].shape == (4, 3, 64, 64)
+
+
+def test_text_pads_to_the_longest_caption_or_to_max_length():
+    embs = [np.full((n, 4), i + 1, np.float16) for i, n in enumerate([3, 11, 5])]
+    emb, mask = pad_embeddings(embs, max_length=32)
+    assert emb.shape == (3, 16, 4) and emb.dtype == torch.float16  # 11 -> 16
+    assert mask.sum(1).tolist() == [3, 11, 5] and emb[0, 3:].abs().sum() == 0 and emb[1, :11].eq(2).all()
+    full, full_mask = pad_embeddings(embs, max_length=32, to_longest=False)
+    assert full.shape == (3, 32, 4) and torch.equal(full[:, :16], emb) and full[:, 16:].abs().sum() == 0
+    assert torch.equal(full_mask[:, :16], mask) and not full_mask[:, 16:].any()
+    capped, _ = pad_embeddings([np.ones((40, 4), np.float16)], max_length=36)
+    assert capped.shape == (1, 36, 4)  # never past max_length, even where rounding would

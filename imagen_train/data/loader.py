@@ -151,7 +151,7 @@ class StageStream(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 state["consumed"] = pos + 1
-                yield _collate(batch, worker, state, self.cfg.text.max_length)
+                yield _collate(batch, worker, state, self.cfg.text)
                 batch = []
         # A finite epoch ends here; the partial batch is dropped so every batch is full.
         state["done"] = True
@@ -163,11 +163,11 @@ def _skip(stats: dict[str, Any], reason: str, name: str, detail: str) -> None:
     stats["examples"] = (stats["examples"] + [f"{reason}: {name} {detail}".strip()])[-MAX_SKIP_EXAMPLES:]
 
 
-def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any], max_length: int
-             ) -> dict[str, Any]:
+def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any], text: Any) -> dict[str, Any]:
     batch: dict[str, Any] = {k: to_unit_range(torch.stack([s[k] for s in samples]))
                              for k in ("image", "lowres") if k in samples[0]}
-    batch["text_emb"], batch["text_mask"] = pad_embeddings([s["emb"] for s in samples], max_length)
+    batch["text_emb"], batch["text_mask"] = pad_embeddings([s["emb"] for s in samples], text.max_length,
+                                                                text.pad_to_longest)
     batch["caption"] = [s["caption"] for s in samples]
     batch["key"] = [s["key"] for s in samples]
     batch["_state"] = {"worker": worker, **copy.deepcopy(state)}

@@ -111,16 +111,30 @@ def image_pyramid(img: Image.Image, geo: StageGeometry, rng: random.Random
     return _to_tensor(img), lowres
 
 
-def pad_embeddings(embs: list[np.ndarray], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B arrays (n_i, D) -> (text_emb (B, L, D) float32 zero-padded/truncated, text_mask (B, L) bool).
+# Padded lengths are rounded up to this: few distinct shapes (torch.compile, allocator reuse) and
+# key lengths the GPU attention kernels take without re-padding.
+PAD_MULTIPLE = 8
 
-    One allocation for the whole batch: at D = 4096 a padded sample is 2 MiB of float32.
+
+def pad_embeddings(embs: list[np.ndarray], max_length: int, to_longest: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """B arrays (n_i, D) float16 -> (text_emb (B, L, D) float16 zero-padded, text_mask (B, L) bool).
+
+    L is the batch's longest caption rounded up to PAD_MULTIPLE (at most `max_length`), or
+    `max_length` if not `to_longest`. Padding is masked everywhere the networks read text, so a
+    shorter L changes no output and saves the attention, the text projections and the copy to the
+    device their work on padding. float16 is how the shards store embeddings; the network casts
+    them to its dtype on the device (float16 -> float32 or bfloat16 is exact or the same rounding
+    as through float32), so the host copy is half the bytes.
     """
-    out = torch.zeros(len(embs), max_length, embs[0].shape[1], dtype=torch.float32)
-    mask = torch.zeros(len(embs), max_length, dtype=torch.bool)
-    for i, emb in enumerate(embs):
-        n = min(emb.shape[0], max_length)
-        out[i, :n] = torch.from_numpy(emb[:n])  # float16 -> float32 in the copy
+    lengths = [min(emb.shape[0], max_length) for emb in embs]
+    length = max_length
+    if to_longest:
+        length = min(max_length, -(-max(lengths, default=1) // PAD_MULTIPLE) * PAD_MULTIPLE)
+    out = torch.zeros(len(embs), length, embs[0].shape[1], dtype=torch.float16)
+    mask = torch.zeros(len(embs), length, dtype=torch.bool)
+    for i, (emb, n) in enumerate(zip(embs, lengths)):
+        out[i, :n] = torch.from_numpy(np.asarray(emb[:n], dtype=np.float16))
         mask[i, :n] = True
     return out, mask
 

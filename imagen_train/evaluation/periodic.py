@@ -106,7 +106,8 @@ def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
         raise ConfigError("data.eval_shards", "shards with usable samples", cfg.data.eval_shards)
     out: dict[str, Any] = {k: to_unit_range(torch.stack([s[k] for s in samples]))
                            for k in ("image", "lowres") if k in samples[0]}
-    out["text_emb"], out["text_mask"] = pad_embeddings([s["emb"] for s in samples], cfg.text.max_length)
+    emb, out["text_mask"] = pad_embeddings([s["emb"] for s in samples], cfg.text.max_length)
+    out["text_emb"] = emb.float()  # the sampler calls the network with what it is given
     out["caption"] = [s["caption"] for s in samples]
     return out
 

@@ -216,7 +216,7 @@ class Trainer:
         self.accum = cfg.training.grad_accum_for(dist.world_size())
         self.step = 0
         self.bad_steps = 0
-        self.skipped_total = 0  # micro batches and updates skipped for non-finite values, this process
+        self.skipped_total = 0  # updates skipped for non-finite values, this process
         self.wandb_id: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         # Different noise on every rank from here on.
@@ -332,15 +332,17 @@ class Trainer:
             from tqdm import tqdm
             progress = tqdm(total=t.max_steps, initial=self.step, desc=f"train {cfg.stage}",
                             unit="step", dynamic_ncols=True)
-        window = {"loss": 0.0, "micro": 0, "data_s": 0.0, "step_s": 0.0, "samples": 0}
+        window = self._new_window()
         stopped_by_signal = False
         try:
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
-                # Accumulate gradients over micro batches; a non-finite loss on any rank skips
-                # that micro batch on every rank (no backward, no optimizer step).
-                micro_done = 0
-                while micro_done < self.accum:
+                # Accumulate gradients over micro batches. Nothing here waits for the device:
+                # a non-finite loss gives non-finite gradients, and the update below is skipped.
+                step_loss = torch.zeros((), device=self.device)  # sum of this step's finite losses
+                nonfinite_losses = torch.zeros((), device=self.device)
+                step_samples = 0
+                for _ in range(self.accum):
                     wait_start = time.perf_counter()
                     batch = self._to_device(next(data_iter))
                     window["data_s"] += time.perf_counter() - wait_start
@@ -349,25 +351,27 @@ class Trainer:
                         lowres=batch.get("lowres")).mean()
                     if self.faults.fire(faults.NAN_LOSS, self.step + 1, rank):
                         loss = loss * float("nan")
-                    if dist.any_true(not bool(torch.isfinite(loss)), self.device):
-                        self._bad_step(f"non-finite loss at step {self.step + 1}; skipping the micro batch")
-                        continue
                     if self.faults.fire(faults.NAN_GRAD, self.step + 1, rank):
                         loss = faults.nan_gradient(loss)
                     self.engine.backward(loss)
                     self.engine.step()
-                    micro_done += 1
-                    window["loss"] += loss.item()
-                    window["micro"] += 1
-                    window["samples"] += batch["image"].shape[0] * dist.world_size()
+                    finite = torch.isfinite(loss.detach())
+                    step_loss += torch.where(finite, loss.detach(), 0.0)
+                    nonfinite_losses += ~finite
+                    step_samples += batch["image"].shape[0] * dist.world_size()
 
-                # Non-finite gradients: DeepSpeed reduces the gradients, finds their global norm
-                # non-finite on every rank alike and skips the update (no weight, optimizer or LR
-                # change); the step is redone with new data, the same on every rank.
+                # Non-finite gradients (from a non-finite loss or not): DeepSpeed reduces the
+                # gradients, finds their global norm non-finite on every rank alike and skips the
+                # update (no weight, optimizer or LR change); the step is redone with new data,
+                # the same on every rank.
                 if not self._update_applied():
-                    self._bad_step(f"non-finite gradient at step {self.step + 1}; the update was skipped "
+                    cause = "loss" if dist.any_true(bool(nonfinite_losses > 0), self.device) else "gradient"
+                    self._bad_step(f"non-finite {cause} at step {self.step + 1}; the update was skipped "
                                    f"on every rank")
                     continue
+                window["loss"] += step_loss
+                window["micro"] += self.accum
+                window["samples"] += step_samples
                 self.bad_steps = 0
                 self.step += 1
                 self.faults.kill_if(faults.KILL, self.step, rank)
@@ -381,7 +385,7 @@ class Trainer:
                 # Log.
                 if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
                     self._log(window)
-                    window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
+                    window = self._new_window()
                 if progress is not None:
                     progress.update(1)
 
@@ -401,8 +405,13 @@ class Trainer:
             self.logger.close()
         return TrainResult(self.step, stopped_by_signal, self.last_checkpoint)
 
+    def _new_window(self) -> dict:
+        """Sums over the steps since the last log line; the loss stays on the device until then."""
+        return {"loss": torch.zeros((), device=self.device), "micro": 0, "data_s": 0.0, "step_s": 0.0,
+                "samples": 0}
+
     def _bad_step(self, what: str) -> None:
-        """Count a skipped micro batch or update (identical on every rank); stop after too many."""
+        """Count a skipped update (identical on every rank); stop after too many in a row."""
         self.bad_steps += 1
         self.skipped_total += 1
         dist.print0(f"[train] {what} ({self.bad_steps} in a row)")
@@ -429,8 +438,7 @@ class Trainer:
         return True
 
     def _log(self, window: dict) -> None:
-        micro = max(1, window["micro"])
-        loss = torch.tensor([window["loss"] / micro], device=self.device)
+        loss = (window["loss"] / max(1, window["micro"])).reshape(1)
         if dist.is_initialized():
             torch.distributed.all_reduce(loss)
             loss /= dist.world_size()
