@@ -354,7 +354,7 @@ def prepare(t: Trainable, batch: dict[str, torch.Tensor], compile_net: bool, war
     """Count FLOPs on the eager module, then compile (if asked) and take the warm-up steps."""
     t.count_flops_per_sample(batch)
     if compile_net:
-        t.module.compile()  # in place, as engine.compile() does in the trainer
+        speed.apply_compile(t.module, t.cfg.training)  # in place, as the trainer does
     for _ in range(warmup):
         t.step(batch)
     synchronize(t.device)

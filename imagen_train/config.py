@@ -270,6 +270,10 @@ class TrainingConfig:
     # torch.compile the network (inductor: a C++ compiler on a CPU, Triton on a GPU); the first
     # steps are slow while it compiles. Checked before training starts.
     compile: bool = False
+    # "regional": compile each block the network runs in turn (ResBlocks, attention, resampling):
+    # blocks of one shape share their compiled code, so compile time grows with the kinds of
+    # block, not their number. "whole": the network as one graph.
+    compile_mode: Literal["regional", "whole"] = "regional"
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps", "a positive int", self.max_steps)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from imagen_train.config import Config, ConfigError
+from imagen_train.training import speed
 from imagen_train.training.lr_schedule import build_lr_scheduler
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
@@ -171,9 +172,12 @@ def create_engine(cfg: Config, model: torch.nn.Module):
     _check_optimizer(cfg, engine)
     _skip_nonfinite_steps(engine)
     if cfg.training.compile:
-        # torch.compile of the module in place (nn.Module.compile): parameter names, and so
-        # checkpoints and the EMA, are unchanged.
-        engine.compile()
+        if cfg.training.compile_mode == "whole":
+            # torch.compile of the module in place (nn.Module.compile): parameter names, and so
+            # checkpoints and the EMA, are unchanged.
+            engine.compile()
+        else:
+            speed.compile_regions(engine.module)
     return engine
 
 

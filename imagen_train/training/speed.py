@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from imagen_train.config import ConfigError, TrainingConfig
 
@@ -62,3 +62,28 @@ def check_compile(device: Optional[str] = None) -> None:
         raise ConfigError("training.compile", "false, or a machine where torch.compile's inductor backend "
                           f"works on {device} (a C++ compiler on a CPU, Triton on a GPU)",
                           f"true ({type(err).__name__}: {first})") from None
+
+
+def compile_regions(net: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile, in place, every block the network runs in turn; returns how many.
+
+    The blocks are the entries of the network's ModuleLists (a ResBlock, an attention layer, a
+    down- or upsampling step): what `run_block` calls. Compiled in place (`nn.Module.compile`),
+    parameter names, checkpoints and the EMA are unchanged. Blocks of the same class and shapes
+    reuse one compiled graph, so a 2B network compiles about as fast as a tiny one.
+    """
+    blocks = [child for module in net.modules() if isinstance(module, nn.ModuleList)
+              for child in module if not isinstance(child, nn.ModuleList)]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def apply_compile(net: nn.Module, training: TrainingConfig) -> None:
+    """`training.compile` in `training.compile_mode`, applied in place to `net`."""
+    if not training.compile:
+        return
+    if training.compile_mode == "regional":
+        compile_regions(net)
+    else:
+        net.compile()
