@@ -48,7 +48,10 @@ checkpointing for the peer). Attention always goes through F.scaled_dot_product_
 --baseline NAME also trains a second copy of our network with one speed change undone, in the
 same A/B/C rounds, and reports ours / baseline: `composed-norm` runs the GroupNorm -> FiLM -> SiLU
 regions as separate PyTorch ops instead of imagen_train.models.norm_act's fused function;
-`math-attention` makes SDPA use its reference (math) kernel instead of the flash kernels.
+`math-attention` makes SDPA use its reference (math) kernel instead of the flash kernels;
+`unmasked-attention` drops every attention mask (numerics differ: the padding is attended), so
+ours / baseline < 1 measures what the masks cost (on a GPU a boolean mask keeps SDPA off its
+flash kernel): the most a mask-free layout could gain.
 
 --threads sets torch's CPU threads (default: torch's choice, one per core). OpenMP threads wait
 on each other, so a CPU shared with other jobs distorts everything: a tiny base64 step took
@@ -67,7 +70,7 @@ import re
 import statistics
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -313,10 +316,27 @@ class Trainable:
 
 # Earlier forms of our step, trained beside the current one by --baseline to measure a change
 # before and after in one process: name -> (label, context entered around each of its steps).
+@contextmanager
+def _unmasked_attention():
+    """Every SDPA call of the step without its attention mask: what a layout that needs no mask
+    could gain (flash kernels on a GPU). Not the same numerics: the padding is attended."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def unmasked(query, key, value, attn_mask=None, *args, **kwargs):
+        return original(query, key, value, None, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = unmasked
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
 BASELINES: dict[str, tuple[str, Callable[[], AbstractContextManager]]] = {
     "composed-norm": ("ours, GroupNorm/FiLM/SiLU composed", lambda: fused_norm_act(False)),
     "math-attention": ("ours, math attention", lambda: torch.nn.attention.sdpa_kernel(
         torch.nn.attention.SDPBackend.MATH)),
+    "unmasked-attention": ("ours, attention without masks (upper bound)", _unmasked_attention),
 }
 
 

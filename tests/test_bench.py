@@ -187,3 +187,16 @@ def test_profile_step_splits_the_step_and_rates_kernels():
     assert result["by_kind"]["convolution"] > 0 and result["by_kind"]["attention"] > 0
     convs = [g for g in result["groups"] if g["op"] == "aten::mkldnn_convolution"]
     assert convs and all(g["calls"] >= 1 and g["gflops_per_s"] > 0 for g in convs)
+
+
+def test_unmasked_attention_baseline_drops_the_mask_and_restores_sdpa():
+    from imagen_train.models.attention import attend
+    q, k, v = torch.randn(3, 2, 5, 8).unbind(0)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    masked = attend(q, k, v, heads=2, mask=mask)
+    _, context = train_step.BASELINES["unmasked-attention"]
+    with context():
+        unmasked = attend(q, k, v, heads=2, mask=mask)
+    torch.testing.assert_close(unmasked, attend(q, k, v, heads=2))
+    assert not torch.allclose(unmasked[0], masked[0])  # row 0 had padding: now attended
+    torch.testing.assert_close(attend(q, k, v, heads=2, mask=mask), masked)  # restored on exit
