@@ -51,7 +51,9 @@ regions as separate PyTorch ops instead of imagen_train.models.norm_act's fused 
 `math-attention` makes SDPA use its reference (math) kernel instead of the flash kernels;
 `unmasked-attention` drops every attention mask (numerics differ: the padding is attended), so
 ours / baseline < 1 measures what the masks cost (on a GPU a boolean mask keeps SDPA off its
-flash kernel): the most a mask-free layout could gain.
+flash kernel): the most a mask-free layout could gain; `fused-norm-everywhere` takes the fused
+GroupNorm -> FiLM -> SiLU function on every map (the model takes it only on large channels_last
+fp32 CPU maps), so ours / baseline < 1 says the region would pay on this device too.
 
 --threads sets torch's CPU threads (default: torch's choice, one per core). OpenMP threads wait
 on each other, so a CPU shared with other jobs distorts everything: a tiny base64 step took
@@ -85,6 +87,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from imagen_train.config import Config, load_config  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
+from imagen_train.models import norm_act  # noqa: E402
 from imagen_train.models.norm_act import fused_norm_act  # noqa: E402
 from imagen_train.training import speed  # noqa: E402
 
@@ -332,11 +335,25 @@ def _unmasked_attention():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
+@contextmanager
+def _fused_norm_everywhere():
+    """The fused GroupNorm -> FiLM -> SiLU function on every 4-D map, whatever its device, dtype,
+    size or layout (the model takes it only for large channels_last fp32 CPU maps): ours / baseline
+    says whether the region would pay on this device."""
+    original = norm_act.fused_applies
+    norm_act.fused_applies = lambda x, norm: x.dim() == 4 and norm.affine and not torch.compiler.is_compiling()
+    try:
+        yield
+    finally:
+        norm_act.fused_applies = original
+
+
 BASELINES: dict[str, tuple[str, Callable[[], AbstractContextManager]]] = {
     "composed-norm": ("ours, GroupNorm/FiLM/SiLU composed", lambda: fused_norm_act(False)),
     "math-attention": ("ours, math attention", lambda: torch.nn.attention.sdpa_kernel(
         torch.nn.attention.SDPBackend.MATH)),
     "unmasked-attention": ("ours, attention without masks (upper bound)", _unmasked_attention),
+    "fused-norm-everywhere": ("ours, fused GroupNorm/FiLM/SiLU on every map", _fused_norm_everywhere),
 }
 
 
