@@ -162,11 +162,12 @@ done
 train_cmd smoke-zero2-$TRAIN_PRECISION "$TRAIN_PRECISION" 2 $(( SMOKE_STEPS + 3 ))
 step smoke-resume 45 "${TRAIN_CMD[@]}"
 
-# 11. Levers, before / after in one process each.
+# 11. Levers, before / after in one process each: what the attention masks cost (ours against the
+# same step unmasked), and whether the fused GroupNorm/FiLM/SiLU region pays on this device.
 step lever-attention 75 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
-  "${STEP_SETS[@]}" --baseline math-attention --json "$OUT/json/lever-attention.json"
+  "${STEP_SETS[@]}" --baseline unmasked-attention --json "$OUT/json/lever-attention.json"
 step lever-norm 75 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
-  "${STEP_SETS[@]}" --baseline composed-norm --json "$OUT/json/lever-norm.json"
+  "${STEP_SETS[@]}" --baseline fused-norm-everywhere --json "$OUT/json/lever-norm.json"
 if [ "$MODE" = gpu ]; then
   step lever-compile 120 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
     "${STEP_SETS[@]}" --set training.compile=true --json "$OUT/json/lever-compile.json"
