@@ -171,6 +171,8 @@ step lever-norm 75 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAI
 if [ "$MODE" = gpu ]; then
   step lever-compile 120 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
     "${STEP_SETS[@]}" --set training.compile=true --json "$OUT/json/lever-compile.json"
+  step lever-batch 75 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" \
+    --batch $(( BASE_BATCH * 2 )) --json "$OUT/json/lever-batch.json"
 else  # inductor takes minutes on 2 cores; the command is the other levers' with one --set more
   printf 'lever-compile\tskipped\t0\trehearsal: compiling takes minutes on a CPU\n' >> "$OUT/steps.tsv"
 fi

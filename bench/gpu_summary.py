@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines += _table(["run", "network", "batch", "precision", "step ms", "samples/s", "GFLOP/sample",
                      "TFLOP/s", "MFU", "peak GiB"],
                     step_rows(folder, ["step-base64", "step-sr256", "peer-base64", "lever-attention",
-                                       "lever-norm", "lever-compile"]))
+                                       "lever-norm", "lever-compile", "lever-batch"]))
 
     lines += ["", f"## The trainer against the bare step (bench/trainer_overhead.py), goal >= {TRAINER_GOAL}", ""]
     rows = []
