@@ -5,7 +5,8 @@ with DeepSpeed's own `safe_get_full_fp32_param` (the module's weights in an fp32
 and keeps an EMA of them by hand. At the end it checks the stitched per-rank EMA (stitched
 with each rank's recorded slice bounds) against the hand EMA on every rank. In a bf16 run it
 also checks that an EMA of the bf16 module weights would have differed, so the comparison can
-tell the two apart. Rank 0 saves the hand EMA and its network's output on fixed inputs for
+tell the two apart, and that the periodic evaluator's network (`ema_network`) holds the
+same EMA. Rank 0 saves the hand EMA and its network's output on fixed inputs for
 the test to compare with the exported file.
 """
 
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagen_train.config import load_config  # noqa: E402
+from imagen_train.evaluation.periodic import ema_network  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
 from imagen_train.training.export import stitch  # noqa: E402
 from imagen_train.training.trainer import Trainer  # noqa: E402
@@ -91,6 +93,10 @@ def main() -> None:
         stitched[name] = stitch(name, entry["numel"], pieces).reshape(entry["shape"])
     worst = max((stitched[n] - hand[n]).abs().max().item() for n in hand)
     assert worst < 1e-6, f"sharded EMA differs from the hand EMA of the fp32 masters by {worst}"
+    # The periodic evaluator's network, built from the same slices one parameter at a time.
+    eval_net = ema_network(cfg, trainer.layout, trainer.ema.shadow, torch.device("cpu"), torch.float32)
+    eval_gap = max((q - hand[n]).abs().max().item() for n, q in eval_net.named_parameters())
+    assert eval_gap < 1e-6, f"the evaluation network differs from the hand EMA by {eval_gap}"
     lp_gap = max((hand_lp[n] - hand[n]).abs().max().item() for n in hand)
     if cfg.training.precision == "bf16":
         assert lp_gap > 100 * max(worst, 1e-7), (

@@ -195,18 +195,19 @@ class Trainer:
         candidates = self._resume_candidates(resume)
         if candidates:
             check_resume_target(cfg, candidates[0], dist.world_size())
-        if cfg.training.init_from:
-            export.check_init_from(cfg)
         ds.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
         _seed_everything(cfg.training.seed)
-        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+        # training.init_from: a new run from exported weights, unless a checkpoint is resumed.
         init_from = cfg.training.init_from if self.resume_folder is None else None
         if cfg.training.init_from and not init_from:
             dist.print0(f"[train] training.init_from={cfg.training.init_from} ignored: resuming "
                         f"{self.resume_folder} (a checkpoint wins over init_from)")
+        if init_from:
+            export.check_init_from(cfg)
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
         if init_from:
             export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
         self.flops_per_sample = count_flops_per_sample(cfg)
