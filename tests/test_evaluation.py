@@ -239,6 +239,31 @@ def test_ema_network_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
         ema_network(cfg, short, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
 
 
+def test_eval_memory_benchmark_measures_both_paths(tmp_path):
+    """bench/eval_memory.py at tiny size: every path measured, sizes counted from the network."""
+    import json
+    import subprocess
+    import sys
+
+    from imagen_train.config import load_preset
+    from imagen_train.models import build_model, count_parameters
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "eval_memory.json"
+    subprocess.run([sys.executable, str(repo / "bench" / "eval_memory.py"), "--presets", "base64-tiny",
+                    "--steps", "1", "--batch", "1", "--threads", "1", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    row = json.loads(out.read_text())["rows"][0]
+    cfg = load_preset("base64-tiny", [])
+    with torch.device("meta"):
+        numel = count_parameters(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution))
+    assert row["parameters"] == numel and row["net_bytes"] == 4 * numel and row["dtype"] == "float32"
+    for method in ("ema_network", "before"):
+        for part in ("build", "build+sample"):
+            m = row[f"{method}/{part}"]
+            assert m["peak_added_bytes"] >= 0 and m["kind"] in ("cpu_vmhwm", "cpu_maxrss")
+
+
 def test_random_inception_tells_images_apart():
     """The offline stand-in must not collapse every image to the same features (FID ~0)."""
     import torch
