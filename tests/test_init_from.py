@@ -112,7 +112,7 @@ def test_export_at_2_ranks_zero2_init_at_1_rank_zero3(tmp_path, shards_64):
                           **{"training.global_batch_size": 4, "checkpoint.every_steps": 2,
                              "training.init_from": str(exported)})
     cmd = launch_command("base64-tiny.yaml", [], nproc=1)[:5] + [str(REPO / "tests" / "init_from_check.py"),
-                                                                str(CONFIG), str(out)] + sets
+                                                                str(CONFIG), str(out), "train"] + sets
     proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert f"initialised from {exported} (ema weights)" in proc.stdout
@@ -131,3 +131,23 @@ def test_export_at_2_ranks_zero2_init_at_1_rank_zero3(tmp_path, shards_64):
     log = resumed.stdout + resumed.stderr
     assert "training.init_from" in log and "ignored: resuming" in log and "initialised from" not in log
     assert ckpt.find_resume_tag(target / "checkpoints") == ckpt.tag_for(3)
+
+
+@pytest.mark.timeout(900)
+def test_bf16_run_starts_from_the_exports_fp32_values(tmp_path, shards_64):
+    """bf16, ZeRO-2 at 2 ranks (uneven master fragments): the module holds the bf16 rounding of
+    the file's weights, the fp32 masters and the EMA hold the file's fp32 values exactly."""
+    cfg = tiny_cfg()
+    torch.manual_seed(4)
+    # Values that bf16 cannot hold, so a rounded master would show.
+    state = {k: v + 1e-3 * torch.rand_like(v)
+             for k, v in build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).state_dict().items()}
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in state.values())
+    exported = write_export(tmp_path / "w.safetensors", cfg, {f"ema.{k}": v for k, v in state.items()})
+    sets = tiny_overrides(tmp_path / "run", shards_64.pattern, shards_64.embed_dim, zero_stage=2, max_steps=1,
+                          **{"training.precision": "bf16", "training.init_from": str(exported)})
+    cmd = launch_command("base64-tiny.yaml", [])[:5] + [str(REPO / "tests" / "init_from_check.py"),
+                                                       str(CONFIG), str(tmp_path / "out.pt"), "step0"] + sets
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert torch.load(tmp_path / "out.pt", weights_only=True)["output"].dtype == torch.bfloat16
