@@ -274,6 +274,11 @@ class TrainingConfig:
     # blocks of one shape share their compiled code, so compile time grows with the kinds of
     # block, not their number. "whole": the network as one graph.
     compile_mode: Literal["regional", "whole"] = "regional"
+    # Start a new run from exported weights (a .safetensors file from launch/export.py): for
+    # fine-tuning, or to change the world size or ZeRO stage. Ignored when a checkpoint is
+    # resumed (the checkpoint wins). `init_from_weights` picks the export's "ema" or "raw" ones.
+    init_from: Optional[str] = None
+    init_from_weights: Literal["ema", "raw"] = "ema"
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps", "a positive int", self.max_steps)
@@ -289,6 +294,8 @@ class TrainingConfig:
         _check(self.max_bad_steps >= 1, "max_bad_steps", "a positive int", self.max_bad_steps)
         _check(self.dist_timeout_s >= 1, "dist_timeout_s", "a positive int", self.dist_timeout_s)
         _check(self.log_every_steps >= 1, "log_every_steps", "a positive int", self.log_every_steps)
+        _check(self.init_from is None or self.init_from.endswith(".safetensors"), "init_from",
+               "null or a .safetensors export", self.init_from)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Gradient accumulation steps so that micro x accum x world == global; error if impossible."""

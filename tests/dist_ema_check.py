@@ -1,9 +1,13 @@
-"""Run under 2 ranks by tests/test_training.py: the sharded EMA against a full-parameter EMA.
+"""Run under 2 ranks by tests/test_training.py: the sharded EMA against a hand EMA of the fp32 masters.
 
-Trains a tiny stage in-process; after every step it gathers the full parameters (ZeRO-3) and
-keeps an EMA of them by hand. At the end it checks the stitched per-rank EMA against the hand
-EMA, and rank 0 saves the hand-EMA network's output on fixed inputs for the test to compare
-with the exported file.
+Trains a tiny stage in-process; after every step it assembles the full fp32 master weights
+with DeepSpeed's own `safe_get_full_fp32_param` (the module's weights in an fp32 ZeRO-0 run)
+and keeps an EMA of them by hand. At the end it checks the stitched per-rank EMA (stitched
+with each rank's recorded slice bounds) against the hand EMA on every rank. In a bf16 run it
+also checks that an EMA of the bf16 module weights would have differed, so the comparison can
+tell the two apart, and that the periodic evaluator's network (`ema_network`) holds the
+same EMA. Rank 0 saves the hand EMA and its network's output on fixed inputs for
+the test to compare with the exported file.
 """
 
 import sys
@@ -14,9 +18,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagen_train.config import load_config  # noqa: E402
+from imagen_train.evaluation.periodic import ema_network  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
+from imagen_train.training.export import stitch  # noqa: E402
 from imagen_train.training.trainer import Trainer  # noqa: E402
 from imagen_train.utils import dist  # noqa: E402
+
+
+def fp32_masters(engine) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights on every rank (a collective per parameter)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch._utils import _unflatten_dense_tensors
+    opt = engine.optimizer
+    zero0_masters = {}
+    if hasattr(opt, "fp32_groups_flat"):  # ZeRO-0 in bf16/fp16: FP16_Optimizer's flat fp32 copies
+        for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+            zero0_masters.update({id(p): m for p, m in zip(group, _unflatten_dense_tensors(flat, group))})
+    elif hasattr(opt, "fp32_groups"):  # ZeRO-0 in bf16/fp16: FP16_UnfusedOptimizer's per-tensor copies
+        for group, masters in zip(opt.fp16_groups, opt.fp32_groups):
+            zero0_masters.update({id(p): m for p, m in zip(group, masters)})
+    out = {}
+    for n, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = zero0_masters.get(id(p), p.data)
+        out[n] = full.detach().float().clone()
+    return out
+
+
+def module_weights(engine) -> dict[str, torch.Tensor]:
+    """The module's own (bf16 in a bf16 run) weights, gathered, as fp32."""
+    import deepspeed
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        return {n: p.detach().float().clone() for n, p in params}
 
 
 def main() -> None:
@@ -24,33 +59,53 @@ def main() -> None:
     overrides = sys.argv[3:]
     cfg = load_config(config, overrides)
     hand: dict[str, torch.Tensor] = {}
+    hand_lp: dict[str, torch.Tensor] = {}  # the same EMA over the module's (bf16) weights
 
-    def full_params(engine) -> dict[str, torch.Tensor]:
-        import deepspeed
-        params = list(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            return {n: p.detach().float().clone() for n, p in params}
+    def fold(ema: dict, current: dict, decay: float) -> None:
+        for name, value in current.items():
+            ema[name] = ema[name].lerp_(value, 1 - decay) if name in ema else value
 
     def track(trainer) -> None:
-        current = full_params(trainer.engine)
         decay = trainer.ema.decay_at(trainer.step)
-        for name, value in current.items():
-            hand[name] = hand[name].lerp_(value, 1 - decay) if name in hand else value
+        fold(hand, fp32_masters(trainer.engine), decay)
+        fold(hand_lp, module_weights(trainer.engine), decay)
 
     trainer = Trainer(cfg, resume="none", callbacks=[track])
     # The EMA starts from the initial weights, as the trainer's does.
-    hand.update(full_params(trainer.engine))
+    hand.update(fp32_masters(trainer.engine))
+    hand_lp.update(module_weights(trainer.engine))
     trainer.run()
 
-    # Stitch the ranks' EMA slices and compare with the hand EMA on every rank.
+    # Stitch the ranks' EMA slices at their recorded bounds; compare with the hand EMA.
+    world = dist.world_size()
     stitched = {}
     for name, entry in trainer.layout.items():
         local = trainer.ema.shadow[name].reshape(-1)
-        parts = [torch.empty_like(local) for _ in range(dist.world_size())]
-        torch.distributed.all_gather(parts, local)
-        stitched[name] = torch.cat(parts)[: entry["numel"]].reshape(entry["shape"])
+        bounds = torch.tensor([entry["start"], entry["end"]])
+        all_bounds = [torch.empty_like(bounds) for _ in range(world)]
+        torch.distributed.all_gather(all_bounds, bounds)
+        size = int(max(int(b[1] - b[0]) for b in all_bounds))
+        padded = torch.zeros(size)
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        pieces = [(int(b[0]), int(b[1]), part) for b, part in zip(all_bounds, parts)]
+        stitched[name] = stitch(name, entry["numel"], pieces).reshape(entry["shape"])
     worst = max((stitched[n] - hand[n]).abs().max().item() for n in hand)
-    assert worst < 1e-6, f"sharded EMA differs from the full-parameter EMA by {worst}"
+    assert worst < 1e-6, f"sharded EMA differs from the hand EMA of the fp32 masters by {worst}"
+    # The periodic evaluator's network, built from the same slices one parameter at a time.
+    eval_net = ema_network(cfg, trainer.layout, trainer.ema.shadow, torch.device("cpu"), torch.float32)
+    eval_gap = max((q - hand[n]).abs().max().item() for n, q in eval_net.named_parameters())
+    assert eval_gap < 1e-6, f"the evaluation network differs from the hand EMA by {eval_gap}"
+    lp_gap = max((hand_lp[n] - hand[n]).abs().max().item() for n in hand)
+    if cfg.training.precision == "bf16":
+        assert lp_gap > 100 * max(worst, 1e-7), (
+            f"an EMA of the bf16 weights is as close to the fp32-master EMA ({lp_gap}) as ours ({worst}): "
+            "the check cannot tell them apart")
+    # Every rank keeps a slice, not the whole model (2 ranks: about half each).
+    local = sum(t.numel() for t in trainer.ema.shadow.values())
+    total = sum(e["numel"] for e in trainer.layout.values())
+    assert local < 0.75 * total, f"this rank keeps {local} of {total} EMA elements"
 
     if dist.is_main():
         net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).eval()
@@ -62,7 +117,8 @@ def main() -> None:
                   "text_mask": torch.arange(L).expand(2, L) < torch.tensor([[5], [L]])}
         with torch.no_grad():
             output = net(**inputs)
-        torch.save({"inputs": inputs, "output": output, "max_ema_error": worst}, out)
+        torch.save({"inputs": inputs, "output": output, "hand_ema": hand, "max_ema_error": worst,
+                    "bf16_gap": lp_gap}, out)
     dist.barrier()
 
 

@@ -211,6 +211,59 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
     assert la == lb and len(la) == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_network_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
+    """One process (one slice per parameter; tests/dist_ema_check.py covers 2 ranks with uneven
+    ZeRO-2 bounds): each parameter is placed from its slice, cast to the sampling dtype, and no
+    parameter is left on the meta device."""
+    from imagen_train.config import load_preset
+    from imagen_train.evaluation.periodic import ema_network, sampling_dtype
+    from imagen_train.models import build_model
+
+    cfg = load_preset("base64-tiny", [])
+    torch.manual_seed(3)
+    state = {k: v + 0.25 for k, v in build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+             .state_dict().items()}
+    layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
+              for k, v in state.items()}
+    net = ema_network(cfg, layout, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    for name, p in net.named_parameters():
+        assert p.device.type == "cpu" and p.dtype == dtype
+        assert torch.equal(p, state[name].to(dtype)), name
+    assert sampling_dtype(torch.device("cpu")) == torch.float32
+    # A layout that does not cover a parameter is refused, not sampled with garbage.
+    name = next(iter(layout))
+    short = {**layout, name: {**layout[name], "end": layout[name]["end"] - 1}}
+    with pytest.raises(ValueError, match=f"EMA slices of '{name}' cover"):
+        ema_network(cfg, short, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
+
+
+def test_eval_memory_benchmark_measures_both_paths(tmp_path):
+    """bench/eval_memory.py at tiny size: every path measured, sizes counted from the network."""
+    import json
+    import subprocess
+    import sys
+
+    from imagen_train.config import load_preset
+    from imagen_train.models import build_model, count_parameters
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "eval_memory.json"
+    subprocess.run([sys.executable, str(repo / "bench" / "eval_memory.py"), "--presets", "base64-tiny",
+                    "--steps", "1", "--batch", "1", "--threads", "1", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    row = json.loads(out.read_text())["rows"][0]
+    cfg = load_preset("base64-tiny", [])
+    with torch.device("meta"):
+        numel = count_parameters(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution))
+    assert row["parameters"] == numel and row["net_bytes"] == 4 * numel and row["dtype"] == "float32"
+    for method in ("ema_network", "before"):
+        for part in ("build", "build+sample"):
+            m = row[f"{method}/{part}"]
+            assert m["peak_added_bytes"] >= 0 and m["kind"] in ("cpu_vmhwm", "cpu_maxrss")
+
+
 def test_random_inception_tells_images_apart():
     """The offline stand-in must not collapse every image to the same features (FID ~0)."""
     import torch

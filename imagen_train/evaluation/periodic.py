@@ -3,8 +3,11 @@
     trainer = Trainer(cfg, callbacks=[make_periodic_evaluator(cfg)])
 
 Every `evaluation.eval_every_steps` optimizer steps, on every rank:
-1. the EMA slices are gathered into a plain (non-DeepSpeed) copy of the network on every rank
-   (every rank enters the same collectives, whatever the ZeRO stage);
+1. a plain (non-DeepSpeed) copy of the network is built on the meta device and filled one
+   parameter at a time from the gathered EMA slices, directly in the sampling dtype (bf16 on a
+   GPU, fp32 on a CPU), so evaluation adds one copy of the network in that dtype per rank and
+   never a full fp32 one; it is freed after the evaluation (every rank enters the same
+   collectives, whatever the ZeRO stage);
 2. a grid of samples is drawn and saved to run_dir/samples/step_N.png and logged as an image;
 3. when `evaluation.num_fid_samples` > 0 and the Inception (FID) and/or CLIP weights are
    configured, that many samples are drawn (split over the ranks, features gathered) and FID
@@ -24,6 +27,7 @@ and engine are never touched (eval shards are read directly with the data layer)
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from contextlib import contextmanager
@@ -57,24 +61,62 @@ def preserved_rng():
         random.setstate(py_state)
 
 
-def gather_ema_state(trainer) -> dict[str, Tensor]:
-    """The full EMA weights on every rank, stitched from each rank's flat slice (any ZeRO stage).
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that has it; fp32 elsewhere (bf16 convolutions are ~70x slower than fp32 on
+    AVX2 CPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
-    Three collectives in all: the slice sizes, then one flat buffer of every slice.
+
+@torch.no_grad()
+def ema_network(cfg: Config, layout: dict[str, dict], shadow: dict[str, Tensor], device: torch.device,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """The EMA network on every rank, in `dtype`, from each rank's slices (any ZeRO stage).
+
+    `layout[name]` holds this rank's [start, end) of the flattened parameter and `shadow[name]`
+    the EMA of that slice. The network is built on the meta device, given storage once in
+    `dtype`, and filled one parameter at a time: a parameter's slices are cast, gathered and
+    placed, then freed, so no full fp32 copy ever exists (peak: the network in `dtype` plus one
+    parameter's gather buffer). Two collectives per parameter, the same on every rank.
     """
-    names = list(trainer.layout)
-    local = [trainer.ema.shadow[n].reshape(-1) for n in names]
-    sizes = torch.tensor([t.numel() for t in local], dtype=torch.long, device=local[0].device)
-    all_sizes = dist.all_gather_tensor(sizes[None])                  # (world, P)
-    flat = dist.all_gather_tensor(torch.cat(local).float())          # (sum of every rank's slices,)
-    per_rank = flat.split(all_sizes.sum(1).tolist())
-    pieces = [chunk.split(row.tolist()) for chunk, row in zip(per_rank, all_sizes)]
-    state = {}
+    from imagen_train.models import build_model
+
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    if next(net.buffers(), None) is not None:
+        # Buffers computed at construction would be left uninitialised by to_empty; the networks
+        # hold none today, so say so loudly rather than sample with garbage.
+        raise RuntimeError(f"{type(net).__name__} has buffers: ema_network must recompute them after to_empty")
+    net = net.to(dtype).to_empty(device=device).eval().requires_grad_(False)
+    params = dict(net.named_parameters())
+    names = list(layout)
+    if set(names) != set(params):
+        raise ValueError(f"EMA layout and network differ: {sorted(set(names) ^ set(params))[:5]}")
+    bounds = torch.tensor([[layout[n]["start"], layout[n]["end"]] for n in names], dtype=torch.long,
+                          device=device)
+    all_bounds = dist.all_gather_tensor(bounds[None]).cpu()          # (world, P, 2)
     for i, name in enumerate(names):
-        entry = trainer.layout[name]
-        full = torch.cat([p[i] for p in pieces])[: entry["numel"]]
-        state[name] = full.reshape(entry["shape"]).clone()
-    return state
+        starts, ends = all_bounds[:, i, 0].tolist(), all_bounds[:, i, 1].tolist()
+        flat = params[name].view(-1)
+        covered = sum(e - s for s, e in zip(starts, ends))
+        if covered != flat.numel():  # same bounds on every rank, so every rank raises
+            raise ValueError(f"EMA slices of '{name}' cover {covered} of its {flat.numel()} elements")
+        mine = shadow[name].reshape(-1)[: layout[name]["end"] - layout[name]["start"]]
+        local = torch.zeros(1, max(e - s for s, e in zip(starts, ends)), dtype=dtype, device=device)
+        local[0, : mine.numel()] = mine.to(device=device, dtype=dtype)
+        gathered = dist.all_gather_tensor(local)                     # (world, width)
+        for row, (start, end) in enumerate(zip(starts, ends)):
+            flat[start:end] = gathered[row, : end - start]
+        del local, gathered
+    return net
+
+
+def free_memory() -> None:
+    """Collect what the evaluation dropped and hand the CUDA cache back, so training gets it now."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
@@ -157,12 +199,8 @@ class PeriodicEvaluator:
             self.evaluate(trainer)
 
     def _net(self, trainer) -> torch.nn.Module:
-        from imagen_train.models import build_model
-
-        state = gather_ema_state(trainer)
-        net = build_model(self.cfg.model, self.cfg.text, self.cfg.stage, self.cfg.train_resolution)
-        net.load_state_dict(state, strict=True)
-        return net.to(trainer.device).eval().requires_grad_(False)
+        return ema_network(self.cfg, trainer.layout, trainer.ema.shadow, trainer.device,
+                           sampling_dtype(trainer.device))
 
     def _grid_conditioning(self) -> dict[str, Any]:
         if self._grid_cond is None:
@@ -232,7 +270,8 @@ class PeriodicEvaluator:
             trainer.logger.log_image("eval/samples", path, step, caption=" | ".join(dict.fromkeys(cond["caption"])))
         if self.fid_on or self.clip_on:
             metrics.update(self._metrics(trainer, net))
-        del net
+        del net  # the only reference: its storage goes here
+        free_memory()
         metrics["eval/time_s"] = time.perf_counter() - start
         trainer.logger.log(metrics, step)
         dist.print0(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -282,5 +321,5 @@ def make_periodic_evaluator(cfg: Config) -> Callable[[Any], None]:
     return PeriodicEvaluator(cfg)
 
 
-__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "gather_ema_state", "read_eval_samples",
-           "preserved_rng"]
+__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "ema_network", "read_eval_samples",
+           "preserved_rng", "free_memory", "sampling_dtype"]

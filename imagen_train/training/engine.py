@@ -216,32 +216,123 @@ def _slice_bounds(numel: int, rank: int, world: int) -> tuple[int, int]:
     return min(rank * part, numel), min((rank + 1) * part, numel)
 
 
+# One parameter's fp32 master slice on this rank: (name, full shape, start, end, get), where
+# `get()` returns the slice [start, end) of the flattened fp32 master, as a view that the
+# optimizer updates in place (read it again after a checkpoint load: DeepSpeed relinks).
+_MasterSlice = tuple[str, list[int], int, int, Callable[[], torch.Tensor]]
+
+
+def _master_slices(engine) -> list[_MasterSlice]:
+    """Where this rank's fp32 master weights are, per trainable parameter.
+
+    ZeRO-3: the local partition of `safe_get_local_fp32_param`, less its padding (equal parts
+    of ceil(numel / world)). ZeRO 1-2, fp32 or bf16 (DeepSpeedZeroOptimizer, BF16_Optimizer):
+    the fragment of each parameter that falls in this rank's flat fp32 partition; its bounds
+    follow DeepSpeed's partitioning of the flattened group, so a rank may hold all, part or
+    none of a parameter. ZeRO-0: the fp32 master (the module's own weight in an fp32 run, the
+    FP16_Optimizer's copy in a bf16/fp16 run), cut in equal parts over the ranks.
+    """
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    out: list[_MasterSlice] = []
+    if is_zero3(engine):
+        from deepspeed.utils import safe_get_local_fp32_param
+        for n, p in named:
+            start, end = _slice_bounds(p.ds_numel, rank, world)
+            out.append((n, list(p.ds_shape), start, end,
+                        lambda p=p, k=end - start: safe_get_local_fp32_param(p).view(-1)[:k]))
+        return out
+    if named and all(hasattr(p, "_hp_mapping") for _, p in named):
+        def fragment(p: torch.nn.Parameter) -> torch.Tensor:
+            mapping = p._hp_mapping
+            if mapping is None:  # no element of p in this rank's partition
+                return torch.zeros(0, dtype=torch.float32, device=p.device)
+            return mapping.get_hp_fragment()
+
+        for n, p in named:
+            if p._hp_mapping is None:
+                start = end = 0
+            else:
+                address = p._hp_mapping.lp_fragment_address
+                start, end = address.start, address.start + address.numel
+            out.append((n, list(p.shape), start, end, lambda p=p: fragment(p)))
+        return out
+    if engine.zero_optimization_stage() != 0:
+        raise RuntimeError(f"ZeRO stage {engine.zero_optimization_stage()} with "
+                           f"{type(engine.optimizer).__name__}: no fp32 master fragments were linked "
+                           "to the parameters, so the EMA has nothing to follow")
+    masters = _zero0_masters(engine)
+    for n, p in named:
+        start, end = _slice_bounds(p.numel(), rank, world)
+        out.append((n, list(p.shape), start, end,
+                    lambda p=p, s=start, e=end: masters(p).view(-1)[s:e]))
+    return out
+
+
+def _zero0_masters(engine) -> Callable[[torch.nn.Parameter], torch.Tensor]:
+    """ZeRO-0: a function from a module parameter to its full fp32 master weight."""
+    opt = engine.optimizer
+    if model_dtype(engine) == torch.float32:
+        return lambda p: p.data
+    if hasattr(opt, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 master per group
+        def fused(p: torch.nn.Parameter) -> torch.Tensor:
+            for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offset = 0
+                for q in group:
+                    if q is p:
+                        return flat.narrow(0, offset, p.numel()).view(p.shape)
+                    offset += q.numel()
+            raise KeyError("parameter not found in the optimizer's groups")
+        return fused
+    if hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 master per parameter
+        def unfused(p: torch.nn.Parameter) -> torch.Tensor:
+            for group, masters in zip(opt.fp16_groups, opt.fp32_groups):
+                for q, m in zip(group, masters):
+                    if q is p:
+                        return m.data
+            raise KeyError("parameter not found in the optimizer's groups")
+        return unfused
+    raise RuntimeError(f"ZeRO-0 with {type(opt).__name__} in {model_dtype(engine)}: no fp32 master "
+                       "weights found for the EMA")
+
+
 def weight_views(engine) -> Callable[[], Iterable[tuple[str, torch.Tensor]]]:
     """A function returning the (name, tensor) pairs of the weights this rank keeps an EMA of.
 
-    Each rank owns one contiguous slice of every flattened parameter, so the EMA costs 1/world
-    of the model's memory per rank at every ZeRO stage, and needs no communication.
-    ZeRO-3: the local fp32 master partition (padded to equal size, as DeepSpeed keeps it).
-    ZeRO 0-2: the same slice of the full parameter as the model holds it.
+    The tensors are this rank's slices of the fp32 master weights (see `_master_slices`), so
+    the EMA averages what the optimizer updates, not its bf16 rounding, at every ZeRO stage;
+    each rank keeps only its slice (1/world of the model per rank) and no communication is
+    needed. `partition_layout` gives the bounds of every slice.
     """
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if is_zero3(engine):
-        from deepspeed.utils import safe_get_local_fp32_param
-        return lambda: ((n, safe_get_local_fp32_param(p)) for n, p in named)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    bounds = {n: _slice_bounds(p.numel(), rank, world) for n, p in named}
-    return lambda: ((n, p.data.view(-1)[bounds[n][0]:bounds[n][1]]) for n, p in named)
+    slices = _master_slices(engine)
+    return lambda: ((name, get()) for name, _, _, _, get in slices)
 
 
 def partition_layout(engine) -> dict[str, dict[str, Any]]:
-    """Per parameter: its full shape and element count, for stitching the ranks' EMA slices."""
-    layout = {}
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = list(p.ds_shape) if is_zero3(engine) else list(p.shape)
-        layout[name] = {"shape": shape, "numel": int(torch.Size(shape).numel())}
-    return layout
+    """Per parameter: its full shape and element count, and the [start, end) of the flattened
+    parameter that this rank's EMA slice covers (the ranks' slices tile it)."""
+    return {name: {"shape": shape, "numel": int(torch.Size(shape).numel()), "start": start, "end": end}
+            for name, shape, start, end, _ in _master_slices(engine)}
+
+
+@torch.no_grad()
+def set_master_weights(engine, read: Callable[[str], torch.Tensor]) -> None:
+    """Overwrite this rank's fp32 master slices with the full fp32 tensors `read(name)` returns.
+
+    For a run started from given weights in bf16: DeepSpeed builds the masters from the bf16
+    module, so without this they would start at the bf16 rounding of the given fp32 weights.
+    """
+    if is_zero3(engine):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+        named = dict(engine.module.named_parameters())
+        for name, _, start, end, _ in _master_slices(engine):
+            p = named[name]
+            local = safe_get_local_fp32_param(p).clone()   # padded partition; may be a device copy
+            local.view(-1)[: end - start].copy_(read(name).reshape(-1)[start:end])
+            safe_set_local_fp32_param(p, local)
+        return
+    for name, _, start, end, get in _master_slices(engine):
+        get().copy_(read(name).reshape(-1)[start:end])
 
 
 def save_engine(engine, folder: str, tag: str) -> None:

@@ -1,21 +1,24 @@
-"""Export a checkpoint to one safetensors file of the EMA weights (and optionally the raw ones).
+"""Exported weights: write them from a checkpoint, read them back, start a run from them.
 
-Works from a checkpoint of any ZeRO stage on one process: every rank saved the EMA of its own
-slice of each flattened parameter, in rank order, so the full tensor is the concatenation of
-the slices cut to the parameter's element count. Inference loads the file without DeepSpeed.
+Export works from a checkpoint of any ZeRO stage on one process: every rank saved the EMA of
+its own slice of each flattened parameter together with the slice's bounds (`layout`), so the
+full tensor is the slices placed at their bounds. Inference loads the file without DeepSpeed;
+`training.init_from` starts a new run from it (any world size or ZeRO stage).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from imagen_train.config import Config, from_dict
+from imagen_train.config import Config, ConfigError, from_dict
 from imagen_train.training.checkpoint import CheckpointError, verify
 
 CONFIG_KEY = "imagen_train_config"
@@ -28,18 +31,63 @@ def _rank_files(folder: Path) -> list[Path]:
     return files
 
 
-def ema_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Stitch the full EMA weights from every rank's slice."""
+def slice_bounds(entry: dict, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the flattened parameter that `rank` kept an EMA of.
+
+    Checkpoints record the bounds per rank. Older ones (no 'start' key) cut every parameter in
+    equal parts of ceil(numel / world), the last rank's part padded under ZeRO-3.
+    """
+    if "start" in entry:
+        return int(entry["start"]), int(entry["end"])
+    numel = int(entry["numel"])
+    part = -(-numel // world)
+    return min(rank * part, numel), min((rank + 1) * part, numel)
+
+
+def stitch(name: str, numel: int, pieces: list[tuple[int, int, torch.Tensor]],
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The flat parameter `name` (numel,) from its ranks' (start, end, slice) pieces, in `dtype`."""
+    full = torch.empty(numel, dtype=dtype, device=pieces[0][2].device if pieces else "cpu")
+    covered = 0
+    for start, end, piece in sorted((x for x in pieces if x[1] > x[0]), key=lambda item: item[0]):
+        if start != covered:
+            raise CheckpointError(f"EMA slices of '{name}' do not tile it: a gap or overlap at "
+                                  f"element {covered} (next slice starts at {start})")
+        full[start:end] = piece.reshape(-1)[: end - start]
+        covered = end
+    if covered != numel:
+        raise CheckpointError(f"EMA slices of '{name}' cover {covered} of its {numel} elements")
+    return full
+
+
+def _rank_states(folder: Path) -> list[dict]:
     states = [torch.load(f, map_location="cpu", weights_only=True) for f in _rank_files(folder)]
     world = states[0]["world_size"]
     if len(states) != world:
         raise CheckpointError(f"{folder} has {len(states)} rank files, the run had {world} ranks")
-    layout = states[0]["layout"]
+    return states
+
+
+def ema_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Stitch the full EMA weights (fp32) from every rank's slice."""
+    states = _rank_states(folder)
+    world = len(states)
     out = {}
-    for name, entry in layout.items():
-        flat = torch.cat([s["ema"]["shadow"][name].reshape(-1) for s in states])
-        out[name] = flat[: entry["numel"]].reshape(entry["shape"]).clone()
+    for name, entry in states[0]["layout"].items():
+        pieces = [(*slice_bounds(s["layout"][name], r, world), s["ema"]["shadow"][name])
+                  for r, s in enumerate(states)]
+        out[name] = stitch(name, int(entry["numel"]), pieces).reshape(entry["shape"])
     return out
+
+
+def ema_slices_for(folder: Path, layout: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """This rank's EMA slices under `layout`, cut from a checkpoint saved with other bounds.
+
+    Resuming a checkpoint written before the EMA followed the fp32 masters (its slices were cut
+    in equal parts) re-cuts its EMA to the current bounds; same world size only.
+    """
+    full = ema_state_dict(folder)
+    return {name: full[name].reshape(-1)[e["start"]:e["end"]].clone() for name, e in layout.items()}
 
 
 def read_config(folder: Path) -> Config:
@@ -70,19 +118,23 @@ def export_checkpoint(folder: str | Path, out_path: str | Path, include_raw: boo
     return out_path
 
 
-def load_exported(path: str | Path, weights: str = "ema",
-                  device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    """Build the network from an exported file and load its `ema` (or `raw`) weights."""
-    from safetensors import safe_open
-
-    from imagen_train.models import build_model
-
+def export_config(path: str | Path) -> Config:
+    """The resolved training config stored in an export's metadata."""
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} is not an imagen-train export (no '{CONFIG_KEY}' metadata)")
-    cfg = from_dict(json.loads(meta[CONFIG_KEY]), Config, str(path))
+    return from_dict(json.loads(meta[CONFIG_KEY]), Config, str(path))
+
+
+def load_exported(path: str | Path, weights: str = "ema",
+                  device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """Build the network from an exported file and load its `ema` (or `raw`) weights."""
+    from imagen_train.models import build_model
+
+    path = Path(path)
+    cfg = export_config(path)
     tensors = load_file(str(path), device=str(device))
     prefix = weights + "."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -91,6 +143,61 @@ def load_exported(path: str | Path, weights: str = "ema",
     net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
     net.load_state_dict(state, strict=True)
     return net.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# training.init_from: a new run starting from exported weights.
+
+def check_init_from(cfg: Config) -> None:
+    """Refuse `training.init_from` naming a missing file, a non-export, another stage's export,
+    or one without the chosen weights; cheap (reads the header only)."""
+    path, which = cfg.training.init_from, cfg.training.init_from_weights
+    if not Path(path).is_file():
+        raise ConfigError("training.init_from", "an existing .safetensors export "
+                          "(launch/export.py writes one)", f"{path} (no such file)")
+    try:
+        saved = export_config(path)
+        with safe_open(path, framework="pt") as f:
+            has = any(k.startswith(which + ".") for k in f.keys())
+    except Exception as err:  # safetensors raises its own error types for a non-safetensors file
+        raise ConfigError("training.init_from", "an imagen-train .safetensors export",
+                          f"{path} ({type(err).__name__}: {err})") from None
+    if saved.stage != cfg.stage:
+        raise ConfigError("training.init_from", f"an export of stage {cfg.stage}",
+                          f"{path} (its metadata says stage {saved.stage})")
+    if not has:
+        raise ConfigError("training.init_from_weights", f"weights that {path} holds (it has no "
+                          f"'{which}.' tensors{'; export with --raw' if which == 'raw' else ''})", which)
+
+
+@contextmanager
+def init_tensors(cfg: Config) -> Iterator[Callable[[str], torch.Tensor]]:
+    """`read(name)`: one full fp32 tensor of `training.init_from`, read on demand (memory-mapped)."""
+    prefix = cfg.training.init_from_weights + "."
+    with safe_open(cfg.training.init_from, framework="pt") as f:
+        yield lambda name: f.get_tensor(prefix + name).float()
+
+
+@torch.no_grad()
+def load_init_weights(net: torch.nn.Module, cfg: Config) -> None:
+    """Copy `training.init_from`'s weights into `net` (before DeepSpeed wraps it), checking that
+    the names and shapes match exactly; errors name the key and the file."""
+    path, prefix = cfg.training.init_from, cfg.training.init_from_weights + "."
+    with safe_open(path, framework="pt") as f:
+        names = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)}
+        params = dict(net.named_parameters())
+        missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
+        if missing or unexpected:
+            raise ConfigError("training.init_from", "an export of this network (same parameter names)",
+                              f"{path} (missing: {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                              f"unexpected: {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})")
+        for name, p in params.items():
+            shape = list(f.get_slice(prefix + name).get_shape())
+            if shape != list(p.shape):
+                raise ConfigError("training.init_from", "an export of this network (same shapes)",
+                                  f"{path} ('{name}' is {shape} there, {list(p.shape)} here)")
+        for name, p in params.items():
+            p.copy_(f.get_tensor(prefix + name))
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -21,7 +21,7 @@ import torch
 from imagen_train.config import Config, ConfigError, save_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine as ds
-from imagen_train.training import faults, speed
+from imagen_train.training import export, faults, speed
 from imagen_train.training.ema import EMA
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
@@ -170,7 +170,8 @@ def check_resume_target(cfg: Config, folder: Path, world_size: int) -> None:
     saved = json.loads((folder / ckpt.MANIFEST).read_text()).get("world_size")
     if saved is not None and saved != world_size:
         raise ckpt.CheckpointError(f"{folder} was written by {saved} ranks; this run has {world_size} "
-                                   f"(export the weights to change the size)")
+                                   f"(export the weights and start a new run with "
+                                   f"training.init_from to change the size)")
 
 
 class Trainer:
@@ -201,10 +202,25 @@ class Trainer:
         self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
         _seed_everything(cfg.training.seed)
+        # training.init_from: a new run from exported weights, unless a checkpoint is resumed.
+        init_from = cfg.training.init_from if self.resume_folder is None else None
+        if cfg.training.init_from and not init_from:
+            dist.print0(f"[train] training.init_from={cfg.training.init_from} ignored: resuming "
+                        f"{self.resume_folder} (a checkpoint wins over init_from)")
+        if init_from:
+            export.check_init_from(cfg)
         net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+        if init_from:
+            export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
         self.flops_per_sample = count_flops_per_sample(cfg)
         self.engine = ds.create_engine(cfg, net)
         dist.print0(f"[train] optimizer {ds.describe_optimizer(self.engine)}")
+        if init_from:
+            # The fp32 masters from the file itself, not from the (maybe bf16) module; the EMA
+            # below starts from them.
+            with export.init_tensors(cfg) as read:
+                ds.set_master_weights(self.engine, read)
+            dist.print0(f"[train] initialised from {init_from} ({cfg.training.init_from_weights} weights)")
         self.device = ds.current_device()
         self.dtype = ds.model_dtype(self.engine)
         self.memory_format = speed.memory_format(cfg.training)
@@ -269,8 +285,11 @@ class Trainer:
                                        f"this run trains stage {self.cfg.stage}")
         if state["world_size"] != dist.world_size():
             raise ckpt.CheckpointError(f"{folder} was written by {state['world_size']} ranks; this run "
-                                       f"has {dist.world_size()} (export the weights to change the size)")
+                                       f"has {dist.world_size()} (export the weights and start a new run "
+                                       f"with training.init_from to change the size)")
         ds.load_engine(self.engine, str(folder.parent), folder.name)
+        if state.get("layout") != self.layout:  # an older checkpoint: its EMA cut in equal parts
+            state["ema"]["shadow"] = export.ema_slices_for(folder, self.layout)
         self.ema.load_state_dict(state["ema"])
         self.loader.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
