@@ -214,3 +214,103 @@ def test_resume_refuses_another_layout(shards_64):
         other.load_state_dict(state)
     other.load_state_dict(state, strict=False)  # a fresh stream instead
     assert next(other)["image"].shape == (4, 3, 64, 64)
+
+
+# Resume cost --------------------------------------------------------------------------------
+
+def test_shuffle_buffer_caps_the_wait_and_restores_exactly():
+    from imagen_train.data.stream import ShuffleBuffer
+
+    size, n = 16, 400
+    buf = ShuffleBuffer(size, (3, 1))
+    out, waits = [], []
+    for i in range(n):
+        got = buf.push((i // 8, i % 8), i)
+        if got is not None:
+            out.append(got[1])
+            waits.append(i - got[1])
+        if i == 150:
+            state = json.loads(json.dumps(buf.state_dict()))
+    out += [s for _, s in buf.drain()]
+    assert sorted(out) == list(range(n)) and out != list(range(n))  # a permutation, shuffled
+    assert max(waits) == 2 * size  # some hit the cap, none waited longer
+    assert 0.05 < sum(w == 2 * size for w in waits) / len(waits) < 0.3  # about e**-2 forced
+    # Rebuilt from tags alone (the sample for tag (k, j) is 8k + j here), it continues identically.
+    again = ShuffleBuffer(size, (3, 1))
+    assert again.restore(state, {(i // 8, i % 8): i for i in range(151)}) == 0
+    tail = [again.push((i // 8, i % 8), i) for i in range(151, n)]
+    tail = [t[1] for t in tail if t is not None] + [s for _, s in again.drain()]
+    assert tail == out[len(out) - len(tail):]
+
+
+def _counting_reads(monkeypatch) -> dict:
+    """Count raw samples and bytes the loader reads from shards (independently of its stats)."""
+    from imagen_train.data import loader as loader_module
+
+    seen = {"samples": 0, "bytes": 0}
+
+    def counted(*args, **kwargs):
+        for raw in iter_raw_samples(*args, **kwargs):
+            seen["samples"] += 1
+            seen["bytes"] += sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+            yield raw
+    monkeypatch.setattr(loader_module, "iter_raw_samples", counted)
+    return seen
+
+
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_resume_reads_do_not_grow_with_the_step(shards_64, monkeypatch, world_size):
+    """Resuming after 10 or after 100 steps reads the same amount, within one shard (8 samples x
+    the sample split over ranks), and never more than the buffer's reach plus one shard."""
+    size, batch, per_shard = 16, 4, 8
+    cfg = make_cfg(shards_64.pattern, batch=batch, shuffle_buffer=size, seed=3)
+    stride = 8 if world_size == 8 else 1  # 6 shards < 8 ranks: every rank reads all, keeps 1 in 8
+    seen = _counting_reads(monkeypatch)
+    reads = {}
+    rank = world_size - 1
+    for steps in (10, 100):
+        reference = take(build_train_loader(cfg, rank, world_size), steps + 3)
+        first = build_train_loader(cfg, rank, world_size)
+        head = take(first, steps)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = build_train_loader(cfg, rank, world_size)
+        resumed.load_state_dict(state)
+        before = dict(seen)
+        tail = take(resumed, 3)
+        _same_batches(reference, head + tail)
+        # The samples read to rebuild the buffer and reach the position, and bytes likewise.
+        reread = resumed.stats["reread_samples"]
+        assert resumed.stats["reread_bytes"] > 0
+        new = seen["samples"] - before["samples"] - reread  # read for the 3 batches after it
+        assert 0 < new <= (3 * batch + 1) * stride + per_shard
+        reads[steps] = reread
+        assert reread <= (2 * size + 2 * per_shard) * stride, (steps, reread)
+    # The old replay read every consumed sample: 10x the steps, 10x the reading.
+    assert abs(reads[100] - reads[10]) <= per_shard * stride, reads
+
+
+@pytest.mark.parametrize("world_size,resampled", [(1, False), (8, True), (8, False)])
+def test_resume_at_any_point_is_exact(shards_64, world_size, resampled):
+    """Cut while the buffer fills, in steady state, while it drains at the end of an epoch and
+    just after; with the shard split (1 rank) and the sample split (8 ranks over 6 shards)."""
+    cfg = make_cfg(shards_64.pattern, batch=2, shuffle_buffer=8, seed=11, resampled=resampled)
+    rank = world_size // 2
+    per_epoch = 48 // world_size // 2
+
+    def straight(loader, count):
+        out = []
+        while len(out) < count:
+            try:
+                out.append(next(loader))
+            except StopIteration:
+                continue
+        return out
+
+    n = 2 * per_epoch + 3
+    reference = straight(build_train_loader(cfg, rank, world_size), n)
+    for cut in sorted({1, 3, per_epoch - 3, per_epoch - 1, per_epoch, per_epoch + 1, n - 2}):
+        first = build_train_loader(cfg, rank, world_size)
+        head = straight(first, cut)
+        resumed = build_train_loader(cfg, rank, world_size)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        _same_batches(reference, head + straight(resumed, n - cut))
