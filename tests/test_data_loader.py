@@ -314,3 +314,11 @@ def test_resume_at_any_point_is_exact(shards_64, world_size, resampled):
         resumed = build_train_loader(cfg, rank, world_size)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         _same_batches(reference, head + straight(resumed, n - cut))
+
+
+def test_an_old_state_version_is_refused_by_name(shards_64):
+    loader = build_train_loader(make_cfg(shards_64.pattern), 0, 1)
+    next(loader)
+    state = {**loader.state_dict(), "version": 1}
+    with pytest.raises(ValueError, match="loader state version 1 cannot be continued.*version 2"):
+        build_train_loader(make_cfg(shards_64.pattern), 0, 1).load_state_dict(state)

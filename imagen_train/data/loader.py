@@ -278,7 +278,8 @@ class TrainLoader:
                 "num_workers": self.num_workers, "resampled": self.cfg.data.resampled}
         diff = {k: (state.get(k), mine[k]) for k in layout if state.get(k) != mine[k]}
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')!r} cannot be continued by this "
+                             f"loader (version {STATE_VERSION}: the shard sequence and buffer state changed)")
         self.batches = int(state["batches"])
         if diff:
             msg = "loader state was saved with a different " + ", ".join(
