@@ -224,7 +224,8 @@ class Trainer:
             dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
         if dist.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
-        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id)
+        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id,
+                                   fresh=resume == "none")
         self.wandb_id = self.logger.run_id
 
     # ------------------------------------------------------------------------------------------
