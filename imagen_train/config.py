@@ -192,6 +192,9 @@ class DataConfig:
     read_retries: int = 3
     retry_backoff_s: float = 1.0
     read_timeout_s: float = 300.0
+    # Before training, the first samples of this many shards (spread over the list) are checked
+    # against the config: embedding schema and width, caption, image size (0: no check).
+    preflight_shards: int = 16
 
     def __post_init__(self) -> None:
         _check(self.read_retries >= 0, "read_retries", "a non-negative int", self.read_retries)
@@ -201,6 +204,7 @@ class DataConfig:
         _check(self.num_workers >= 0, "num_workers", "a non-negative int", self.num_workers)
         _check(self.min_image_size >= 0, "min_image_size", "a non-negative int", self.min_image_size)
         _check(self.prefetch_factor >= 1, "prefetch_factor", "a positive int", self.prefetch_factor)
+        _check(self.preflight_shards >= 0, "preflight_shards", "a non-negative int", self.preflight_shards)
 
 
 @dataclass

@@ -322,3 +322,68 @@ def test_an_old_state_version_is_refused_by_name(shards_64):
     state = {**loader.state_dict(), "version": 1}
     with pytest.raises(ValueError, match="loader state version 1 cannot be continued.*version 2"):
         build_train_loader(make_cfg(shards_64.pattern), 0, 1).load_state_dict(state)
+
+
+# Preflight: the shards fit the config ---------------------------------------------------------
+
+def _rewrite(shards, folder: Path, change) -> str:
+    """A copy of `shards` whose last shard's samples go through `change(entries) -> entries`."""
+    from data_tools.common import write_tar_atomic
+
+    folder.mkdir()
+    for n, url in enumerate(shards.urls):
+        samples = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+                   for s in iter_raw_samples(url)]
+        if n == len(shards.urls) - 1:
+            samples = [(key, change(entries)) for key, entries in samples]
+        write_tar_atomic(folder / Path(url).name, samples)
+    return str(folder / f"{{00000..{len(shards.urls) - 1:05d}}}.tar")
+
+
+def _narrow(entries: dict) -> dict:
+    from imagen_train.data.schema import encode_embedding, read_embedding
+
+    emb, meta = read_embedding(entries["t5.npy"], entries["t5.json"])
+    return {**entries, **encode_embedding(emb[:, :32], max_length=32, encoder="other-t5", truncated=False)}
+
+
+def _old_schema(entries: dict) -> dict:
+    meta = json.loads(entries["t5.json"])
+    return {**entries, "t5.json": json.dumps({**meta, "version": 0}).encode()}
+
+
+def test_preflight_names_the_shard_that_does_not_fit(tmp_path, shards_64):
+    from imagen_train.config import ConfigError
+    from imagen_train.data.preflight import check_shards, spread
+
+    assert spread(list("abcdefg"), 3) == ["a", "d", "g"] and spread(list("ab"), 5) == ["a", "b"]
+    check_shards(make_cfg(shards_64.pattern), shards_64.urls)  # fits
+    narrow = _rewrite(shards_64, tmp_path / "narrow", _narrow)
+    last = Path(expand_shards(narrow)[-1])
+    with pytest.raises(ConfigError, match=rf"text.embed_dim.*64, but {last}:\S+ has width 32 \(encoder other-t5\)"):
+        check_shards(make_cfg(narrow), expand_shards(narrow))
+    old = _rewrite(shards_64, tmp_path / "old", _old_schema)
+    with pytest.raises(ConfigError, match=rf"data.train_shards.*{Path(expand_shards(old)[-1])}:\S+: embedding schema version 0"):
+        check_shards(make_cfg(old), expand_shards(old))
+    bare = _rewrite(shards_64, tmp_path / "bare", lambda e: {k: v for k, v in e.items() if not k.startswith("t5")})
+    with pytest.raises(ConfigError, match=r"precompute-embeddings.*00005.tar:\S+ has no .t5.npy"):
+        check_shards(make_cfg(bare), expand_shards(bare))
+    # 64 px images for the sr256 stage: refused unless data.min_image_size allows upsampling them.
+    with pytest.raises(ConfigError, match=r"data.min_image_size.*at least 256 px.*\(64 px\)"):
+        check_shards(make_cfg(shards_64.pattern, "sr256"), shards_64.urls)
+    check_shards(make_cfg(shards_64.pattern, "sr256", min_image_size=32), shards_64.urls)
+    check_shards(make_cfg(narrow, preflight_shards=0), expand_shards(narrow))  # 0: no check
+    # Spread over the list: with 2 of 6 shards checked, the first and the last are among them.
+    with pytest.raises(ConfigError, match="has width 32"):
+        check_shards(make_cfg(narrow, preflight_shards=2), expand_shards(narrow))
+
+
+def test_trainer_preflight_runs_the_shard_check(tmp_path, shards_64):
+    from imagen_train.config import ConfigError, load_config
+    from imagen_train.training.trainer import preflight
+    from train_helpers import tiny_overrides
+
+    narrow = _rewrite(shards_64, tmp_path / "narrow", _narrow)
+    cfg = load_config(REPO / "configs" / "base64-tiny.yaml", tiny_overrides(tmp_path / "run", narrow, 64))
+    with pytest.raises(ConfigError, match="text.embed_dim.*00005.tar"):
+        preflight(cfg, 2)

@@ -116,6 +116,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     ranks, and that every folder the run writes to is writable.
     """
     from imagen_train.data import expand_shards
+    from imagen_train.data.preflight import check_shards
 
     cfg.training.grad_accum_for(world_size)
     spec = cfg.data.train_shards
@@ -136,6 +137,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     if local and not any(_has_a_sample(u) for u in local):
         raise ConfigError("data.train_shards", "shards holding samples",
                           f"{spec} ({len(local)} shard(s), no sample in any)")
+    check_shards(cfg, urls)  # embedding schema and width, captions, image size of a few shards
     if cfg.text.encoder_path and not Path(cfg.text.encoder_path).exists():
         raise ConfigError("text.encoder_path", "an existing encoder folder", cfg.text.encoder_path)
     if cfg.training.compile:
