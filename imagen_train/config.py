@@ -176,6 +176,8 @@ class DataConfig:
     # Brace pattern, list file (one shard a line), local paths or `pipe:` commands.
     train_shards: Optional[str] = None
     eval_shards: Optional[str] = None
+    # Samples a worker holds to shuffle; each waits at most 2x this many newer ones, so a resume
+    # re-reads at most about 2x this many samples plus one shard per worker (docs/training.md).
     shuffle_buffer: int = 1000
     num_workers: int = 2
     resampled: bool = True
