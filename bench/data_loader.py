@@ -8,7 +8,9 @@
 2. precompute-embeddings on 64 px shards with a random t5-small-sized encoder (d_model 512, 6
    layers) against a bare tokenize + encoder forward over the same captions and batches; the
    difference is the I/O overhead (tar reading, image checks, .npy encoding, writing).
-Prints one JSON object.
+3. Resume: samples and bytes a loader re-reads to continue after N batches (N = 10 ... 1000,
+   shuffle buffer 256, shards of 128, batch 16), and the seconds to its first batch.
+Prints one JSON object. `--parts resume` runs only part 3.
 """
 
 from __future__ import annotations
@@ -108,6 +110,31 @@ def bench_precompute(raw: Path, work: Path, batch_size: int, repeats: int = 3) -
             "encoder_slowdown_in_pipeline": round(statistics.median(inside) / bare_s, 3)}
 
 
+def bench_resume(pattern: str, steps: list[int], batch: int, buffer: int, shard_size: int) -> list[dict]:
+    """Re-read cost of a resume after each number of batches in `steps` (loader stats)."""
+    import json as _json
+
+    cfg = Config(stage="base64", model=ModelConfig(kind="unet"), text=TextConfig(embed_dim=EMBED_DIM, max_length=128),
+                 data=DataConfig(train_shards=pattern, num_workers=0, shuffle_buffer=buffer),
+                 training=TrainingConfig(micro_batch_size=batch, global_batch_size=batch))
+    rows = []
+    for n in steps:
+        first = build_train_loader(cfg, 0, 1)
+        for _ in range(n):
+            next(first)
+        state = _json.loads(_json.dumps(first.state_dict()))
+        t0 = time.perf_counter()
+        resumed = build_train_loader(cfg, 0, 1)
+        resumed.load_state_dict(state)
+        next(resumed)
+        dt = time.perf_counter() - t0
+        stats = resumed.stats
+        rows.append({"batches_before": n, "samples_consumed": n * batch, "buffer": buffer, "shard_size": shard_size,
+                     "reread_samples": stats["reread_samples"], "reread_mib": round(stats["reread_bytes"] / 2**20, 2),
+                     "seconds_to_first_batch": round(dt, 3)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=256, help="samples per resolution (1024 px: a quarter)")
@@ -115,21 +142,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="precompute batch size")
     parser.add_argument("--precompute-samples", type=int, default=2048,
                         help="64 px samples (shards of 256) for the precompute comparison")
+    parser.add_argument("--parts", default="loader,precompute,resume", help="comma-separated parts to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     work = Path(args.out)
     shutil.rmtree(work, ignore_errors=True)
     results = {"torch": torch.__version__, "python": platform.python_version(),
                "threads": torch.get_num_threads(), "loader": []}
-    for res in (64, 256, 1024):
+    for res in (64, 256, 1024) if "loader" in parts else ():
         n = args.samples if res < 1024 else max(16, args.samples // 4)
         write_synthetic(work / f"raw{res}", n, res, shard_size=256, image_format="jpg", progress_bar=False)
         pattern = add_fake_embeddings(work / f"raw{res}", work / f"emb{res}")
         batch = 16 if res < 1024 else 4
         results["loader"].append(bench_loader(pattern, res, max(2, n // batch - 2), batch))
-    write_synthetic(work / "raw-precompute", args.precompute_samples, 64, shard_size=256, image_format="jpg",
-                    progress_bar=False)
-    results["precompute"] = bench_precompute(work / "raw-precompute", work, args.batch_size)
+    if "precompute" in parts:
+        write_synthetic(work / "raw-precompute", args.precompute_samples, 64, shard_size=256, image_format="jpg",
+                        progress_bar=False)
+        results["precompute"] = bench_precompute(work / "raw-precompute", work, args.batch_size)
+    if "resume" in parts:
+        write_synthetic(work / "raw-resume", 4096, 64, shard_size=128, image_format="jpg", progress_bar=False)
+        pattern = add_fake_embeddings(work / "raw-resume", work / "emb-resume")
+        results["resume"] = bench_resume(pattern, [10, 100, 1000], batch=16, buffer=256, shard_size=128)
     print(json.dumps(results, indent=2))
 
 

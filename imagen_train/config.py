@@ -180,6 +180,8 @@ class DataConfig:
     # Brace pattern, list file (one shard a line), local paths or `pipe:` commands.
     train_shards: Optional[str] = None
     eval_shards: Optional[str] = None
+    # Samples a worker holds to shuffle; each waits at most 2x this many newer ones, so a resume
+    # re-reads at most about 2x this many samples plus one shard per worker (docs/training.md).
     shuffle_buffer: int = 1000
     num_workers: int = 2
     resampled: bool = True
@@ -196,6 +198,9 @@ class DataConfig:
     read_retries: int = 3
     retry_backoff_s: float = 1.0
     read_timeout_s: float = 300.0
+    # Before training, the first samples of this many shards (spread over the list) are checked
+    # against the config: embedding schema and width, caption, image size (0: no check).
+    preflight_shards: int = 16
 
     def __post_init__(self) -> None:
         _check(self.read_retries >= 0, "read_retries", "a non-negative int", self.read_retries)
@@ -205,6 +210,7 @@ class DataConfig:
         _check(self.num_workers >= 0, "num_workers", "a non-negative int", self.num_workers)
         _check(self.min_image_size >= 0, "min_image_size", "a non-negative int", self.min_image_size)
         _check(self.prefetch_factor >= 1, "prefetch_factor", "a positive int", self.prefetch_factor)
+        _check(self.preflight_shards >= 0, "preflight_shards", "a non-negative int", self.preflight_shards)
 
 
 @dataclass

@@ -233,3 +233,175 @@ def test_text_pads_to_the_longest_caption_or_to_max_length():
     assert torch.equal(full_mask[:, :16], mask) and not full_mask[:, 16:].any()
     capped, _ = pad_embeddings([np.ones((40, 4), np.float16)], max_length=36)
     assert capped.shape == (1, 36, 4)  # never past max_length, even where rounding would
+
+# Resume cost --------------------------------------------------------------------------------
+
+def test_shuffle_buffer_caps_the_wait_and_restores_exactly():
+    from imagen_train.data.stream import ShuffleBuffer
+
+    size, n = 16, 400
+    buf = ShuffleBuffer(size, (3, 1))
+    out, waits = [], []
+    for i in range(n):
+        got = buf.push((i // 8, i % 8), i)
+        if got is not None:
+            out.append(got[1])
+            waits.append(i - got[1])
+        if i == 150:
+            state = json.loads(json.dumps(buf.state_dict()))
+    out += [s for _, s in buf.drain()]
+    assert sorted(out) == list(range(n)) and out != list(range(n))  # a permutation, shuffled
+    assert max(waits) == 2 * size  # some hit the cap, none waited longer
+    assert 0.05 < sum(w == 2 * size for w in waits) / len(waits) < 0.3  # about e**-2 forced
+    # Rebuilt from tags alone (the sample for tag (k, j) is 8k + j here), it continues identically.
+    again = ShuffleBuffer(size, (3, 1))
+    assert again.restore(state, {(i // 8, i % 8): i for i in range(151)}) == 0
+    tail = [again.push((i // 8, i % 8), i) for i in range(151, n)]
+    tail = [t[1] for t in tail if t is not None] + [s for _, s in again.drain()]
+    assert tail == out[len(out) - len(tail):]
+
+
+def _counting_reads(monkeypatch) -> dict:
+    """Count raw samples and bytes the loader reads from shards (independently of its stats)."""
+    from imagen_train.data import loader as loader_module
+
+    seen = {"samples": 0, "bytes": 0}
+
+    def counted(*args, **kwargs):
+        for raw in iter_raw_samples(*args, **kwargs):
+            seen["samples"] += 1
+            seen["bytes"] += sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+            yield raw
+    monkeypatch.setattr(loader_module, "iter_raw_samples", counted)
+    return seen
+
+
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_resume_reads_do_not_grow_with_the_step(shards_64, monkeypatch, world_size):
+    """Resuming after 10 or after 100 steps reads the same amount, within one shard (8 samples x
+    the sample split over ranks), and never more than the buffer's reach plus one shard."""
+    size, batch, per_shard = 16, 4, 8
+    cfg = make_cfg(shards_64.pattern, batch=batch, shuffle_buffer=size, seed=3)
+    stride = 8 if world_size == 8 else 1  # 6 shards < 8 ranks: every rank reads all, keeps 1 in 8
+    seen = _counting_reads(monkeypatch)
+    reads = {}
+    rank = world_size - 1
+    for steps in (10, 100):
+        reference = take(build_train_loader(cfg, rank, world_size), steps + 3)
+        first = build_train_loader(cfg, rank, world_size)
+        head = take(first, steps)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = build_train_loader(cfg, rank, world_size)
+        resumed.load_state_dict(state)
+        before = dict(seen)
+        tail = take(resumed, 3)
+        _same_batches(reference, head + tail)
+        # The samples read to rebuild the buffer and reach the position, and bytes likewise.
+        reread = resumed.stats["reread_samples"]
+        assert resumed.stats["reread_bytes"] > 0
+        new = seen["samples"] - before["samples"] - reread  # read for the 3 batches after it
+        assert 0 < new <= (3 * batch + 1) * stride + per_shard
+        reads[steps] = reread
+        assert reread <= (2 * size + 2 * per_shard) * stride, (steps, reread)
+    # The old replay read every consumed sample: 10x the steps, 10x the reading.
+    assert abs(reads[100] - reads[10]) <= per_shard * stride, reads
+
+
+@pytest.mark.parametrize("world_size,resampled", [(1, False), (8, True), (8, False)])
+def test_resume_at_any_point_is_exact(shards_64, world_size, resampled):
+    """Cut while the buffer fills, in steady state, while it drains at the end of an epoch and
+    just after; with the shard split (1 rank) and the sample split (8 ranks over 6 shards)."""
+    cfg = make_cfg(shards_64.pattern, batch=2, shuffle_buffer=8, seed=11, resampled=resampled)
+    rank = world_size // 2
+    per_epoch = 48 // world_size // 2
+
+    def straight(loader, count):
+        out = []
+        while len(out) < count:
+            try:
+                out.append(next(loader))
+            except StopIteration:
+                continue
+        return out
+
+    n = 2 * per_epoch + 3
+    reference = straight(build_train_loader(cfg, rank, world_size), n)
+    for cut in sorted({1, 3, per_epoch - 3, per_epoch - 1, per_epoch, per_epoch + 1, n - 2}):
+        first = build_train_loader(cfg, rank, world_size)
+        head = straight(first, cut)
+        resumed = build_train_loader(cfg, rank, world_size)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        _same_batches(reference, head + straight(resumed, n - cut))
+
+
+def test_an_old_state_version_is_refused_by_name(shards_64):
+    loader = build_train_loader(make_cfg(shards_64.pattern), 0, 1)
+    next(loader)
+    state = {**loader.state_dict(), "version": 1}
+    with pytest.raises(ValueError, match="loader state version 1 cannot be continued.*version 2"):
+        build_train_loader(make_cfg(shards_64.pattern), 0, 1).load_state_dict(state)
+
+
+# Preflight: the shards fit the config ---------------------------------------------------------
+
+def _rewrite(shards, folder: Path, change) -> str:
+    """A copy of `shards` whose last shard's samples go through `change(entries) -> entries`."""
+    from data_tools.common import write_tar_atomic
+
+    folder.mkdir()
+    for n, url in enumerate(shards.urls):
+        samples = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+                   for s in iter_raw_samples(url)]
+        if n == len(shards.urls) - 1:
+            samples = [(key, change(entries)) for key, entries in samples]
+        write_tar_atomic(folder / Path(url).name, samples)
+    return str(folder / f"{{00000..{len(shards.urls) - 1:05d}}}.tar")
+
+
+def _narrow(entries: dict) -> dict:
+    from imagen_train.data.schema import encode_embedding, read_embedding
+
+    emb, meta = read_embedding(entries["t5.npy"], entries["t5.json"])
+    return {**entries, **encode_embedding(emb[:, :32], max_length=32, encoder="other-t5", truncated=False)}
+
+
+def _old_schema(entries: dict) -> dict:
+    meta = json.loads(entries["t5.json"])
+    return {**entries, "t5.json": json.dumps({**meta, "version": 0}).encode()}
+
+
+def test_preflight_names_the_shard_that_does_not_fit(tmp_path, shards_64):
+    from imagen_train.config import ConfigError
+    from imagen_train.data.preflight import check_shards, spread
+
+    assert spread(list("abcdefg"), 3) == ["a", "d", "g"] and spread(list("ab"), 5) == ["a", "b"]
+    check_shards(make_cfg(shards_64.pattern), shards_64.urls)  # fits
+    narrow = _rewrite(shards_64, tmp_path / "narrow", _narrow)
+    last = Path(expand_shards(narrow)[-1])
+    with pytest.raises(ConfigError, match=rf"text.embed_dim.*64, but {last}:\S+ has width 32 \(encoder other-t5\)"):
+        check_shards(make_cfg(narrow), expand_shards(narrow))
+    old = _rewrite(shards_64, tmp_path / "old", _old_schema)
+    with pytest.raises(ConfigError, match=rf"data.train_shards.*{Path(expand_shards(old)[-1])}:\S+: embedding schema version 0"):
+        check_shards(make_cfg(old), expand_shards(old))
+    bare = _rewrite(shards_64, tmp_path / "bare", lambda e: {k: v for k, v in e.items() if not k.startswith("t5")})
+    with pytest.raises(ConfigError, match=r"precompute-embeddings.*00005.tar:\S+ has no .t5.npy"):
+        check_shards(make_cfg(bare), expand_shards(bare))
+    # 64 px images for the sr256 stage: refused unless data.min_image_size allows upsampling them.
+    with pytest.raises(ConfigError, match=r"data.min_image_size.*at least 256 px.*\(64 px\)"):
+        check_shards(make_cfg(shards_64.pattern, "sr256"), shards_64.urls)
+    check_shards(make_cfg(shards_64.pattern, "sr256", min_image_size=32), shards_64.urls)
+    check_shards(make_cfg(narrow, preflight_shards=0), expand_shards(narrow))  # 0: no check
+    # Spread over the list: with 2 of 6 shards checked, the first and the last are among them.
+    with pytest.raises(ConfigError, match="has width 32"):
+        check_shards(make_cfg(narrow, preflight_shards=2), expand_shards(narrow))
+
+
+def test_trainer_preflight_runs_the_shard_check(tmp_path, shards_64):
+    from imagen_train.config import ConfigError, load_config
+    from imagen_train.training.trainer import preflight
+    from train_helpers import tiny_overrides
+
+    narrow = _rewrite(shards_64, tmp_path / "narrow", _narrow)
+    cfg = load_config(REPO / "configs" / "base64-tiny.yaml", tiny_overrides(tmp_path / "run", narrow, 64))
+    with pytest.raises(ConfigError, match="text.embed_dim.*00005.tar"):
+        preflight(cfg, 2)

@@ -312,7 +312,8 @@ def test_checkpoint_of_another_stage_is_refused_before_training(tmp_path, shards
     from imagen_train.training.trainer import Trainer
     cfg = load_config(REPO / "configs" / "sr256-tiny.yaml", tiny_overrides(
         tmp_path / "run", shards_64.pattern, shards_64.embed_dim,
-        **{"checkpoint.dir": str(straight[0] / "checkpoints")}))
+        **{"checkpoint.dir": str(straight[0] / "checkpoints"),
+           "data.min_image_size": 32}))  # 64 px shards may feed sr256 (preflight checks image sizes)
     with pytest.raises(ckpt.CheckpointError, match="checkpoint of stage base64, this run trains stage sr256"):
         Trainer(cfg, resume="auto")
     folder = straight[0] / "checkpoints" / ckpt.tag_for(4)

@@ -36,3 +36,22 @@ def test_missing_or_wrong_folder_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TextEncoderError, match=str(tmp_path / "empty")):
         load_text_encoder(tmp_path / "empty")
+
+
+def test_transformers_floor_matches_requirements_and_is_checked(monkeypatch, tiny_t5_dir):
+    """requirements.txt and the code name the same floor: from_pretrained(dtype=) needs 4.56."""
+    from pathlib import Path
+
+    import transformers
+
+    from imagen_train.text.t5 import MIN_TRANSFORMERS, check_transformers_version
+
+    floor = ".".join(map(str, MIN_TRANSFORMERS))
+    lines = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text().splitlines()
+    assert f"transformers>={floor}" in lines
+    check_transformers_version(transformers.__version__)  # the installed one passes
+    for ok in ("4.56.0", "4.56.2", "4.57.0rc1", "5.24.0"):
+        check_transformers_version(ok)
+    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    with pytest.raises(TextEncoderError, match=r"transformers 4.55.4 is too old.*>= 4.56"):
+        load_text_encoder(tiny_t5_dir, "cpu", torch.float32)

@@ -1,23 +1,25 @@
 """The per-stage training loader: sharded tar streams -> batches, resumable exactly.
 
 The sample stream of every (rank, worker) is a pure function of
-(seed, rank, world_size, num_workers): a seeded shard order (drawn with replacement when
+(seed, rank, world_size, num_workers): a seeded shard sequence (drawn with replacement when
 `data.resampled`, else a permutation per epoch), a seeded shuffle buffer, and a per-sample RNG
 keyed by the sample's position for random crops. Each worker forms whole batches itself and
-tags them with its position (samples taken out of the shuffle buffer) and its skip counters;
-the main process keeps the position of the last batch it *handed out* per worker, so
-prefetched batches never count. On `load_state_dict` every worker replays its raw stream
-(tar bytes only, no decoding) up to its position, and the DataLoader's round-robin is rotated to
-start with the worker that was next. Result: 10 steps + save + new process + load + 10 steps
-yields the same batches as 20 steps straight.
+tags them with its state after that batch: the shard counter and position in the shard it is
+reading, and the (shard, index) tags of the samples in its shuffle buffer (data/stream.py). The
+main process keeps the state of the last batch it *handed out* per worker, so prefetched
+batches never count. On `load_state_dict` every worker opens its current shard directly,
+re-reads (without decoding) only the samples its buffer held and the read part of the current
+shard, and the DataLoader's round-robin is rotated to start with the worker that was next.
+Result: 10 steps + save + new process + load + 10 steps yields the same batches as 20 steps
+straight, and what a resume reads does not grow with the step (docs/training.md, "Resume").
 
 Ranks and workers never share samples: with at least ranks x workers shards each worker owns
 the shards `urls[g::ranks*workers]` (g = rank * workers + worker); with fewer, every worker
 reads all shards and keeps every (ranks x workers)-th sample, at extra I/O cost.
 
 We drive webdataset's URL handling (`expand_urls`, `gopen`) but not its pipeline stages: exact
-resume needs to own the shard order, shuffle buffer and skip, which `wds.WebDataset` does not
-expose. The cost of resuming is re-reading (not decoding) the consumed part of the stream.
+resume needs to own the shard order, shuffle buffer and position, which `wds.WebDataset` does
+not expose.
 """
 
 from __future__ import annotations
@@ -25,46 +27,24 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import random
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen_train.data.schema import KNOWN_KEYS, is_unsafe_key
 from imagen_train.data.shards import expand_shards, iter_raw_samples
+from imagen_train.data.stream import ShuffleBuffer, TailReader, seeded_rng
 from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
 
 log = logging.getLogger(__name__)
 MAX_SKIP_EXAMPLES = 20  # named skipped samples kept per worker (counts are complete)
-STATE_VERSION = 1
-
-
-def _rng(*parts: int) -> random.Random:
-    """A Random seeded from a tuple of ints, with no collisions between nearby tuples."""
-    return random.Random(int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0]))
+STATE_VERSION = 2  # 2: shard counter, tail position and buffer tags (1: a sample count to replay)
 
 
 def _fresh_worker_state() -> dict[str, Any]:
-    return {"epoch": 0, "consumed": 0, "done": False, "stats": {"samples": 0, "skipped": {}, "examples": []}}
-
-
-def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Seeded reservoir shuffle: fill `size`, then emit a random element for each new one."""
-    if size <= 1:
-        yield from samples
-        return
-    buf: list[Any] = []
-    for sample in samples:
-        if len(buf) < size:
-            buf.append(sample)
-            continue
-        i = rng.randrange(size)
-        buf[i], sample = sample, buf[i]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
+    return {"epoch": 0, "consumed": 0, "done": False, "reader": {}, "buffer": None,
+            "stats": {"samples": 0, "skipped": {}, "examples": [], "reread_samples": 0, "reread_bytes": 0}}
 
 
 class StageStream(IterableDataset):
@@ -86,44 +66,71 @@ class StageStream(IterableDataset):
     def _ids(self, worker: int) -> tuple[int, ...]:
         return (self.cfg.data.seed, self.rank, self.world_size, self.num_workers, worker)
 
-    def _shard_order(self, worker: int, epoch: int) -> tuple[Iterator[str], Optional[tuple[int, int]]]:
-        """(shard URLs this worker reads, (index, stride) of the sample-level split or None)."""
+    def _shard_sequence(self, worker: int, epoch: int
+                        ) -> tuple[Callable[[int], Optional[str]], Optional[tuple[int, int]]]:
+        """(shard URL by shard counter k, (index, stride) of the sample-level split or None).
+
+        With at least ranks x workers shards a worker owns `urls[g::ranks*workers]`; with fewer,
+        every worker reads the same sequence and keeps every (ranks x workers)-th sample. Each
+        resampled draw is seeded by k itself, so shard k needs no replay of draws 0..k-1.
+        """
         total = self.world_size * self.num_workers
         g = self.rank * self.num_workers + worker
         if len(self.urls) >= total:
-            own, split, rng = self.urls[g::total], None, _rng(1, *self._ids(worker), epoch)
-        else:  # every worker reads the same shard order and keeps every total-th sample
-            own, split, rng = list(self.urls), (g, total), _rng(2, self.cfg.data.seed, epoch)
+            own, split, key = self.urls[g::total], None, (1, *self._ids(worker), epoch)
+        else:
+            own, split, key = list(self.urls), (g, total), (2, self.cfg.data.seed, epoch)
         if self.cfg.data.resampled:
-            return (own[rng.randrange(len(own))] for _ in iter(int, 1)), split
+            return (lambda k: own[seeded_rng(*key, k).randrange(len(own))]), split
         order = list(own)
-        rng.shuffle(order)
-        return iter(order), split
+        seeded_rng(*key).shuffle(order)
+        return (lambda k: order[k] if k < len(order) else None), split
 
-    def _raw(self, worker: int, epoch: int, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """This worker's raw samples (bytes, known keys only) in deterministic order."""
-        order, split = self._shard_order(worker, epoch)
+    def _reader(self, worker: int, epoch: int, state: dict[str, Any], stats: dict[str, Any]) -> TailReader:
+        shard_url, split = self._shard_sequence(worker, epoch)
 
         def on_error(url: str, key: str, msg: str) -> None:
             _skip(stats, "bad_shard", f"{url}:{key}" if key else url, msg)
 
-        index = 0
-        empty_in_a_row = 0
-        for url in order:
-            got = 0
-            for sample in iter_raw_samples(url, on_error, keep=lambda ext: ext in KNOWN_KEYS or is_unsafe_key(ext),
-                                           retries=self.cfg.data.read_retries,
-                                           backoff_s=self.cfg.data.retry_backoff_s,
-                                           timeout_s=self.cfg.data.read_timeout_s):
-                got += 1
-                if split is not None:
-                    index += 1
-                    if (index - 1) % split[1] != split[0]:
-                        continue
-                yield sample
-            empty_in_a_row = 0 if got else empty_in_a_row + 1
-            if self.cfg.data.resampled and empty_in_a_row >= 100 * max(1, len(self.urls)):
+        def read(url: str) -> Iterator[dict[str, Any]]:
+            return iter_raw_samples(url, on_error, keep=lambda ext: ext in KNOWN_KEYS or is_unsafe_key(ext),
+                                    retries=self.cfg.data.read_retries, backoff_s=self.cfg.data.retry_backoff_s,
+                                    timeout_s=self.cfg.data.read_timeout_s)
+
+        def on_empty(in_a_row: int) -> None:
+            if self.cfg.data.resampled and in_a_row >= 100 * max(1, len(self.urls)):
                 raise RuntimeError(f"no readable samples in shards {self.cfg.data.train_shards}")
+
+        return TailReader(shard_url, read, split, state, on_empty)
+
+    def _samples(self, worker: int, state: dict[str, Any], snapshot: list[Callable[[], None]]
+                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(output position, raw sample) after the shuffle, from the saved position on.
+
+        `snapshot[0]()`, called between two samples, writes the reader's position and the
+        buffer's tags into `state` (O(buffer) work, so only once a batch).
+        """
+        epoch, stats = state["epoch"], state["stats"]
+        reader = self._reader(worker, epoch, state["reader"], stats)
+        buffer = ShuffleBuffer(self.cfg.data.shuffle_buffer, (3, *self._ids(worker), epoch))
+        if state["buffer"] is not None:  # resume: re-read only what the buffer held
+            saved = state["buffer"]
+            missing = buffer.restore(saved, reader.refetch([(k, j) for _, k, j in saved["entries"]]))
+            if missing:
+                _skip(stats, "resume_lost", f"{missing} shuffle-buffer sample(s)", "could not be re-read")
+        stats["reread_samples"] = stats.get("reread_samples", 0) + reader.reread["samples"]
+        stats["reread_bytes"] = stats.get("reread_bytes", 0) + reader.reread["bytes"]
+
+        def save() -> None:
+            state["reader"], state["buffer"] = reader.state_dict(), buffer.state_dict()
+
+        snapshot.append(save)
+        for tag, raw in reader:
+            out = buffer.push(tag, raw)
+            if out is not None:
+                yield buffer.outputs - 1, out[1]
+        for _, raw in buffer.drain():
+            yield buffer.outputs - 1, raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -132,17 +139,14 @@ class StageStream(IterableDataset):
         state = copy.deepcopy(self.worker_states.get(worker) or _fresh_worker_state())
         if state["done"]:
             return
-        stats, epoch, skip_to = state["stats"], state["epoch"], state["consumed"]
-        ids = self._ids(worker)
-        stream = shuffle_buffer(self._raw(worker, epoch, stats), self.cfg.data.shuffle_buffer,
-                                _rng(3, *ids, epoch))
+        ids, epoch = self._ids(worker), state["epoch"]
+        stats = state["stats"]
         batch: list[dict[str, Any]] = []
-        for pos, raw in enumerate(stream):
-            if pos < skip_to:
-                continue  # consumed before the checkpoint: never decoded
+        snapshot: list[Callable[[], None]] = []
+        for pos, raw in self._samples(worker, state, snapshot):
             try:
                 sample = decode_sample(raw, self.geo, self.cfg.text.embed_dim, self.cfg.text.max_length,
-                                       _rng(4, *ids, epoch, pos))
+                                       seeded_rng(4, *ids, epoch, pos))
             except SkipSample as err:
                 _skip(stats, err.reason, f"{raw['__url__']}:{raw['__key__']}", err.detail)
                 continue
@@ -151,6 +155,7 @@ class StageStream(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 state["consumed"] = pos + 1
+                snapshot[0]()
                 yield _collate(batch, worker, state, self.cfg.text)
                 batch = []
         # A finite epoch ends here; the partial batch is dropped so every batch is full.
@@ -243,10 +248,13 @@ class TrainLoader:
     @property
     def stats(self) -> dict[str, Any]:
         """Samples delivered and skipped (by reason, with recent examples), over all workers."""
-        total: dict[str, Any] = {"samples": 0, "skipped": {}, "examples": [], "batches": self.batches}
+        total: dict[str, Any] = {"samples": 0, "skipped": {}, "examples": [], "batches": self.batches,
+                                 "reread_samples": 0, "reread_bytes": 0}
         for w in sorted(self.worker_states):
             s = self.worker_states[w]["stats"]
             total["samples"] += s["samples"]
+            total["reread_samples"] += s.get("reread_samples", 0)
+            total["reread_bytes"] += s.get("reread_bytes", 0)
             for reason, n in s["skipped"].items():
                 total["skipped"][reason] = total["skipped"].get(reason, 0) + n
             total["examples"].extend(s["examples"])
@@ -270,7 +278,8 @@ class TrainLoader:
                 "num_workers": self.num_workers, "resampled": self.cfg.data.resampled}
         diff = {k: (state.get(k), mine[k]) for k in layout if state.get(k) != mine[k]}
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')!r} cannot be continued by this "
+                             f"loader (version {STATE_VERSION}: the shard sequence and buffer state changed)")
         self.batches = int(state["batches"])
         if diff:
             msg = "loader state was saved with a different " + ", ".join(

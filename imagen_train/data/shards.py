@@ -3,7 +3,7 @@
 A shard spec is a brace pattern (`data/{00000..00099}.tar`), several joined by `::`, a list
 file (one shard a line, `#` comments; recognised by not ending in `.tar`), a local path or a
 `pipe:` command (`pipe:aws s3 cp s3://b/00001.tar -`). Samples come out as raw bytes; nothing
-is decoded here, which is what lets the loader skip consumed samples cheaply on resume.
+is decoded here, which keeps what a resume re-reads (data/stream.py) cheap.
 """
 
 from __future__ import annotations

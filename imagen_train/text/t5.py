@@ -13,8 +13,26 @@ from typing import Optional, Sequence
 import torch
 
 
+# `from_pretrained(dtype=...)` arrived in transformers 4.56 (huggingface/transformers#39782, which
+# renamed `torch_dtype`); older versions refuse it. requirements.txt states the same floor (a test
+# checks that they agree).
+MIN_TRANSFORMERS = (4, 56)
+
+
 class TextEncoderError(ValueError):
     """The text encoder folder is missing or does not hold a T5 encoder and tokenizer."""
+
+
+def check_transformers_version(version: str) -> None:
+    """Refuse a transformers release older than MIN_TRANSFORMERS, naming both versions."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) or "0"  # "0rc1" -> 0
+        parts.append(int(digits))
+    if tuple(parts) < MIN_TRANSFORMERS:
+        floor = ".".join(map(str, MIN_TRANSFORMERS))
+        raise TextEncoderError(f"transformers {version} is too old: imagen-train needs >= {floor} "
+                               f"(pip install 'transformers>={floor}')")
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -69,8 +87,10 @@ def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu
                       dtype: Optional[torch.dtype] = None, max_length: int = 128,
                       local_files_only: bool = True) -> TextEncoder:
     """Load a T5 encoder + tokenizer from a save_pretrained folder (or hub name if allowed)."""
-    from transformers import AutoConfig, AutoTokenizer, T5EncoderModel  # slow import, only here
+    import transformers  # slow import, only here
+    from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
+    check_transformers_version(transformers.__version__)
     path_str = str(path)
     if local_files_only and not Path(path_str).is_dir():
         raise TextEncoderError(f"text encoder folder not found: {path_str} (give a local "

@@ -117,6 +117,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     folder the run writes to is writable.
     """
     from imagen_train.data import expand_shards
+    from imagen_train.data.preflight import check_shards
 
     cfg.training.grad_accum_for(world_size)
     ds.build_optimizer_op(cfg)  # a compiled optimizer op builds (or fails) before any data work
@@ -138,6 +139,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     if local and not any(_has_a_sample(u) for u in local):
         raise ConfigError("data.train_shards", "shards holding samples",
                           f"{spec} ({len(local)} shard(s), no sample in any)")
+    check_shards(cfg, urls)  # embedding schema and width, captions, image size of a few shards
     if cfg.text.encoder_path and not Path(cfg.text.encoder_path).exists():
         raise ConfigError("text.encoder_path", "an existing encoder folder", cfg.text.encoder_path)
     if cfg.training.compile:
@@ -243,7 +245,8 @@ class Trainer:
             dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
         if dist.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
-        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id)
+        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id,
+                                   fresh=resume == "none")
         self.wandb_id = self.logger.run_id
 
     # ------------------------------------------------------------------------------------------
