@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from imagen_train.utils.signals import is_stop_signal_name
+
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or impossible; the message names file and key."""
@@ -260,6 +262,9 @@ class TrainingConfig:
     # torch.compile the network (inductor: a C++ compiler on a CPU, Triton on a GPU); the first
     # steps are slow while it compiles. Checked before training starts.
     compile: bool = False
+    # Signals that make every rank save at the next step boundary and exit 0 (preemption; the
+    # advance warning of SLURM's --signal=B:USR1@300). docs/fault-tolerance.md, "Preemption".
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps", "a positive int", self.max_steps)
@@ -275,6 +280,8 @@ class TrainingConfig:
         _check(self.max_bad_steps >= 1, "max_bad_steps", "a positive int", self.max_bad_steps)
         _check(self.dist_timeout_s >= 1, "dist_timeout_s", "a positive int", self.dist_timeout_s)
         _check(self.log_every_steps >= 1, "log_every_steps", "a positive int", self.log_every_steps)
+        _check(all(is_stop_signal_name(name) for name in self.stop_signals), "stop_signals",
+               "a list of catchable signal names such as [SIGTERM, SIGINT, SIGUSR1]", self.stop_signals)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Gradient accumulation steps so that micro x accum x world == global; error if impossible."""

@@ -1,0 +1,44 @@
+"""Signal names and the DataLoader worker hook that leaves stop signals to the rank.
+
+Launchers signal a rank's whole process tree (DeepSpeed's `launch.py` terminates every
+descendant of each rank; a terminal's Ctrl-C reaches the whole process group). A DataLoader
+worker killed that way makes its rank fail with "DataLoader worker ... is killed by signal"
+before it can save, so workers ignore the stop signals and the rank decides: it saves, exits,
+and its DataLoader then stops the workers.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Iterable
+
+# Signals that may never be caught or ignored, or that mean a crash, not a request.
+_NOT_STOP_SIGNALS = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
+# What launchers send to a rank's process tree whatever the config says.
+LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def is_stop_signal_name(name: object) -> bool:
+    """True for a name such as 'SIGUSR1' that a process can catch to save and stop."""
+    return (isinstance(name, str) and name not in _NOT_STOP_SIGNALS
+            and isinstance(getattr(signal.Signals, name, None), signal.Signals))
+
+
+def signal_numbers(names: Iterable[str]) -> list[signal.Signals]:
+    """`['SIGTERM', 'SIGUSR1']` -> the signal enums, in order, without duplicates."""
+    out: list[signal.Signals] = []
+    for name in names:
+        sig = signal.Signals[name]
+        if sig not in out:
+            out.append(sig)
+    return out
+
+
+def ignore_in_worker(names: tuple[str, ...], worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: ignore the stop signals and the launchers' (see module doc).
+
+    Use as `functools.partial(ignore_in_worker, tuple(names))` (picklable for spawned workers).
+    Ignored dispositions survive exec, so `pipe:` readers the worker starts ignore them too.
+    """
+    for sig in signal_numbers((*names, *LAUNCHER_SIGNALS)):
+        signal.signal(sig, signal.SIG_IGN)
