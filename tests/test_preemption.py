@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(600)
 
 # Checkpoints only at the end (step MAX_STEPS) unless a stop request writes one; the signal is
 # sent once SIGNAL_AFTER steps are logged, well before the end.
-MAX_STEPS, SIGNAL_AFTER = 40, 2
+MAX_STEPS, SIGNAL_AFTER = 24, 2
 EXIT_BOUND_S = 60  # from the signal to the last process gone (the save takes ~1 s here)
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 HOSTFILE = REPO / "launch" / "hostfile.example"
@@ -92,9 +92,11 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def _wait_all_gone(procs: list[psutil.Process], bound_s: float, log: list[str]) -> None:
-    deadline = time.monotonic() + bound_s
+    start = time.monotonic()
+    deadline = start + bound_s
     while _alive(procs) and time.monotonic() < deadline:
         time.sleep(0.2)
+    print(f"all {len(procs)} processes gone {time.monotonic() - start:.1f} s after the signal")
     left = [(p.pid, " ".join(p.cmdline()[:4])) for p in _alive(procs)]
     assert not left, f"processes left running {bound_s} s after the signal: {left}\n" + "".join(log)[-4000:]
 
@@ -200,7 +202,13 @@ FAKE_SRUN = r"""#!/bin/bash
 # Stand-in for srun: runs SLURM_NTASKS local tasks with srun's task variables, forwards the
 # signals srun forwards, and exits non-zero if a task failed. It records its own arguments.
 echo "$*" > "$FAKE_SLURM_LOG/srun.args"
-while [[ "$1" == --* ]]; do shift; done
+while [[ "$1" == --* ]]; do
+  if [[ "$1" == --export=ALL,* ]]; then
+    IFS=, read -ra pairs <<< "${1#--export=ALL,}"
+    for pair in "${pairs[@]}"; do export "${pair?}"; done
+  fi
+  shift
+done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
@@ -264,7 +272,7 @@ def test_sbatch_advance_warning_saves_and_requeues(tmp_path, shards_64):
     cmd = ["bash", str(SBATCH), str(REPO / "configs" / "base64-tiny.yaml")]
     for item in sets:
         cmd += ["--set", item]
-    job = _start(cmd, MASTER_PORT=str(free_port()), **env)
+    job = _start(cmd, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **env)
     log = _drain(job)
     try:
         _wait_for_steps(run_dir, job, log, SIGNAL_AFTER)
