@@ -10,6 +10,7 @@ DeepSpeed's own parser.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,9 +122,9 @@ def _assert_one_complete_checkpoint(root: Path) -> int:
     assert len(tags) == 1, sorted(p.name for p in root.iterdir())
     assert not list(root.glob(ckpt.STAGING_PREFIX + "*"))
     ckpt.verify(root / tags[0])
-    files = set((root / tags[0] / "manifest.json").read_text().split('"'))
-    for r in range(2):
-        assert any(f"rank{r}" in f or f"rank_{r}" in f for f in files), (r, sorted(files))
+    files = json.loads((root / tags[0] / "manifest.json").read_text())["files"]
+    for r in range(2):  # our state and DeepSpeed's optimizer partition, from each rank
+        assert {f"trainer_state_rank{r:05d}.pt", f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"} <= files.keys()
     step = ckpt.step_of(tags[0])
     assert SIGNAL_AFTER <= step < MAX_STEPS
     return step
@@ -190,6 +191,8 @@ def test_stop_signal_saves_exits_and_resumes_exactly(tmp_path, shards_64, straig
     text = "".join(log)
     assert "Traceback" not in text and "killed by signal" not in text, text[-4000:]
     assert "[train] stop requested (" in text, text[-4000:]
+    # The runner dies of the signal; launch.py exits 1 after it was signalled (its code, not ours).
+    assert job.returncode == {"runner": -sig, "launcher": 1, "rank": 0}[target], text[-4000:]
     if target == "runner":
         assert "[train] stop requested (launcher deepspeed (pid" in text
     step = _assert_one_complete_checkpoint(run_dir / "checkpoints")

@@ -20,8 +20,7 @@ LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT")
 
 def is_stop_signal_name(name: object) -> bool:
     """True for a name such as 'SIGUSR1' that a process can catch to save and stop."""
-    return (isinstance(name, str) and name not in _NOT_STOP_SIGNALS
-            and isinstance(getattr(signal.Signals, name, None), signal.Signals))
+    return isinstance(name, str) and name in signal.Signals.__members__ and name not in _NOT_STOP_SIGNALS
 
 
 def signal_numbers(names: Iterable[str]) -> list[signal.Signals]:
