@@ -23,7 +23,6 @@ expose. The cost of resuming is re-reading (not decoding) the consumed part of t
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 import random
@@ -36,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imagen_train.data.schema import KNOWN_KEYS, is_unsafe_key
 from imagen_train.data.shards import expand_shards, iter_raw_samples
 from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
-from imagen_train.utils.signals import ignore_in_worker
+from imagen_train.utils.signals import worker_init
 
 log = logging.getLogger(__name__)
 MAX_SKIP_EXAMPLES = 20  # named skipped samples kept per worker (counts are complete)
@@ -231,8 +230,7 @@ class TrainLoader:
         # state a checkpoint restores (the draw shifted the noise after a resume; our samples
         # are seeded by the stream state, not by that seed).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.data.num_workers,
-                            worker_init_fn=functools.partial(
-                                ignore_in_worker, tuple(self.cfg.training.stop_signals)),
+                            worker_init_fn=worker_init(self.cfg.training.stop_signals),
                             generator=torch.Generator(),
                             prefetch_factor=self.cfg.data.prefetch_factor,
                             pin_memory=self.cfg.data.pin_memory and torch.cuda.is_available())

@@ -9,8 +9,11 @@ and its DataLoader then stops the workers.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
-from typing import Iterable
+from typing import Callable, Iterable
 
 # Signals that may never be caught or ignored, or that mean a crash, not a request.
 _NOT_STOP_SIGNALS = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
@@ -34,10 +37,33 @@ def signal_numbers(names: Iterable[str]) -> list[signal.Signals]:
 
 
 def ignore_in_worker(names: tuple[str, ...], worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: ignore the stop signals and the launchers' (see module doc).
+    """Ignore the stop signals and the launchers' in this (worker) process; see the module doc.
 
-    Use as `functools.partial(ignore_in_worker, tuple(names))` (picklable for spawned workers).
     Ignored dispositions survive exec, so `pipe:` readers the worker starts ignore them too.
     """
     for sig in signal_numbers((*names, *LAUNCHER_SIGNALS)):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_init(names: Iterable[str]) -> Callable[[int], None]:
+    """The DataLoader `worker_init_fn` that ignores stop signals; call it in the rank.
+
+    It also registers (once) an exit hook in the calling process: at interpreter exit
+    multiprocessing stops daemonic children (DataLoader workers) with SIGTERM and then joins
+    them, which would wait forever on workers that ignore SIGTERM. The hook, registered after
+    multiprocessing's and so run before it, SIGKILLs them instead (a SIGTERM did no cleanup
+    in a worker either). The partial is picklable, for spawned workers.
+    """
+    _register_exit_hook()
+    return functools.partial(ignore_in_worker, tuple(names))
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+@functools.cache
+def _register_exit_hook() -> None:
+    atexit.register(_kill_daemonic_children)
