@@ -410,3 +410,14 @@ def test_dataloader_workers_ignore_stop_signals_and_end_with_the_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     worker = int(proc.stdout.split()[1])
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+
+def test_save_time_fit_separates_fixed_cost_and_rate():
+    """bench/checkpoint_save.py's fit, behind the time-budget table of docs/fault-tolerance.md."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import checkpoint_save
+
+    rows = [{"bytes": b, "median_s": 0.5 + b / 100e6} for b in (1e6, 50e6, 400e6)]
+    fixed, rate = checkpoint_save.fit(rows)
+    assert fixed == pytest.approx(0.5) and rate == pytest.approx(100e6)
+    assert checkpoint_save.fit(rows[:1]) == (0.0, pytest.approx(1e6 / rows[0]["median_s"]))
