@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from imagen_train.utils.signals import is_stop_signal_name
+
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or impossible; the message names file and key."""
@@ -285,6 +287,9 @@ class TrainingConfig:
     # resumed (the checkpoint wins). `init_from_weights` picks the export's "ema" or "raw" ones.
     init_from: Optional[str] = None
     init_from_weights: Literal["ema", "raw"] = "ema"
+    # Signals that make every rank save at the next step boundary and exit 0 (preemption; the
+    # advance warning of SLURM's --signal=B:USR1@300). docs/fault-tolerance.md, "Preemption".
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps", "a positive int", self.max_steps)
@@ -302,6 +307,8 @@ class TrainingConfig:
         _check(self.log_every_steps >= 1, "log_every_steps", "a positive int", self.log_every_steps)
         _check(self.init_from is None or self.init_from.endswith(".safetensors"), "init_from",
                "null or a .safetensors export", self.init_from)
+        _check(all(is_stop_signal_name(name) for name in self.stop_signals), "stop_signals",
+               "a list of catchable signal names such as [SIGTERM, SIGINT, SIGUSR1]", self.stop_signals)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Gradient accumulation steps so that micro x accum x world == global; error if impossible."""

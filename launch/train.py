@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    # Catch stop signals and watch the launchers from the start, before the slow imports and
+    # the engine build: a stop asked for then is honoured at the first step boundary.
+    from imagen_train.training.preemption import StopRequest
+    stop = StopRequest(cfg.training.stop_signals).install()
 
     from imagen_train.training.checkpoint import CheckpointError
     from imagen_train.training.trainer import Trainer, TrainingStopped
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.evaluation.eval_every_steps > 0:
             from imagen_train.evaluation.periodic import make_periodic_evaluator
             callbacks.append(make_periodic_evaluator(cfg))
-        result = Trainer(cfg, resume=args.resume, callbacks=callbacks).run()
+        result = Trainer(cfg, resume=args.resume, callbacks=callbacks, stop=stop).run()
     except TrainingStopped as err:
         from imagen_train.utils.dist import is_main
         if is_main():

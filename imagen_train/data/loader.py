@@ -36,6 +36,7 @@ from imagen_train.data.schema import KNOWN_KEYS, is_unsafe_key
 from imagen_train.data.shards import expand_shards, iter_raw_samples
 from imagen_train.data.stream import ShuffleBuffer, TailReader, seeded_rng
 from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
+from imagen_train.utils.signals import worker_init
 
 log = logging.getLogger(__name__)
 MAX_SKIP_EXAMPLES = 20  # named skipped samples kept per worker (counts are complete)
@@ -229,7 +230,13 @@ class TrainLoader:
         dataset = StageStream(self.cfg, self.rank, self.world_size, states, rotation=self.next_worker)
         if self.cfg.data.num_workers == 0:
             return iter(dataset)
+        # Workers ignore stop signals: the rank saves, exits and then stops them. The generator:
+        # starting workers draws their base seed from it, not from the global torch RNG, whose
+        # state a checkpoint restores (the draw shifted the noise after a resume; our samples
+        # are seeded by the stream state, not by that seed).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.data.num_workers,
+                            worker_init_fn=worker_init(self.cfg.training.stop_signals),
+                            generator=torch.Generator(),
                             prefetch_factor=self.cfg.data.prefetch_factor,
                             pin_memory=self.cfg.data.pin_memory and torch.cuda.is_available())
         return iter(loader)

@@ -9,7 +9,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from imagen_train.config import Config, ConfigError, save_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine as ds
-from imagen_train.training import export, faults, speed
+from imagen_train.training import export, faults, preemption, speed
 from imagen_train.training.ema import EMA
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
@@ -40,25 +39,6 @@ class TrainResult:
 
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; checked at step boundaries so the job saves and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -180,17 +160,20 @@ class Trainer:
     """Trains one stage; `run()` returns when max_steps is reached or a signal asks it to stop.
 
     `callbacks` are called as `callback(trainer)` after every optimizer step and EMA update, on
-    every rank (periodic evaluation hooks in here).
+    every rank (periodic evaluation hooks in here). `stop`: a StopRequest installed by the caller
+    for the whole process (launch/train.py); None: `run()` installs one for its own duration.
     """
 
     def __init__(self, cfg: Config, resume: str = "auto",
-                 callbacks: Optional[list[Callable[["Trainer"], None]]] = None):
+                 callbacks: Optional[list[Callable[["Trainer"], None]]] = None,
+                 stop: Optional[preemption.StopRequest] = None):
         from imagen_train.data import build_train_loader
         from imagen_train.diffusion import build_diffusion
         from imagen_train.models import build_model
 
         self.cfg = cfg
         self.callbacks = list(callbacks or [])
+        self.stop = stop
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = checkpoint_root(cfg)
         preflight(cfg, dist.world_size())
@@ -345,8 +328,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.training
-        stop = _StopFlag()
-        stop.install()
+        stop = self.stop or preemption.StopRequest(t.stop_signals).install()
         rank = dist.rank()
         data_iter = iter(self.loader)
         progress = None
@@ -418,10 +400,12 @@ class Trainer:
                     path = self.save_checkpoint()
                     dist.print0(f"[train] checkpoint {path}")
                 if stopped_by_signal:
-                    dist.print0(f"[train] stop requested: saved step {self.step} and exiting")
+                    dist.print0(f"[train] stop requested ({stop.reason or 'on another rank'}): "
+                                f"saved step {self.step} and exiting")
                     break
         finally:
-            stop.restore()
+            if stop is not self.stop:
+                stop.restore()
             if progress is not None:
                 progress.close()
             self.logger.close()

@@ -1,0 +1,142 @@
+"""Stop requests: save at the next step boundary and exit, whichever process of the job is told.
+
+A job is stopped by a signal to one of three kinds of process, and each must end in one complete
+checkpoint from every rank (docs/fault-tolerance.md, "Preemption"):
+
+- a rank (SLURM signals every task; `kill` by hand): the rank's handler sets the request;
+- DeepSpeed's `launch.py` (it terminates each rank's process tree in turn): the same, and the
+  DataLoader workers ignore the signal (`imagen_train.utils.signals.ignore_in_worker`);
+- the `deepspeed` command (the runner) or `torchrun`: on one node the runner forwards nothing and
+  just dies, leaving `launch.py` and the ranks running. So each rank watches its launcher
+  processes and asks to stop when one of them is gone, however it died.
+
+The trainer all-reduces `requested` at every step boundary (`dist.any_true`), so one rank's request
+stops every rank at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Iterable, Optional
+
+import psutil
+
+from imagen_train.utils.signals import signal_numbers
+
+# How launcher processes are recognised from their command line: script base names and
+# `python -m` module names (the runner is `bin/deepspeed`; it starts `-m deepspeed.launcher.launch`).
+_LAUNCHER_SCRIPTS = ("deepspeed", "deepspeed.pt", "torchrun")
+_LAUNCHER_MODULES = ("deepspeed.launcher.runner", "deepspeed.launcher.launch",
+                     "torch.distributed.run", "torch.distributed.launch")
+
+
+def launcher_name(cmdline: list[str]) -> Optional[str]:
+    """The launcher a command line runs (e.g. 'deepspeed.launcher.launch'), or None."""
+    # argv[0] is the interpreter (or the script itself, run by its shebang); the script or the
+    # module comes within the next few arguments (`python -u -m module`).
+    for i, arg in enumerate(cmdline[:5]):
+        if os.path.basename(arg) in _LAUNCHER_SCRIPTS:
+            return os.path.basename(arg)
+        if arg in _LAUNCHER_MODULES and i > 0 and cmdline[i - 1] == "-m":
+            return arg
+    return None
+
+
+def launcher_ancestors(pid: Optional[int] = None) -> list[tuple[psutil.Process, str]]:
+    """The unbroken chain of launcher processes above `pid` (this process), nearest first.
+
+    Under `deepspeed`: [launch.py, the runner]; under torchrun: [torchrun]; started by a shell,
+    a scheduler or a test: []. Only launchers are watched, so a plain `python launch/train.py`
+    whose shell exits (nohup) keeps training.
+    """
+    chain = []
+    try:
+        proc = psutil.Process(pid or os.getpid()).parent()
+        while proc is not None and proc.pid > 1:
+            name = launcher_name(proc.cmdline())
+            if name is None:
+                break
+            chain.append((proc, name))
+            proc = proc.parent()
+    except psutil.Error:  # an ancestor exited while we looked: watch what was found
+        pass
+    return chain
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Exited (a zombie waiting for its parent counts as exited; a reused pid does not fool it)."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+class StopRequest:
+    """Set by a stop signal or by a launcher's death; read by the trainer at step boundaries.
+
+    `install()` catches `signal_names` (the signal handler only sets a flag: no printing, which
+    can fail re-entering a stream the main thread is writing) and, with `watch_launchers`,
+    starts a daemon thread that polls the launcher processes above this one every `poll_s`.
+    Further signals after the first are ignored too: a launcher and a terminal may both signal
+    the same rank, and the save must not be cut short by the second. `restore()` undoes both.
+    """
+
+    def __init__(self, signal_names: Iterable[str] = ("SIGTERM", "SIGINT", "SIGUSR1"),
+                 watch_launchers: bool = True, poll_s: float = 1.0):
+        self.signals = signal_numbers(signal_names)
+        self.watch_launchers = watch_launchers
+        self.poll_s = poll_s
+        self.requested = False
+        self.reason: Optional[str] = None
+        self.launchers: list[tuple[psutil.Process, str]] = []
+        self._previous: dict[signal.Signals, object] = {}
+        self._done = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def request(self, reason: str) -> None:
+        if not self.requested:
+            self.reason = reason
+            self.requested = True
+
+    def _handle(self, signum, frame) -> None:
+        self.request(f"{signal.Signals(signum).name} received")
+
+    def install(self) -> "StopRequest":
+        """Catch the signals (main thread only) and start watching the launchers; returns self."""
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        if self.watch_launchers:
+            self.launchers = launcher_ancestors()
+            if self.launchers:
+                self._thread = threading.Thread(target=self._watch, name="launcher-watch", daemon=True)
+                self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        parent = os.getppid()
+        while not self._done.wait(self.poll_s):
+            for proc, name in self.launchers:
+                if _gone(proc):
+                    self.request(f"launcher {name} (pid {proc.pid}) exited")
+                    return
+            if os.getppid() != parent:  # the parent launcher died and we were re-parented
+                self.request(f"launcher {self.launchers[0][1]} (pid {parent}) exited")
+                return
+
+    def restore(self) -> None:
+        """Put the previous signal handlers back and stop the watch thread."""
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.poll_s)
+            self._thread = None
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
