@@ -82,6 +82,41 @@ def test_peer_is_matched_and_compared(tmp_path):
     assert ratio["peak_mem"] == pytest.approx(ours["peak_mem_gib"] / peer["peak_mem_gib"])
 
 
+@pytest.mark.parametrize("preset", ["base64-500m", "base64-2b"])
+def test_peer_of_a_large_preset_builds_and_runs(preset):
+    """The matched peer at 500M and 2B: whole heads at every attention layer and a forward that
+    runs (on the meta device). A 672-wide level of 64-wide heads once built, then failed in diffusers'
+    attention reshape on the GPU."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    import if_peer
+    from imagen_train.config import load_preset
+    from imagen_train.models import build_model, count_parameters
+
+    cfg = load_preset(preset)
+    m = cfg.model
+    with torch.device("meta"):
+        ours = count_parameters(build_model(m, cfg.text, cfg.stage, cfg.train_resolution))
+    kwargs, count = if_peer.match_peer(cfg, ours)
+    assert abs(count / ours - 1) <= train_step.PEER_TOLERANCE
+    widths = kwargs["block_out_channels"]
+    base = widths[0]
+    for width, mult in zip(widths, m.channel_mult):  # our multipliers, give or take the rounding
+        assert abs(width - base * mult) <= if_peer.MAX_ROUNDING * base * mult
+    with torch.device("meta"):
+        unet = if_peer.build_peer(kwargs)
+    attention = [a for a in unet.modules() if isinstance(a, Attention)]  # the levels and the middle
+    assert attention
+    for a in attention:
+        assert a.inner_dim == a.query_dim and a.heads * m.num_head_channels == a.query_dim
+    L, D, res = cfg.text.max_length, cfg.text.embed_dim, cfg.train_resolution
+    with torch.device("meta"):
+        out = if_peer.peer_forward(unet)(torch.zeros(2, 3, res, res), torch.zeros(2), torch.zeros(2, L, D),
+                                         torch.ones(2, L, dtype=torch.bool))
+    assert out.shape == (2, m.out_channels, res, res)
+
+
 @pytest.mark.parametrize("baseline", sorted(train_step.BASELINES))
 def test_baseline_trains_beside_ours_with_the_change_undone(baseline, monkeypatch):
     """--baseline trains a second copy of our network whose steps run inside the baseline's context."""
