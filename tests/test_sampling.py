@@ -141,3 +141,78 @@ def test_pipeline_config_errors_name_the_key(tmp_path, tiny_exports, tiny_t5_dir
                                                     encoder_path="null"))
     with pytest.raises(ConfigError, match="encoder_path"):
         generate(cfg, cfg.prompts())
+
+
+def _stage_inputs(cfg, generator: torch.Generator) -> dict:
+    """Random network inputs for a stage at its training size (some text padding)."""
+    res, L, D = cfg.output_resolution, cfg.text.max_length, cfg.text.embed_dim
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[1, L // 2:] = False
+    inputs = {"x": torch.randn(2, 3, res, res, generator=generator), "noise_cond": torch.randn(2, generator=generator),
+              "text_emb": torch.randn(2, L, D, generator=generator), "text_mask": mask}
+    if cfg.stage != "base64":
+        low = cfg.lowres_resolution
+        inputs.update(lowres=torch.randn(2, 3, low, low, generator=generator),
+                      lowres_noise_cond=torch.rand(2, generator=generator))
+    return inputs
+
+
+@pytest.mark.parametrize("stage", ["base64", "sr256"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_built_stage_equals_a_normally_built_one(stage, dtype, tmp_path):
+    """Inference builds on the meta device and takes the file's tensors as its weights: the same
+    outputs, to the bit, as a network built with its usual initialisation and then loaded, and
+    nothing (no parameter, no buffer) left on the meta device."""
+    from safetensors.torch import load_file
+
+    from imagen_train.models import build_model
+    from imagen_train.training.export import exported_config
+
+    path = export_tiny(stage, tmp_path / f"{stage}.safetensors", seed=3, live=True)
+    cfg = exported_config(path)
+    reference = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    reference.load_state_dict({k[len("ema."):]: v for k, v in load_file(str(path)).items()}, strict=True)
+    reference = reference.to(dtype).eval().requires_grad_(False)
+
+    net, _ = load_stage(str(path), True, torch.device("cpu"), dtype)
+    tensors = dict(net.named_parameters()) | dict(net.named_buffers())
+    reference_tensors = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert tensors.keys() == reference_tensors.keys()
+    assert not any(t.is_meta for t in tensors.values())
+    assert all(t.dtype == dtype and not t.requires_grad for t in net.parameters())
+    assert not net.training
+    inputs = _stage_inputs(cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, expected = net(**inputs), reference(**inputs)
+    assert out.abs().sum() > 0  # live weights: the output depends on every layer
+    assert torch.equal(out, expected)
+
+
+def test_an_export_missing_weights_is_refused_naming_file_and_keys(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from imagen_train.models import WeightsMismatchError
+    from imagen_train.training.export import CONFIG_KEY, load_exported
+
+    full = export_tiny("sr256", tmp_path / "full.safetensors")
+    tensors = load_file(str(full))
+    dropped = sorted(k for k in tensors if k.startswith("ema.") and k.endswith(".film.weight"))[:2]
+    for key in dropped:
+        del tensors[key]
+    tensors["ema.extra.weight"] = torch.zeros(1)
+    broken = tmp_path / "broken.safetensors"
+    with safe_open(str(full), framework="pt") as f:
+        save_file(tensors, str(broken), metadata={CONFIG_KEY: f.metadata()[CONFIG_KEY]})
+    with pytest.raises(WeightsMismatchError) as err:
+        load_stage(str(broken), True, torch.device("cpu"), torch.float32)
+    message = str(err.value)
+    assert str(broken) in message and "2 missing" in message and "extra.weight" in message
+    assert all(key[len("ema."):] in message for key in dropped)
+    # A tensor of the wrong shape is refused too, naming the file.
+    tensors = load_file(str(full))
+    tensors[dropped[0]] = torch.zeros(3)
+    with safe_open(str(full), framework="pt") as f:
+        save_file(tensors, str(broken), metadata={CONFIG_KEY: f.metadata()[CONFIG_KEY]})
+    with pytest.raises(WeightsMismatchError, match=str(broken)):
+        load_exported(broken)

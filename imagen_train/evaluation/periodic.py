@@ -156,12 +156,13 @@ class PeriodicEvaluator:
             self.evaluate(trainer)
 
     def _net(self, trainer) -> torch.nn.Module:
-        from imagen_train.models import build_model
+        from imagen_train.models import assign_weights, build_model
 
         state = gather_ema_state(trainer)
-        net = build_model(self.cfg.model, self.cfg.text, self.cfg.stage, self.cfg.train_resolution)
-        net.load_state_dict(state, strict=True)
-        return net.to(trainer.device).eval().requires_grad_(False)
+        # Built on the meta device: the gathered tensors become its weights, no init, no copy.
+        net = build_model(self.cfg.model, self.cfg.text, self.cfg.stage, self.cfg.train_resolution, device="meta")
+        assign_weights(net, state, "the gathered EMA weights", trainer.device)
+        return net.eval().requires_grad_(False)
 
     def _grid_conditioning(self) -> dict[str, Any]:
         if self._grid_cond is None:
