@@ -90,16 +90,29 @@ class Precision:
 
 class NetCaller:
     """The network as the diffusion code calls it: inputs in the weights' dtype (noise levels in
-    fp32), under autocast when asked, output fp32 so the sampler's arithmetic stays fp32."""
+    fp32), under autocast when asked, output fp32 so the sampler's arithmetic stays fp32.
+
+    The conditioning (text, low-res image) is the same tensor at every step of a run, so its
+    cast is kept and reused while the caller passes that very tensor again."""
 
     def __init__(self, net: torch.nn.Module, precision: Precision):
         self.net, self.precision = net, precision
+        self._casts: dict[str, tuple[Tensor, Tensor]] = {}  # argument -> (given tensor, its cast)
+
+    def _cast(self, t: Optional[Tensor], name: Optional[str] = None) -> Optional[Tensor]:
+        if t is None:
+            return None
+        if name is not None and name in self._casts and self._casts[name][0] is t:
+            return self._casts[name][1]
+        out = t.to(self.precision.weight_dtype)
+        if name is not None:
+            self._casts[name] = (t, out)
+        return out
 
     def __call__(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
-        dt = self.precision.weight_dtype
-        cast = (lambda t: None if t is None else t.to(dt))
         with self.precision.context():
-            out = self.net(cast(x), noise_cond.float(), cast(text_emb), text_mask, cast(lowres),
+            out = self.net(self._cast(x), noise_cond.float(), self._cast(text_emb, "text_emb"), text_mask,
+                           self._cast(lowres, "lowres"),
                            None if lowres_noise_cond is None else lowres_noise_cond.float())
         return out.float()
 
