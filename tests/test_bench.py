@@ -222,3 +222,60 @@ def test_profile_step_splits_the_step_and_rates_kernels():
     assert result["by_kind"]["convolution"] > 0 and result["by_kind"]["attention"] > 0
     convs = [g for g in result["groups"] if g["op"] == "aten::mkldnn_convolution"]
     assert convs and all(g["calls"] >= 1 and g["gflops_per_s"] > 0 for g in convs)
+
+
+def test_sampling_bench_reports_first_image_and_steady_state(tmp_path):
+    """bench/sampling.py: per run the encoder and every stage, a column's memory the peak of the
+    stages it needs, time to first image the sum of their first-image parts, img/s the stages in
+    series after the first batch."""
+    import sampling
+
+    out = tmp_path / "sampling.json"
+    result = sampling.main(["--presets", "tiny", "--precisions", "32", "--batch-sizes", "1", "--steps", "1",
+                            "--resolutions", "64", "256", "--threads", "1", "--work-dir", str(tmp_path / "work"),
+                            "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == result["table"]
+    (run,) = result["runs"]
+    assert run["status"] == "ok"
+    stages = {s["stage"]: s for s in run["stages"]}
+    assert list(stages) == ["text_encoder", "base64", "sr256"]  # nothing past the largest column
+    for name in ("base64", "sr256"):
+        s = stages[name]
+        assert s["load_s"] > 0 and s["first_batch_s"] > 0 and s["steady_images"] == 1 and s["steady_s"] > 0
+        assert s["first_image_s"] == pytest.approx(s["load_s"] + s["first_batch_s"])
+        assert s["ms_per_call"] == pytest.approx(1e3 * s["steady_s"] / s["nfe_per_image"])
+    col = sampling.column(run, 256)
+    assert col["first_image_s"] == pytest.approx(sum(s["first_image_s"] for s in stages.values()))
+    assert col["images_per_s"] == pytest.approx(
+        1 / (1 / stages["base64"]["steady_images_per_s"] + 1 / stages["sr256"]["steady_images_per_s"]))
+    assert col["peak_mem_gib"] == max(s["peak_mem_gib"] for s in stages.values())
+    assert sampling.column(run, 64)["first_image_s"] < col["first_image_s"]
+    assert "| 32 first image s |" in result["table"] and "256 b1" in result["table"]
+    assert "1024" not in result["table"].splitlines()[2]
+
+
+def test_sampling_bench_keeps_to_its_budget(tmp_path, monkeypatch):
+    """A run that overruns is stopped and marked; runs that would start too late are not started."""
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    import sampling
+
+    started, waited = [], [0.0]
+
+    def overrun(cmd, **kwargs):  # the worker runs until its timeout, on the bench's clock
+        started.append(kwargs["timeout"])
+        waited[0] += kwargs["timeout"]
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(sampling.subprocess, "run", overrun)
+    monkeypatch.setattr(sampling, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + waited[0],
+                                                          strftime=time.strftime))
+    result = sampling.main(["--presets", "tiny", "--precisions", "32", "16", "--batch-sizes", "1", "--steps", "1",
+                            "--resolutions", "64", "--budget-s", "600", "--min-run-s", "590",
+                            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "s.json")])
+    first, second = result["runs"]
+    assert len(started) == 1 and 590 <= started[0] <= 600  # the worker got what was left of the budget
+    assert first["status"].startswith("stopped") and second["status"].startswith("not run")
+    assert "| 32 GiB | stopped |" in result["table"] and "| 16 GiB | not run |" in result["table"]
