@@ -279,3 +279,15 @@ def test_sampling_bench_keeps_to_its_budget(tmp_path, monkeypatch):
     assert len(started) == 1 and 590 <= started[0] <= 600  # the worker got what was left of the budget
     assert first["status"].startswith("stopped") and second["status"].startswith("not run")
     assert "| 32 GiB | stopped |" in result["table"] and "| 16 GiB | not run |" in result["table"]
+
+
+def test_load_stage_bench_times_every_way_of_loading(tmp_path):
+    import load_stage
+
+    result = load_stage.main(["--preset", "sr256-tiny", "--export", str(tmp_path / "sr256.safetensors"), "--old",
+                              "--threads", "1", "--json", str(tmp_path / "load.json")])
+    assert result["export_written_s"] > 0 and result["export_bytes"] > 0
+    steps = result["steps"]
+    assert list(steps) == ["build", "meta_build", "meta_load", "old_load"]
+    assert len({s["params"] for s in steps.values()}) == 1 and all(s["seconds"] > 0 for s in steps.values())
+    assert json.loads((tmp_path / "load.json").read_text())["steps"] == steps
