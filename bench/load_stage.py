@@ -13,6 +13,10 @@ in a process of its own (fresh allocator, one copy of the weights at a time):
 - meta + load: `load_exported(path, device=...)`, the way sampling loads a stage now;
 - old load (`--old`): the previous way, a normal build, then `load_state_dict` from the file
   (two copies of the weights in memory at once).
+
+Then every weight is read once (`touch_s`): on a CPU, safetensors maps the file and its pages
+come in when first used, so part of a CPU load's cost lands in the first forward pass. On a
+GPU the weights are copied to the device during the load itself.
 """
 
 from __future__ import annotations
@@ -65,7 +69,14 @@ def measure(step: str, preset: str, export: str, device: torch.device, embed_dim
         raise ValueError(f"unknown step {step!r}")
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"step": step, "seconds": seconds, "params": count_parameters(net)}
+    touch_s = None
+    if step != "meta_build":  # read every weight once: a CPU load maps the file, pages come in on use
+        start = time.perf_counter()
+        with torch.no_grad():
+            total = sum(p.sum() for p in net.parameters())
+        float(total)
+        touch_s = time.perf_counter() - start
+    return {"step": step, "seconds": seconds, "touch_s": touch_s, "params": count_parameters(net)}
 
 
 def write_export(preset: str, path: Path, embed_dim: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -128,7 +139,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if proc.returncode or not lines:
             raise SystemExit(f"{step} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         result["steps"][step] = json.loads(lines[-1][len("RESULT "):])
-        print(f"[load_stage] {step:>10}: {result['steps'][step]['seconds']:.3f} s", flush=True)
+        touch = result["steps"][step]["touch_s"]
+        print(f"[load_stage] {step:>10}: {result['steps'][step]['seconds']:.3f} s"
+              + ("" if touch is None else f", then {touch:.3f} s to read every weight once"), flush=True)
     result["load_avg_after"] = os.getloadavg()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -290,4 +290,5 @@ def test_load_stage_bench_times_every_way_of_loading(tmp_path):
     steps = result["steps"]
     assert list(steps) == ["build", "meta_build", "meta_load", "old_load"]
     assert len({s["params"] for s in steps.values()}) == 1 and all(s["seconds"] > 0 for s in steps.values())
+    assert steps["meta_build"]["touch_s"] is None and steps["meta_load"]["touch_s"] > 0
     assert json.loads((tmp_path / "load.json").read_text())["steps"] == steps

@@ -97,6 +97,8 @@ def load_exported(path: str | Path, weights: str = "ema", device: str | torch.de
     cfg = exported_config(path)
     prefix = weights + "."
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # safetensors reads a bare "cuda" as cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
     state = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for key in f.keys():
