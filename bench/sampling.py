@@ -66,7 +66,8 @@ def export_random(preset: str, out: Path, embed_dim: int, device: torch.device) 
 
 def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """One cascade run of `spec` (precision, batch, ...): every stage's costs."""
-    import transformers  # noqa: F401  imported before the clock starts: the encoder's load is timed, not this
+    # Python imports (seconds, more on a busy machine) come before the clock: the encoder's load is timed.
+    from transformers import AutoConfig, AutoTokenizer, T5EncoderModel  # noqa: F401
 
     from imagen_train.evaluation.cascade import generate
     from imagen_train.evaluation.pipeline_config import load_pipeline_config
