@@ -1,13 +1,26 @@
-"""Sampling benchmark: images/s and peak memory per stage, precision and batch size, laid out
-like the reference README's inference-memory table.
+"""Sampling benchmark: time to first image, steady-state images/s and peak memory per precision
+and batch size, laid out like the reference README's inference-memory table.
 
-    python bench/sampling.py                       # GPU: real presets; CPU: tiny presets
+    python bench/sampling.py                                  # GPU: real presets; CPU: tiny presets
+    python bench/sampling.py --steps 4 --budget-s 420         # the GPU table in at most 7 minutes
     python bench/sampling.py --presets tiny --precisions 32 --batch-sizes 1 8 --steps 1
 
-Random weights (timing does not depend on them). One cascade run per (precision, batch) covers
-the 64, 256 and 1024 columns: a column's memory is the peak of the stages it needs (the stages
-run one at a time, each released before the next, the text encoder before all). On a GPU the
-memory is torch.cuda.max_memory_allocated; on a CPU, RSS growth (a rough figure).
+Random weights (timing does not depend on them), exported once per stage as launch/export.py
+writes them (fp32 safetensors), so each run loads them as a user's run would. Each
+(precision, batch) pair runs in a process of its own (a clean memory peak; a run that would
+overrun the budget is stopped, and the rest of the table stands) and samples `--batches`
+batches through the cascade to the largest of `--resolutions` (1024 px), which covers every
+column (64, 256, 1024):
+
+- memory: the peak of the text encoder and the stages a column needs (they run one at a time,
+  each released before the next). GPU: torch.cuda.max_memory_allocated; CPU: RSS growth.
+- time to first image: the encoder (load + encode), then per stage building the network on the
+  meta device, loading its weights, and sampling the first batch (see cascade.time_to_first_image).
+- img/s: the steady state, from the batches after the first (kernel selection and allocator
+  growth land in the first), the stages up to the column's resolution in series.
+
+Memory does not depend on the number of steps; img/s scales with the network calls (NFE), and
+ms per network call, in the JSON, does not.
 """
 
 from __future__ import annotations
@@ -15,24 +28,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # conftest.build_tiny_t5: the default random encoder
 
 PRESETS = {"tiny": {"base64": "base64-tiny", "sr256": "sr256-tiny", "sr1024": "sr1024-tiny"},
            "real": {"base64": "base64-2b", "sr256": "sr256-400m", "sr1024": "sr1024-400m"}}
-REFERENCE_GB = {16: [11.7, 11.9, 12.5, 13.0, 14.1, 21.6], 32: [21.7, 22.6, 23.4, 24.5, 26.6, 40.6],
-                "AMP": [22.4, 23.4, 24.0, 25.1, 26.4, 33.7]}
+NEED = {64: ["base64"], 256: ["base64", "sr256"], 1024: ["base64", "sr256", "sr1024"]}  # stages per column
+MIN_RUN_S = 20.0  # a run is not started with less of the budget left
 
 
-def export_random(preset: str, out: Path, embed_dim: int) -> Path:
-    import json as _json
-
+def export_random(preset: str, out: Path, embed_dim: int, device: torch.device) -> Path:
+    """A stage export with random weights (initialised on `device`, fast on a GPU) and its config."""
     from safetensors.torch import save_file
 
     from imagen_train.config import load_preset
@@ -40,79 +56,182 @@ def export_random(preset: str, out: Path, embed_dim: int) -> Path:
     from imagen_train.training.export import CONFIG_KEY
 
     cfg = load_preset(preset, [f"text.embed_dim={embed_dim}"])
-    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
-    save_file({f"ema.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(out),
-              metadata={CONFIG_KEY: _json.dumps(cfg.to_dict())})
+    torch.manual_seed(0)
+    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device=device)
+    tensors = {f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    del net
+    save_file(tensors, str(out), metadata={CONFIG_KEY: json.dumps(cfg.to_dict())})
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gpu = torch.cuda.is_available()
-    parser.add_argument("--presets", choices=sorted(PRESETS), default="real" if gpu else "tiny")
-    parser.add_argument("--precisions", nargs="+", default=["16", "32", "AMP"] if gpu else ["32"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--steps", type=int, default=20 if gpu else 1, help="sampler steps per stage")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--encoder", default=None, help="T5 folder (default: a tiny random one)")
-    parser.add_argument("--out", default="bench/sampling.json")
-    args = parser.parse_args()
+def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """One cascade run of `spec` (precision, batch, ...): every stage's costs."""
+    # Python imports (seconds, more on a busy machine) come before the clock: the encoder's load is timed.
+    from transformers import AutoConfig, AutoTokenizer, T5EncoderModel  # noqa: F401
 
     from imagen_train.evaluation.cascade import generate
     from imagen_train.evaluation.pipeline_config import load_pipeline_config
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-sampling-"))
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.zeros(1, device=spec["device"])  # a GPU's context is made before the clock starts too
+    batch, batches = spec["batch"], spec["batches"]
+    sets = [f"checkpoints.{s}={p}" for s, p in spec["exports"].items()] + [
+        f"encoder_path={spec['encoder']}", f"inference_precision={spec['precision']}", f"batch_size={batch}",
+        "num_images_per_prompt=1", f"target_resolution={spec['resolution']}", f"output_path={spec['out']}",
+        f"device={spec['device']}", "texts=[" + ", ".join(f"prompt {i}" for i in range(batch * batches)) + "]"]
+    sets += [f"samplers.{s}.steps={spec['steps']}" for s in spec["exports"]]
+    sets += [f"samplers.{s}.guidance_scale={spec['guidance']}" for s in spec["exports"]]
+    cfg = load_pipeline_config(REPO / "configs" / "inference_pipeline.yaml", sets)
+    result = generate(cfg, cfg.prompts())
+    rows = []
+    for s in result.stats:
+        calls = (s.steady_images // batch) * s.nfe_per_image
+        rows.append({"stage": s.stage, "peak_mem_gib": s.peak_mem_gib, "mem_kind": s.mem_kind, "time_s": s.time_s,
+                     "load_s": s.load_s, "first_batch_s": s.first_batch_s, "first_image_s": s.first_image_s,
+                     "steady_images": s.steady_images, "steady_s": s.steady_s,
+                     "steady_images_per_s": s.steady_images_per_s, "nfe_per_image": s.nfe_per_image,
+                     "net_batch_factor": s.net_batch_factor, "dtype": s.dtype,
+                     "ms_per_call": 1e3 * s.steady_s / calls if calls else None})
+    return rows
+
+
+def run_all(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Export, then one worker process per (precision, batch) within the budget."""
+    start = time.perf_counter()
+    tmp = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-sampling-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     encoder = args.encoder
     if encoder is None:
         from conftest import build_tiny_t5
         encoder = str(build_tiny_t5(tmp / "t5"))
     from imagen_train.text import load_text_encoder
     embed_dim = load_text_encoder(encoder).embed_dim
-    exports = {s: export_random(p, tmp / f"{s}.safetensors", embed_dim) for s, p in PRESETS[args.presets].items()}
-    results = []
+    stages = NEED[max(args.resolutions)]
+    exports = {s: str(export_random(PRESETS[args.presets][s], tmp / f"{s}.safetensors", embed_dim, device))
+               for s in stages}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    setup_s = time.perf_counter() - start
+    print(f"[bench] exports written in {setup_s:.1f} s: {exports}", flush=True)
+
+    runs = []
     for precision in args.precisions:
-        mode = int(precision) if precision.isdigit() else precision
         for batch in args.batch_sizes:
-            sets = [f"checkpoints.{s}={p}" for s, p in exports.items()] + [
-                f"encoder_path={encoder}", f"inference_precision={mode}", f"batch_size={batch}",
-                "num_images_per_prompt=1", "target_resolution=1024", f"output_path={tmp / 'out'}",
-                "texts=[" + ", ".join(f"prompt {i}" for i in range(batch)) + "]"]
-            sets += [f"samplers.{s}.steps={args.steps}" for s in exports]
-            sets += [f"samplers.{s}.guidance_scale={args.guidance}" for s in exports]
-            cfg = load_pipeline_config(Path(__file__).parent.parent / "configs" / "inference_pipeline.yaml", sets)
-            result = generate(cfg, cfg.prompts())
-            for s in result.stats:
-                row = {"precision": precision, "batch": batch, "stage": s.stage, "images_per_s": s.images_per_s,
-                       "peak_mem_gib": s.peak_mem_gib, "mem_kind": s.mem_kind, "time_s": s.time_s,
-                       "nfe_per_image": s.nfe_per_image}
-                results.append(row)
-                print(json.dumps(row), flush=True)
-    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": device, "presets": args.presets, "steps": args.steps,
-                                          "guidance": args.guidance, "rows": results}, indent=2))
-    print(table(results, args.batch_sizes, device))
+            run: dict[str, Any] = {"precision": precision, "batch": batch}
+            left = args.budget_s - (time.perf_counter() - start)
+            if left < args.min_run_s:
+                run["status"] = f"not run: {max(left, 0):.0f} s of the {args.budget_s:.0f} s budget left"
+                runs.append(run)
+                print(f"[bench] {precision} b{batch}: {run['status']}", flush=True)
+                continue
+            spec = {"precision": precision, "batch": batch, "batches": args.batches, "steps": args.steps,
+                    "resolution": max(args.resolutions),
+                    "guidance": args.guidance, "exports": exports, "encoder": encoder, "device": str(device),
+                    "out": str(tmp / f"out-{precision}-{batch}"), "threads": args.threads}
+            run.update(_run_worker(spec, timeout_s=left))
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    return {"device": _device_name(device), "presets": args.presets, "steps": args.steps, "guidance": args.guidance,
+            "batches": args.batches, "resolutions": sorted(args.resolutions), "budget_s": args.budget_s,
+            "setup_s": setup_s, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None, "runs": runs}
 
 
-def table(rows: list[dict], batches: list[int], device: str) -> str:
-    """Markdown: per precision, memory (max over the stages each column needs) and images/s."""
-    need = {64: ["base64"], 256: ["base64", "sr256"], 1024: ["base64", "sr256", "sr1024"]}
-    cols = [(res, b) for res in (64, 256, 1024) for b in batches]
-    out = [f"device: {device}", "", "| precision | " + " | ".join(f"{r} b{b}" for r, b in cols) + " |",
-           "|---|" + "---|" * len(cols)]
-    for precision in dict.fromkeys(r["precision"] for r in rows):
-        mem, speed = [], []
+def _run_worker(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run `worker(spec)` in a fresh process; {"status", "wall_s", "stages"}."""
+    begin = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": f"stopped: over the budget after {timeout_s:.0f} s", "wall_s": time.perf_counter() - begin}
+    wall_s = time.perf_counter() - begin
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("STAGES ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        return {"status": f"failed (exit {proc.returncode}): {tail}", "wall_s": wall_s}
+    return {"status": "ok", "wall_s": wall_s, "stages": json.loads(lines[-1][len("STAGES "):])}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def column(run: dict[str, Any], res: int) -> Optional[dict[str, float]]:
+    """Memory, time to first image and steady img/s of the cascade up to `res` in one run."""
+    if run.get("status") != "ok":
+        return None
+    stages = {s["stage"]: s for s in run["stages"]}
+    parts = [stages["text_encoder"]] + [stages[name] for name in NEED[res]]
+    steady = [stages[name]["steady_images_per_s"] for name in NEED[res]]
+    return {"peak_mem_gib": max(s["peak_mem_gib"] for s in parts),
+            "first_image_s": sum(s["first_image_s"] for s in parts),
+            "images_per_s": 1 / sum(1 / v for v in steady) if all(steady) else 0.0}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: per precision, memory, time to first image and steady img/s per column."""
+    runs = result["runs"]
+    batches = list(dict.fromkeys(r["batch"] for r in runs))
+    cols = [(res, b) for res in result["resolutions"] for b in batches]
+    out = [f"device: {result['device']}; {result['steps']} steps per stage, guidance {result['guidance']}, "
+           f"{result['batches']} batches per run", "",
+           "| precision | " + " | ".join(f"{r} b{b}" for r, b in cols) + " |", "|---|" + "---|" * len(cols)]
+    for precision in dict.fromkeys(r["precision"] for r in runs):
+        cells: dict[str, list[str]] = {"GiB": [], "first image s": [], "img/s": []}
         for res, b in cols:
-            sel = [r for r in rows if r["precision"] == precision and r["batch"] == b]
-            stages = [r for r in sel if r["stage"] in need[res]]
-            peak = max([r["peak_mem_gib"] for r in sel if r["stage"] == "text_encoder"]
-                       + [r["peak_mem_gib"] for r in stages])
-            ips = 1 / sum(1 / r["images_per_s"] for r in stages)  # the cascade up to `res`, per image
-            mem.append(f"{peak:.2f}")
-            speed.append(f"{ips:.3g}")
-        out.append(f"| {precision} GiB | " + " | ".join(mem) + " |")
-        out.append(f"| {precision} img/s | " + " | ".join(speed) + " |")
+            run = next(r for r in runs if r["precision"] == precision and r["batch"] == b)
+            c = column(run, res)
+            if c is None:
+                for v in cells.values():
+                    v.append(run["status"].split(":")[0])
+                continue
+            cells["GiB"].append(f"{c['peak_mem_gib']:.2f}")
+            cells["first image s"].append(f"{c['first_image_s']:.3g}")
+            cells["img/s"].append(f"{c['images_per_s']:.3g}" if c["images_per_s"] else "n/a (1 batch)")
+        out += [f"| {precision} {name} | " + " | ".join(v) + " |" for name, v in cells.items()]
+    kinds = {s["mem_kind"] for r in runs if r.get("status") == "ok" for s in r["stages"]}
+    out += ["", f"memory: {', '.join(sorted(kinds)) or 'none measured'}"]
     return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--presets", choices=sorted(PRESETS), default="real" if gpu else "tiny")
+    parser.add_argument("--precisions", nargs="+", default=["16", "32", "AMP"] if gpu else ["32"],
+                        choices=["16", "32", "AMP"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--steps", type=int, default=20 if gpu else 1, help="sampler steps per stage")
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[64, 256, 1024], choices=sorted(NEED),
+                        help="table columns; each run goes up to the largest")
+    parser.add_argument("--batches", type=int, default=2, help="batches per run: the first, then the steady state")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--budget-s", type=float, default=3600.0,
+                        help="wall-clock budget for everything (exports included); later runs are skipped")
+    parser.add_argument("--min-run-s", type=float, default=MIN_RUN_S, help="do not start a run with less left")
+    parser.add_argument("--encoder", default=None, help="T5 folder (default: a tiny random one)")
+    parser.add_argument("--work-dir", default=None, help="for the exports and images (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
+    parser.add_argument("--out", default="bench/sampling.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("STAGES " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return {}
+    if args.batches < 1:
+        parser.error("--batches must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_all(args, torch.device("cuda" if gpu else "cpu"))
+    result["table"] = table(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(result["table"], flush=True)
+    return result
 
 
 if __name__ == "__main__":

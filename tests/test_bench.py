@@ -82,6 +82,41 @@ def test_peer_is_matched_and_compared(tmp_path):
     assert ratio["peak_mem"] == pytest.approx(ours["peak_mem_gib"] / peer["peak_mem_gib"])
 
 
+@pytest.mark.parametrize("preset", ["base64-500m", "base64-2b"])
+def test_peer_of_a_large_preset_builds_and_runs(preset):
+    """The matched peer at 500M and 2B: whole heads at every attention layer and a forward that
+    runs (on the meta device). A 672-wide level of 64-wide heads once built, then failed in diffusers'
+    attention reshape on the GPU."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    import if_peer
+    from imagen_train.config import load_preset
+    from imagen_train.models import build_model, count_parameters
+
+    cfg = load_preset(preset)
+    m = cfg.model
+    with torch.device("meta"):
+        ours = count_parameters(build_model(m, cfg.text, cfg.stage, cfg.train_resolution))
+    kwargs, count = if_peer.match_peer(cfg, ours)
+    assert abs(count / ours - 1) <= train_step.PEER_TOLERANCE
+    widths = kwargs["block_out_channels"]
+    base = widths[0]
+    for width, mult in zip(widths, m.channel_mult):  # our multipliers, give or take the rounding
+        assert abs(width - base * mult) <= if_peer.MAX_ROUNDING * base * mult
+    with torch.device("meta"):
+        unet = if_peer.build_peer(kwargs)
+    attention = [a for a in unet.modules() if isinstance(a, Attention)]  # the levels and the middle
+    assert attention
+    for a in attention:
+        assert a.inner_dim == a.query_dim and a.heads * m.num_head_channels == a.query_dim
+    L, D, res = cfg.text.max_length, cfg.text.embed_dim, cfg.train_resolution
+    with torch.device("meta"):
+        out = if_peer.peer_forward(unet)(torch.zeros(2, 3, res, res), torch.zeros(2), torch.zeros(2, L, D),
+                                         torch.ones(2, L, dtype=torch.bool))
+    assert out.shape == (2, m.out_channels, res, res)
+
+
 @pytest.mark.parametrize("baseline", sorted(train_step.BASELINES))
 def test_baseline_trains_beside_ours_with_the_change_undone(baseline, monkeypatch):
     """--baseline trains a second copy of our network whose steps run inside the baseline's context."""
@@ -200,3 +235,73 @@ def test_unmasked_attention_baseline_drops_the_mask_and_restores_sdpa():
     torch.testing.assert_close(unmasked, attend(q, k, v, heads=2))
     assert not torch.allclose(unmasked[0], masked[0])  # row 0 had padding: now attended
     torch.testing.assert_close(attend(q, k, v, heads=2, mask=mask), masked)  # restored on exit
+
+
+def test_sampling_bench_reports_first_image_and_steady_state(tmp_path):
+    """bench/sampling.py: per run the encoder and every stage, a column's memory the peak of the
+    stages it needs, time to first image the sum of their first-image parts, img/s the stages in
+    series after the first batch."""
+    import sampling
+
+    out = tmp_path / "sampling.json"
+    result = sampling.main(["--presets", "tiny", "--precisions", "32", "--batch-sizes", "1", "--steps", "1",
+                            "--resolutions", "64", "256", "--threads", "1", "--work-dir", str(tmp_path / "work"),
+                            "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == result["table"]
+    (run,) = result["runs"]
+    assert run["status"] == "ok"
+    stages = {s["stage"]: s for s in run["stages"]}
+    assert list(stages) == ["text_encoder", "base64", "sr256"]  # nothing past the largest column
+    for name in ("base64", "sr256"):
+        s = stages[name]
+        assert s["load_s"] > 0 and s["first_batch_s"] > 0 and s["steady_images"] == 1 and s["steady_s"] > 0
+        assert s["first_image_s"] == pytest.approx(s["load_s"] + s["first_batch_s"])
+        assert s["ms_per_call"] == pytest.approx(1e3 * s["steady_s"] / s["nfe_per_image"])
+    col = sampling.column(run, 256)
+    assert col["first_image_s"] == pytest.approx(sum(s["first_image_s"] for s in stages.values()))
+    assert col["images_per_s"] == pytest.approx(
+        1 / (1 / stages["base64"]["steady_images_per_s"] + 1 / stages["sr256"]["steady_images_per_s"]))
+    assert col["peak_mem_gib"] == max(s["peak_mem_gib"] for s in stages.values())
+    assert sampling.column(run, 64)["first_image_s"] < col["first_image_s"]
+    assert "| 32 first image s |" in result["table"] and "256 b1" in result["table"]
+    assert "1024" not in result["table"].splitlines()[2]
+
+
+def test_sampling_bench_keeps_to_its_budget(tmp_path, monkeypatch):
+    """A run that overruns is stopped and marked; runs that would start too late are not started."""
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    import sampling
+
+    started, waited = [], [0.0]
+
+    def overrun(cmd, **kwargs):  # the worker runs until its timeout, on the bench's clock
+        started.append(kwargs["timeout"])
+        waited[0] += kwargs["timeout"]
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(sampling.subprocess, "run", overrun)
+    monkeypatch.setattr(sampling, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + waited[0],
+                                                          strftime=time.strftime))
+    result = sampling.main(["--presets", "tiny", "--precisions", "32", "16", "--batch-sizes", "1", "--steps", "1",
+                            "--resolutions", "64", "--budget-s", "600", "--min-run-s", "590",
+                            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "s.json")])
+    first, second = result["runs"]
+    assert len(started) == 1 and 590 <= started[0] <= 600  # the worker got what was left of the budget
+    assert first["status"].startswith("stopped") and second["status"].startswith("not run")
+    assert "| 32 GiB | stopped |" in result["table"] and "| 16 GiB | not run |" in result["table"]
+
+
+def test_load_stage_bench_times_every_way_of_loading(tmp_path):
+    import load_stage
+
+    result = load_stage.main(["--preset", "sr256-tiny", "--export", str(tmp_path / "sr256.safetensors"), "--old",
+                              "--threads", "1", "--json", str(tmp_path / "load.json")])
+    assert result["export_written_s"] > 0 and result["export_bytes"] > 0
+    steps = result["steps"]
+    assert list(steps) == ["build", "meta_build", "meta_load", "old_load"]
+    assert len({s["params"] for s in steps.values()}) == 1 and all(s["seconds"] > 0 for s in steps.values())
+    assert steps["meta_build"]["touch_s"] is None and steps["meta_load"]["touch_s"] > 0
+    assert json.loads((tmp_path / "load.json").read_text())["steps"] == steps

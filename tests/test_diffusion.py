@@ -163,6 +163,19 @@ def test_batch_quantile_matches_torch():
     torch.testing.assert_close(batch_quantile(x, 0.5), torch.quantile(x, 0.5, dim=1))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 1001, 3 * 64 * 64])
+def test_batch_quantile_picks_the_same_elements_as_kthvalue(n):
+    """One partial selection replaced two kthvalue passes: the order statistics, and so the
+    interpolated quantile, must be bit-identical (ties and the ends of the range included)."""
+    g = torch.Generator().manual_seed(n)
+    for x in (torch.randn(3, n, generator=g), torch.randn(3, n, generator=g).round()):
+        for q in (0.0, 0.3, 0.5, 0.9, 0.995, 1.0):
+            pos = q * (n - 1)
+            lo, hi = int(pos), min(int(pos) + 1, n - 1)
+            v_lo, v_hi = x.kthvalue(lo + 1, dim=1).values, x.kthvalue(hi + 1, dim=1).values
+            assert torch.equal(batch_quantile(x, q), v_lo + (pos - lo) * (v_hi - v_lo))
+
+
 def test_dynamic_threshold():
     torch.manual_seed(0)
     big = torch.randn(6, 3, 8, 8) * 3
@@ -489,3 +502,68 @@ def test_training_noise_level_distributions():
     reference = diffusion.schedule(torch.linspace(0, 1, n))
     for q in (0.1, 0.5, 0.9):
         assert abs(float(torch.quantile(log_snr, q)) - float(torch.quantile(reference, q))) < 0.15
+
+
+# ----------------------------------------------------------------------------------------------
+# Host work per network call.
+
+class _NoHostRead(torch.Tensor):
+    """Noise levels whose values the host may not read one at a time: on a GPU each read waits
+    for every queued kernel (`tolist()`, one copy per run, is allowed)."""
+
+    def __bool__(self):
+        raise AssertionError("a sampler branched on a device tensor")
+
+    def __float__(self):
+        raise AssertionError("a sampler read a device tensor with float()")
+
+    def item(self):
+        raise AssertionError("a sampler read a device tensor with item()")
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_samplers_branch_on_a_host_copy_of_the_noise_levels(name):
+    options = {"s_churn": 10.0} if name == "edm_stochastic" else {}
+    sigmas = karras_sigmas(4, 0.002, 80.0)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 80.0
+
+    def run(levels):
+        return SAMPLERS[name](lambda x, sigma: 0.5 * x / (1 + sigma[:, None, None, None]), x, levels,
+                              generator=torch.Generator().manual_seed(1), **options)
+
+    with pytest.raises(AssertionError, match="branched"):
+        bool(sigmas.as_subclass(_NoHostRead)[0] > 0)  # the guard works
+    watched, plain = run(sigmas.as_subclass(_NoHostRead)), run(sigmas)
+    assert watched.nfe == plain.nfe == expected_nfe(name, 4)
+    assert torch.equal(watched.samples.as_subclass(torch.Tensor), plain.samples)
+
+
+def test_guidance_doubles_the_conditioning_once_per_run():
+    """The network sees one doubled text tensor (and low-res image) for the whole run, and the
+    samples equal those of a guidance that doubles afresh at every call."""
+    seen = []
+
+    def denoiser(x, sigma, text_emb, text_mask, lowres):
+        seen.append((text_emb, text_mask, lowres))
+        shift = (text_emb * text_mask[..., None]).mean((1, 2))[:, None, None, None] + lowres.mean()
+        return 0.5 * x / (1 + sigma[:, None, None, None]) + shift
+
+    g = torch.Generator().manual_seed(0)
+    emb, mask = torch.randn(2, 5, 8, generator=g), torch.rand(2, 5, generator=g) > 0.3
+    cond = {"text_emb": emb, "text_mask": mask, "lowres": torch.randn(2, 3, 2, 2, generator=g)}
+    x, sigmas = torch.randn(2, 3, 4, 4, generator=g) * 80.0, karras_sigmas(3, 0.002, 80.0)
+    guided = sample_heun(ClassifierFreeGuidance(denoiser, 4.0), x, sigmas, extra_args=cond)
+    assert len(seen) == guided.nfe == 5
+    assert all(all(a is b for a, b in zip(call, seen[0])) for call in seen)
+    assert seen[0][0].shape == (4, 5, 8) and not seen[0][0][2:].any()  # [text; zeros]
+
+    def fresh(x, sigma, **kw):
+        return ClassifierFreeGuidance(denoiser, 4.0)(x, sigma, **kw)
+
+    assert torch.equal(guided.samples, sample_heun(fresh, x, sigmas, extra_args=cond).samples)
+    # Another text tensor (same values): the conditioning is doubled again, not taken from the cache.
+    seen.clear()
+    cfg = ClassifierFreeGuidance(denoiser, 4.0)
+    cfg(x, sigmas[:1].expand(2), **cond)
+    cfg(x, sigmas[:1].expand(2), **{**cond, "text_emb": emb.clone()})
+    assert seen[0][0] is not seen[1][0] and torch.equal(seen[0][0], seen[1][0])

@@ -8,6 +8,10 @@ if any, are already wrapped around it, see guidance.py); `x` is the initial nois
 in VE space (x = x0 + sigma n); `sigmas` (N + 1,) is decreasing and ends with 0, so N steps.
 `nfe` counts denoiser calls, i.e. network forward passes (a guided call is one forward on a
 doubled batch). `callback` receives a dict {i, x, sigma, sigma_hat, denoised} after each step.
+
+Branches on the noise levels read a host copy of `sigmas` taken once per run: a test on a GPU
+tensor (`if sigma_next > 0`, `float(sigma)`) waits for every queued kernel, so the host could not
+queue the next network call while the current one runs. The arithmetic stays on the device.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 
 
 def _full(sigma: Tensor, x: Tensor) -> Tensor:
-    """A scalar sigma as a (B,) tensor."""
-    return sigma.to(x.dtype) * x.new_ones(x.shape[0])
+    """A scalar sigma as a (B,) tensor (a broadcast view, no kernel)."""
+    return sigma.to(x.dtype).expand(x.shape[0])
 
 
 def _report(callback: Optional[Callable], i: int, x: Tensor, sigma: Tensor, sigma_hat: Tensor,
@@ -56,6 +60,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Optio
     """
     extra_args = extra_args or {}
     nfe = 0
+    host = torch.tensor(sigmas.tolist(), dtype=sigmas.dtype)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, _full(sigma, x), **extra_args)
@@ -64,7 +69,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Optio
         sigma_down = (sigma_next**2 - sigma_up**2).clamp_min(0).sqrt()
         eps = (x - denoised) / sigma
         x = denoised + sigma_down * eps
-        if sigma_up > 0:
+        if eta * host[i + 1] * (1 - (host[i + 1] / host[i]) ** 2).clamp_min(0).sqrt() > 0:  # sigma_up > 0
             x = x + sigma_up * _randn_like(x, generator)
         _report(callback, i, x, sigma, sigma, denoised)
     return SamplerOutput(x, nfe)
@@ -89,10 +94,11 @@ def sample_edm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Option
     extra_args = extra_args or {}
     n = len(sigmas) - 1
     nfe = 0
+    host = sigmas.tolist()
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # Increase noise temporarily: gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax].
-        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= float(sigma) <= s_tmax else 0.0
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= host[i] <= s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * _randn_like(x, generator)
@@ -102,7 +108,7 @@ def sample_edm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Option
         d = (x - denoised) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
         # Second-order correction unless sigma_next = 0.
-        if sigma_next > 0:
+        if host[i + 1] > 0:
             denoised_next = denoiser(x_next, _full(sigma_next, x), **extra_args)
             nfe += 1
             d_next = (x_next - denoised_next) / sigma_next
@@ -127,11 +133,12 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: O
     nfe = 0
     old_denoised: Optional[Tensor] = None
     h_last: Optional[Tensor] = None
+    host = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, _full(sigma, x), **extra_args)
         nfe += 1
-        if sigma_next == 0:
+        if host[i + 1] == 0:
             x = denoised  # The exact solution's limit: x(0) = x0 prediction.
         else:
             h = sigma.log() - sigma_next.log()  # lambda_next - lambda > 0

@@ -25,13 +25,19 @@ from torch import Tensor
 
 from imagen_train.config import Config
 from .grids import make_grid, save_png, to_pil
-from .memory import PeakMemory, release
+from .memory import PeakMemory, release, synchronize
 from .pipeline_config import InferencePipelineConfig
 
 
 @dataclass
 class StageStats:
-    """What one stage (or the text encoder) cost."""
+    """What one stage (or the text encoder) cost.
+
+    time_s = load_s + the sampling of every batch; the first batch's sampling is first_batch_s
+    (it pays the one-off costs: kernel selection, allocator growth); the batches after it are
+    the steady state (steady_images in steady_s; none when one batch held every image). For the
+    text encoder, time_s is loading and encoding together.
+    """
 
     stage: str
     resolution: int
@@ -44,10 +50,32 @@ class StageStats:
     checkpoint: str = ""
     weights: str = ""
     dtype: str = ""
+    load_s: float = 0.0           # building the network and loading its weights onto the device
+    first_batch_s: float = 0.0
+    steady_images: int = 0
+    steady_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
+        """Over the whole stage, loading and the first batch included."""
         return self.num_images / max(self.time_s, 1e-9)
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """After the first batch (0 when there was no second batch)."""
+        return self.steady_images / self.steady_s if self.steady_images else 0.0
+
+    @property
+    def first_image_s(self) -> float:
+        """The stage's part of the time to a first image: loading, then the first batch."""
+        return self.time_s if self.stage == "text_encoder" else self.load_s + self.first_batch_s
+
+
+def time_to_first_image(stats: Sequence[StageStats]) -> float:
+    """Seconds from nothing loaded to the first finished image of the last stage in `stats`: the
+    text encoder (load and encode), then each stage's build + load and first batch. A run of one
+    batch takes this long; with more batches each stage first samples all of them."""
+    return sum(s.first_image_s for s in stats)
 
 
 @dataclass
@@ -90,16 +118,29 @@ class Precision:
 
 class NetCaller:
     """The network as the diffusion code calls it: inputs in the weights' dtype (noise levels in
-    fp32), under autocast when asked, output fp32 so the sampler's arithmetic stays fp32."""
+    fp32), under autocast when asked, output fp32 so the sampler's arithmetic stays fp32.
+
+    The conditioning (text, low-res image) is the same tensor at every step of a run, so its
+    cast is kept and reused while the caller passes that very tensor again."""
 
     def __init__(self, net: torch.nn.Module, precision: Precision):
         self.net, self.precision = net, precision
+        self._casts: dict[str, tuple[Tensor, Tensor]] = {}  # argument -> (given tensor, its cast)
+
+    def _cast(self, t: Optional[Tensor], name: Optional[str] = None) -> Optional[Tensor]:
+        if t is None:
+            return None
+        if name is not None and name in self._casts and self._casts[name][0] is t:
+            return self._casts[name][1]
+        out = t.to(self.precision.weight_dtype)
+        if name is not None:
+            self._casts[name] = (t, out)
+        return out
 
     def __call__(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
-        dt = self.precision.weight_dtype
-        cast = (lambda t: None if t is None else t.to(dt))
         with self.precision.context():
-            out = self.net(cast(x), noise_cond.float(), cast(text_emb), text_mask, cast(lowres),
+            out = self.net(self._cast(x), noise_cond.float(), self._cast(text_emb, "text_emb"), text_mask,
+                           self._cast(lowres, "lowres"),
                            None if lowres_noise_cond is None else lowres_noise_cond.float())
         return out.float()
 
@@ -109,10 +150,7 @@ class NetCaller:
 
 def stage_config(path: str) -> Config:
     """The stage's training config, read without loading any weights."""
-    from safetensors import safe_open
-
-    from imagen_train.config import from_dict
-    from imagen_train.training.export import CONFIG_KEY, find_checkpoint, read_config
+    from imagen_train.training.export import exported_config, find_checkpoint, read_config
 
     p = Path(path)
     if p.is_dir():
@@ -120,16 +158,17 @@ def stage_config(path: str) -> Config:
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (an exported .safetensors file or a "
                                 "training checkpoint folder)")
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
-    if CONFIG_KEY not in meta:
-        raise ValueError(f"{path} is not an imagen-train export (no '{CONFIG_KEY}' metadata)")
-    return from_dict(json.loads(meta[CONFIG_KEY]), Config, str(p))
+    return exported_config(p)
 
 
 def load_stage(path: str, ema: bool, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Config]:
-    """Build a stage's network with its EMA (or raw) weights, on `device` in `dtype`, eval mode."""
-    from imagen_train.models import build_model
+    """Build a stage's network with its EMA (or raw) weights, on `device` in `dtype`, eval mode.
+
+    The network is built on the meta device and takes the loaded tensors as its weights: the
+    random initialisation a normal build does (~20 s for base64-2b on two CPU cores) would be
+    overwritten anyway.
+    """
+    from imagen_train.models import assign_weights, build_model
     from imagen_train.training.export import ema_state_dict, find_checkpoint, load_exported, read_config
 
     p = Path(path)
@@ -141,12 +180,12 @@ def load_stage(path: str, ema: bool, device: torch.device, dtype: torch.dtype) -
         else:
             from imagen_train.training.engine import consolidated_weights
             state = consolidated_weights(str(folder.parent), folder.name)
-        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
-        net.load_state_dict(state, strict=True)
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device="meta")
+        assign_weights(net, state, f"{folder} ({'EMA' if ema else 'raw'} weights)", device, dtype)
         del state
     else:
-        net, cfg = load_exported(p, weights="ema" if ema else "raw")
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg
+        net, cfg = load_exported(p, weights="ema" if ema else "raw", device=device, dtype=dtype)
+    return net.eval().requires_grad_(False), cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,9 +225,11 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
     sampler = cfg.sampler_for(stage)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    out, nfe, factor = [], 0, 1
+    out, nfe, factor, batch_s = [], 0, 1, []
     with PeakMemory(device) as mem:
         net, stage_cfg = load_stage(path, cfg.run_ema_model, device, precision.weight_dtype)
+        synchronize(device)
+        load_s = time.perf_counter() - start
         if stage_cfg.stage != stage:
             raise ValueError(f"checkpoints.{stage}={path} holds a {stage_cfg.stage} model")
         diffusion = build_diffusion(stage_cfg.diffusion)
@@ -196,17 +237,21 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
         res = stage_cfg.output_resolution
         L = stage_cfg.text.max_length
         for i in range(0, emb.shape[0], cfg.batch_size):
+            batch_start = time.perf_counter()
             e = emb[i:i + cfg.batch_size, :L].to(device)
             m = mask[i:i + cfg.batch_size, :L].to(device)
             low = None if lowres is None else lowres[i:i + cfg.batch_size].to(device)
             result = diffusion.sample(caller, (e.shape[0], 3, res, res), e, m, sampler, lowres=low,
                                       generator=generator)
-            out.append(result.images.float().cpu())
+            out.append(result.images.float().cpu())  # waits for the device
             nfe, factor = result.nfe, result.net_batch_factor
+            batch_s.append(time.perf_counter() - batch_start)
         del net, caller, diffusion
         release(device)
     stats = StageStats(stage, res, emb.shape[0], time.perf_counter() - start, mem.peak_gib, mem.kind,
-                       nfe, factor, str(path), "ema" if cfg.run_ema_model else "raw", precision.name)
+                       nfe, factor, str(path), "ema" if cfg.run_ema_model else "raw", precision.name,
+                       load_s=load_s, first_batch_s=batch_s[0] if batch_s else 0.0,
+                       steady_images=emb.shape[0] - (out[0].shape[0] if out else 0), steady_s=sum(batch_s[1:]))
     return torch.cat(out), stats
 
 
@@ -257,7 +302,9 @@ def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: 
         "prompts": list(prompts),
         "device": str(resolve_device(cfg.device)),
         "torch": torch.__version__,
-        "stages": [{**asdict(s), "images_per_s": s.images_per_s} for s in result.stats],
+        "stages": [{**asdict(s), "images_per_s": s.images_per_s, "steady_images_per_s": s.steady_images_per_s}
+                   for s in result.stats],
+        "time_to_first_image_s": time_to_first_image(result.stats),
         "peak_mem_gib_max_stage": max((s.peak_mem_gib for s in result.stats), default=0.0),
     }
     path = out / "settings.json"
@@ -267,4 +314,4 @@ def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: 
 
 
 __all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "load_stage", "stage_config",
-           "CascadeResult", "StageStats", "Precision", "NetCaller", "resolve_device"]
+           "CascadeResult", "StageStats", "Precision", "NetCaller", "resolve_device", "time_to_first_image"]

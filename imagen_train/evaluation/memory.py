@@ -61,6 +61,12 @@ class PeakMemory:
             self.peak_gib = max(0, self._peak - self._base) / 2**30
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on a CPU), so that a timer sees it done."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def release(device: torch.device | str) -> None:
     """Return freed memory: garbage-collect and, on a GPU, empty torch's cache."""
     import gc

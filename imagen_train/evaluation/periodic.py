@@ -82,8 +82,7 @@ def ema_network(cfg: Config, layout: dict[str, dict], shadow: dict[str, Tensor],
     """
     from imagen_train.models import build_model
 
-    with torch.device("meta"):
-        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device="meta")
     if next(net.buffers(), None) is not None:
         # Buffers computed at construction would be left uninitialised by to_empty; the networks
         # hold none today, so say so loudly rather than sample with garbage.

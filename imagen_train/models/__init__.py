@@ -5,8 +5,11 @@ Single-device and free of I/O: nothing here imports DeepSpeed, torch.distributed
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import contextlib
+import itertools
+from typing import TYPE_CHECKING, Mapping, Optional
 
+import torch
 from torch import nn
 
 from imagen_train.models.efficient_unet import EfficientUNet
@@ -15,14 +18,21 @@ from imagen_train.models.unet import UNet
 if TYPE_CHECKING:
     from imagen_train.config import ModelConfig, TextConfig
 
-__all__ = ["EfficientUNet", "UNet", "build_model", "count_parameters"]
+__all__ = ["EfficientUNet", "UNet", "WeightsMismatchError", "assign_weights", "build_model", "count_parameters"]
 
 _DEFAULT_RESOLUTION = {"base64": 64, "sr256": 256, "sr1024": 256}
+_LISTED_KEYS = 8  # names shown in a mismatch error before "... and N more"
 
 
 def build_model(model_cfg: ModelConfig, text_cfg: TextConfig, stage: str,
-                train_resolution: Optional[int] = None) -> nn.Module:
-    """The stage's network, built from its config; `train_resolution` places the attention levels."""
+                train_resolution: Optional[int] = None,
+                device: Optional[torch.device | str] = None) -> nn.Module:
+    """The stage's network, built from its config; `train_resolution` places the attention levels.
+
+    `device` builds the weights there, initialised as usual; `device="meta"` allocates nothing
+    (0.05 s for base64-2b instead of ~20 s of initialisation on two CPU cores), for weights that
+    `assign_weights` then brings from a file.
+    """
     if stage not in _DEFAULT_RESOLUTION:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(_DEFAULT_RESOLUTION)}")
     resolution = train_resolution or _DEFAULT_RESOLUTION[stage]
@@ -30,9 +40,54 @@ def build_model(model_cfg: ModelConfig, text_cfg: TextConfig, stage: str,
     if model_cfg.kind != expected:
         raise ValueError(f"stage {stage} needs model.kind {expected!r}, got {model_cfg.kind!r}")
     network = UNet if stage == "base64" else EfficientUNet
-    return network(model_cfg, text_cfg.embed_dim, resolution)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return network(model_cfg, text_cfg.embed_dim, resolution)
 
 
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (works on the meta device)."""
     return sum(p.numel() for p in module.parameters())
+
+
+class WeightsMismatchError(ValueError):
+    """A state dict whose names do not match the network's; the message names the source and keys."""
+
+
+def _names(keys: set[str]) -> str:
+    shown = sorted(keys)[:_LISTED_KEYS]
+    more = len(keys) - len(shown)
+    return ", ".join(shown) + (f" ... and {more} more" if more else "")
+
+
+def assign_weights(net: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                   device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Make `state`'s tensors the weights of `net` (built on any device, the meta one included).
+
+    Tensors are moved to `device` and floating ones cast to `dtype` where given (no copy when
+    they are there already: read a file straight to its device and dtype to keep one copy of
+    the weights), then taken as they are by `load_state_dict(assign=True)`. `state` must name
+    exactly the network's state-dict entries; the error names `source` (e.g. the file) and the
+    keys otherwise. Afterwards every parameter and buffer is checked off the meta device: one
+    outside the state dict (a non-persistent buffer, say) would be left unset by a meta build.
+    """
+    expected = set(net.state_dict().keys())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing: {_names(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected: {_names(unexpected)}"] if unexpected else []
+        raise WeightsMismatchError(f"{source} does not hold this {type(net).__name__}'s weights ("
+                                   + "; ".join(parts) + ")")
+    moved = {}
+    for key in list(state):
+        tensor = state[key]
+        cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        moved[key] = tensor.to(device=device, dtype=cast) if device is not None or cast else tensor
+    try:
+        net.load_state_dict(moved, strict=True, assign=True)
+    except RuntimeError as err:  # shapes: load_state_dict lists every mismatch
+        raise WeightsMismatchError(f"{source}: {err}") from err
+    unset = [name for name, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
+    if unset:
+        raise RuntimeError(f"{type(net).__name__} built on the meta device: {_names(set(unset))} "
+                           f"not in {source} and still unset")
+    return net

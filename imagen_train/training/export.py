@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from imagen_train.config import Config, ConfigError, from_dict
 from imagen_train.training.checkpoint import CheckpointError, verify
@@ -118,9 +118,8 @@ def export_checkpoint(folder: str | Path, out_path: str | Path, include_raw: boo
     return out_path
 
 
-def export_config(path: str | Path) -> Config:
-    """The resolved training config stored in an export's metadata."""
-    path = Path(path)
+def exported_config(path: str | Path) -> Config:
+    """The training config stored in an exported file's metadata (no tensors are read)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if CONFIG_KEY not in meta:
@@ -128,21 +127,33 @@ def export_config(path: str | Path) -> Config:
     return from_dict(json.loads(meta[CONFIG_KEY]), Config, str(path))
 
 
-def load_exported(path: str | Path, weights: str = "ema",
-                  device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    """Build the network from an exported file and load its `ema` (or `raw`) weights."""
-    from imagen_train.models import build_model
+def load_exported(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+                  dtype: Optional[torch.dtype] = None) -> tuple[torch.nn.Module, Config]:
+    """The network of an exported file with its `ema` (or `raw`) weights, on `device` in `dtype`.
+
+    Built on the meta device (no initialisation that the file would overwrite) and given the
+    file's tensors, each read straight to `device` and cast there, so one copy of the weights
+    is made. A file that lacks some of the network's weights is refused, naming them.
+    """
+    from imagen_train.models import assign_weights, build_model
 
     path = Path(path)
-    cfg = export_config(path)
-    tensors = load_file(str(path), device=str(device))
+    cfg = exported_config(path)
     prefix = weights + "."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # safetensors reads a bare "cuda" as cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
+    state = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            if key.startswith(prefix):
+                tensor = f.get_tensor(key)
+                state[key[len(prefix):]] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
     if not state:
         raise ValueError(f"{path} holds no '{weights}' weights (export with include_raw for raw)")
-    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
-    net.load_state_dict(state, strict=True)
-    return net.to(device).eval(), cfg
+    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device="meta")
+    assign_weights(net, state, f"{path} ('{prefix}' tensors)")
+    return net.eval(), cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +167,7 @@ def check_init_from(cfg: Config) -> None:
         raise ConfigError("training.init_from", "an existing .safetensors export "
                           "(launch/export.py writes one)", f"{path} (no such file)")
     try:
-        saved = export_config(path)
+        saved = exported_config(path)
         with safe_open(path, framework="pt") as f:
             has = any(k.startswith(which + ".") for k in f.keys())
     except Exception as err:  # safetensors raises its own error types for a non-safetensors file
