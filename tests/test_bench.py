@@ -57,7 +57,7 @@ def test_tiny_step_benchmark_writes_sane_json(tmp_path):
     assert result["matmul_peak_tflops"] > 0
     # Forward + backward is roughly 3x the forward, which the trainer counts on the meta device.
     from imagen_train.config import load_config
-    from imagen_train.training.trainer import count_flops_per_sample
+    from imagen_train.training.speed import count_flops_per_sample
     forward = count_flops_per_sample(load_config(TINY))
     assert 2.0 * forward < ours["flops_per_sample"] < 3.5 * forward
     assert 0 < ours["mfu"] <= 1

@@ -398,7 +398,7 @@ def test_preflight_names_the_shard_that_does_not_fit(tmp_path, shards_64):
 
 def test_trainer_preflight_runs_the_shard_check(tmp_path, shards_64):
     from imagen_train.config import ConfigError, load_config
-    from imagen_train.training.trainer import preflight
+    from imagen_train.training.preflight import preflight
     from train_helpers import tiny_overrides
 
     narrow = _rewrite(shards_64, tmp_path / "narrow", _narrow)

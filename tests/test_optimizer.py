@@ -10,7 +10,7 @@ import torch
 
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import engine
-from imagen_train.training.trainer import preflight
+from imagen_train.training.preflight import preflight
 from train_helpers import REPO, read_metrics, run_training, tiny_overrides
 
 

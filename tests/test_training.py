@@ -15,7 +15,7 @@ import torch
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training.export import export_checkpoint, load_exported
-from imagen_train.training.trainer import preflight
+from imagen_train.training.preflight import preflight
 from train_helpers import (REPO, free_port, launch_command, read_metrics, run_training, tiny_overrides,
                            train_env)
 

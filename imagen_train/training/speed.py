@@ -10,8 +10,11 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from imagen_train.config import ConfigError, TrainingConfig
+from imagen_train.config import Config, ConfigError, TrainingConfig
+from imagen_train.models import build_model
+from imagen_train.utils import dist
 
 
 def memory_format(training: TrainingConfig) -> torch.memory_format:
@@ -87,3 +90,22 @@ def apply_compile(net: nn.Module, training: TrainingConfig) -> None:
         compile_regions(net)
     else:
         net.compile()
+
+
+def count_flops_per_sample(cfg: Config) -> Optional[float]:
+    """Forward FLOPs of one sample, counted on a meta-device copy of the network."""
+    try:
+        with torch.device("meta"):
+            net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+            res, L = cfg.train_resolution, cfg.text.max_length
+            args = [torch.zeros(1, 3, res, res), torch.zeros(1), torch.zeros(1, L, cfg.text.embed_dim),
+                    torch.ones(1, L, dtype=torch.bool)]
+            if cfg.lowres_resolution:
+                args += [torch.zeros(1, 3, cfg.lowres_resolution, cfg.lowres_resolution), torch.zeros(1)]
+            counter = FlopCounterMode(display=False)
+            with counter:
+                net(*args)
+        return float(counter.get_total_flops())
+    except Exception as err:  # counting is best effort; training must not depend on it
+        dist.print0(f"[train] could not count FLOPs ({type(err).__name__}: {err})")
+        return None

@@ -6,7 +6,6 @@ config -> data loader -> network -> diffusion loss -> DeepSpeed engine -> EMA ->
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -17,11 +16,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from imagen_train.config import Config, ConfigError, save_config
+from imagen_train.config import Config, save_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine as ds
 from imagen_train.training import export, faults, preemption, speed
 from imagen_train.training.ema import EMA
+from imagen_train.training.preflight import check_resume_target, checkpoint_root, preflight
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
 
@@ -35,10 +35,6 @@ class TrainResult:
     step: int
     stopped_by_signal: bool
     last_checkpoint: Optional[Path]
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -60,100 +56,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def count_flops_per_sample(cfg: Config) -> Optional[float]:
-    """Forward FLOPs of one sample, counted on a meta-device copy of the network."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from imagen_train.models import build_model
-    try:
-        with torch.device("meta"):
-            net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
-            res, L = cfg.train_resolution, cfg.text.max_length
-            args = [torch.zeros(1, 3, res, res), torch.zeros(1), torch.zeros(1, L, cfg.text.embed_dim),
-                    torch.ones(1, L, dtype=torch.bool)]
-            if cfg.lowres_resolution:
-                args += [torch.zeros(1, 3, cfg.lowres_resolution, cfg.lowres_resolution), torch.zeros(1)]
-            counter = FlopCounterMode(display=False)
-            with counter:
-                net(*args)
-        return float(counter.get_total_flops())
-    except Exception as err:  # counting is best effort; training must not depend on it
-        dist.print0(f"[train] could not count FLOPs ({type(err).__name__}: {err})")
-        return None
-
-
-def _has_a_sample(url: str) -> bool:
-    from imagen_train.data import iter_raw_samples
-    return next(iter_raw_samples(url, keep=lambda ext: False), None) is not None
-
-
-def preflight(cfg: Config, world_size: int) -> None:
-    """Refuse a run that cannot work before any process group or model is built.
-
-    Checks that the batch sizes divide over the ranks, builds a compiled optimizer op if the
-    config asks for one, checks that the shard spec names existing shards, and that every
-    folder the run writes to is writable.
-    """
-    from imagen_train.data import expand_shards
-    from imagen_train.data.preflight import check_shards
-
-    cfg.training.grad_accum_for(world_size)
-    ds.build_optimizer_op(cfg)  # a compiled optimizer op builds (or fails) before any data work
-    spec = cfg.data.train_shards
-    if not spec:
-        raise ConfigError("data.train_shards", "a shard pattern, list file or path", spec)
-    try:
-        urls = expand_shards(spec)
-    except (ValueError, OSError) as err:
-        raise ConfigError("data.train_shards", "a valid shard spec", f"{spec} ({err})") from None
-    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
-    missing = [u for u in local if not Path(u).is_file()]
-    if not urls or (local and len(missing) == len(local)):
-        raise ConfigError("data.train_shards", "a spec that matches existing shards",
-                          f"{spec} (no file found; first tried: {missing[0] if missing else spec})")
-    if missing:
-        raise ConfigError("data.train_shards", "only existing shards",
-                          f"{len(missing)} of {len(local)} missing, e.g. {missing[0]}")
-    if local and not any(_has_a_sample(u) for u in local):
-        raise ConfigError("data.train_shards", "shards holding samples",
-                          f"{spec} ({len(local)} shard(s), no sample in any)")
-    check_shards(cfg, urls)  # embedding schema and width, captions, image size of a few shards
-    if cfg.text.encoder_path and not Path(cfg.text.encoder_path).exists():
-        raise ConfigError("text.encoder_path", "an existing encoder folder", cfg.text.encoder_path)
-    if cfg.training.compile:
-        speed.check_compile()
-    if dist.rank() == 0:
-        ckpt_dir = checkpoint_root(cfg)
-        for key, folder in (("run_dir", Path(cfg.run_dir)), ("checkpoint.dir", ckpt_dir)):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / f".write-test-{os.getpid()}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as err:
-                raise ConfigError(key, "a writable folder", f"{folder} ({err.strerror})") from None
-
-
-def check_resume_target(cfg: Config, folder: Path, world_size: int) -> None:
-    """Refuse a checkpoint of another stage or written by another number of ranks, by name."""
-    import json
-
-    import yaml
-    config_file = folder / "config.yaml"
-    try:
-        stage = (yaml.safe_load(config_file.read_text()) or {}).get("stage")
-    except (OSError, yaml.YAMLError) as err:
-        raise ckpt.CheckpointError(f"{config_file} cannot be read: {err}") from None
-    if stage != cfg.stage:
-        raise ckpt.CheckpointError(f"{folder} is a checkpoint of stage {stage}, this run trains stage "
-                                   f"{cfg.stage}: point checkpoint.dir or --resume elsewhere")
-    saved = json.loads((folder / ckpt.MANIFEST).read_text()).get("world_size")
-    if saved is not None and saved != world_size:
-        raise ckpt.CheckpointError(f"{folder} was written by {saved} ranks; this run has {world_size} "
-                                   f"(export the weights and start a new run with "
-                                   f"training.init_from to change the size)")
 
 
 class Trainer:
@@ -197,7 +99,7 @@ class Trainer:
         net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
         if init_from:
             export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
-        self.flops_per_sample = count_flops_per_sample(cfg)
+        self.flops_per_sample = speed.count_flops_per_sample(cfg)
         self.engine = ds.create_engine(cfg, net)
         dist.print0(f"[train] optimizer {ds.describe_optimizer(self.engine)}")
         if init_from:
