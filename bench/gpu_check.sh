@@ -51,15 +51,15 @@ if [ "$MODE" = gpu ]; then
   BASE=configs/base64-500m.yaml; BASE_BATCH=128
   SR=configs/sr256-400m.yaml; SR_BATCH=16
   EMBED=4096; SMOKE_PRECISIONS="bf16 fp16"; TRAIN_PRECISION=bf16
-  SAMPLE_ARGS=(--presets real --precisions 16 --batch-sizes 1 --steps 30)
-  TABLE_ARGS=(--presets real --precisions 16 32 AMP --batch-sizes 1 8 --steps 10)
+  SAMPLE_ARGS=(--presets real --precisions 16 --batch-sizes 1 --steps 30 --resolutions 64 --budget-s 80)
+  TABLE_ARGS=(--presets real --precisions 16 32 AMP --batch-sizes 1 8 --steps 10 --budget-s 110)
   SAMPLES=512; STEP_SETS=(); SMOKE_STEPS=10; SMOKE_EVERY=5; LIMIT_SCALE=1
 else
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   BASE=configs/base64-tiny.yaml; BASE_BATCH=4
   SR=configs/sr256-tiny.yaml; SR_BATCH=2
   EMBED=64; SMOKE_PRECISIONS="fp32"; TRAIN_PRECISION=fp32
-  SAMPLE_ARGS=(--presets tiny --precisions 32 --batch-sizes 1 --steps 2)
+  SAMPLE_ARGS=(--presets tiny --precisions 32 --batch-sizes 1 --steps 2 --budget-s 300)
   SAMPLES=64; STEP_SETS=(--steps 2 --warmup 1 --rounds 1); SMOKE_STEPS=4; SMOKE_EVERY=2
   LIMIT_SCALE=4  # a 2-core machine shared with other jobs: the limits guard against hangs, not speed
 fi
@@ -141,7 +141,8 @@ step trainer-sr256 100 "$PY" bench/trainer_overhead.py --config "$SR" --batch "$
   --json "$OUT/json/trainer-sr256.json"
 
 # 8. Sampling: base64-2b, batch 1, fp16, 30-step Heun with guidance; load time apart from sampling.
-step sampling 90 "$PY" bench/sampling.py "${SAMPLE_ARGS[@]}" --encoder "$OUT/data/t5" --out "$OUT/json/sampling.json"
+step sampling 90 "$PY" bench/sampling.py "${SAMPLE_ARGS[@]}" --encoder "$OUT/data/t5" --work-dir "$OUT/sampling" \
+  --out "$OUT/json/sampling.json"
 
 # 9. Side by side with the matched diffusers IF-I peer (skipped where diffusers is missing).
 if "$PY" -c "import diffusers" 2>/dev/null; then
@@ -175,12 +176,15 @@ if [ "$MODE" = gpu ]; then
     --batch $(( BASE_BATCH * 2 )) --json "$OUT/json/lever-batch.json"
 else  # inductor takes minutes on 2 cores; the command is the other levers' with one --set more
   printf 'lever-compile\tskipped\t0\trehearsal: compiling takes minutes on a CPU\n' >> "$OUT/steps.tsv"
+  printf 'lever-batch\tskipped\t0\trehearsal: the same command at another batch\n' >> "$OUT/steps.tsv"
 fi
 
 # 12. The reference README's inference-memory table (the rehearsal's step 8 ran the same script).
 if [ "$MODE" = gpu ]; then
   step sampling-table 120 "$PY" bench/sampling.py "${TABLE_ARGS[@]}" --encoder "$OUT/data/t5" \
-    --out "$OUT/json/sampling-table.json"
+    --work-dir "$OUT/sampling" --out "$OUT/json/sampling-table.json"
+else
+  printf 'sampling-table\tskipped\t0\trehearsal: step 8 ran the same script\n' >> "$OUT/steps.tsv"
 fi
 
 "$PY" bench/gpu_summary.py "$OUT" --mode "$MODE" > "$OUT/summary.md"

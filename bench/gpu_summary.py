@@ -37,13 +37,21 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def _skip_note(folder: Path, name: str) -> str:
+    """' (skipped: why)' or ' (failed: rc=...)' from steps.tsv, for a figure that is missing."""
+    for row in _steps(folder):
+        if row[0] == name and row[1] != "ok":
+            return f" ({row[1]}: {row[3] if len(row) > 3 else ''})"
+    return ""
+
+
 def step_rows(folder: Path, names: list[str]) -> list[list[Any]]:
     """Bare-step figures of bench/train_step.py results (ours, and the peer or baseline beside it)."""
     rows = []
     for name in names:
         result = _json(folder, name)
         if result is None:
-            rows.append([name, "not measured"] + [""] * 8)
+            rows.append([name, "not measured" + _skip_note(folder, name)] + [""] * 8)
             continue
         for m in result["models"]:
             goal = f" (goal {MFU_GOAL:.0%})" if m["name"] == "ours" else ""
@@ -102,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for name in ("trainer-base64", "trainer-sr256"):
         r = _json(folder, name)
-        rows.append([name, "not measured", "", "", ""] if r is None else
+        rows.append([name, "not measured" + _skip_note(folder, name), "", "", ""] if r is None else
                     [name, f"{r['config']} b{r['batch']} {r['precision']} ZeRO-{r['zero_stage']}",
                      f"{r['trainer_samples_per_s']:.1f}", f"{r['bare_samples_per_s']:.1f}", f"{r['ratio']:.3f}"])
     lines += _table(["run", "setting", "trainer samples/s", "bare samples/s", "trainer / bare"], rows)
@@ -114,12 +122,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, title in (("sampling", "Sampling"), ("sampling-table", "Inference memory table")):
         result = _json(folder, name)
         lines += ["", f"## {title} (bench/sampling.py)", ""]
-        if result is None or not result.get("rows"):
-            lines.append("not measured")
+        if result is None or not result.get("runs"):
+            lines.append("not measured" + _skip_note(folder, name))
             continue
-        keys = list(dict.fromkeys(k for row in result["rows"] for k in row))
-        lines += _table(keys, [[f"{row.get(k):.4g}" if isinstance(row.get(k), float) else row.get(k, "")
-                                for k in keys] for row in result["rows"]])
+        lines += [result["table"], ""]
+        rows = [[run["precision"], run["batch"], run["status"], st["stage"], st.get("dtype", ""),
+                 f"{st['load_s']:.2f}", f"{st['first_image_s']:.2f}", f"{st['steady_images_per_s']:.3g}",
+                 st["nfe_per_image"], f"{st['ms_per_call']:.1f}" if st.get("ms_per_call") else "",
+                 f"{st['peak_mem_gib']:.2f}"]
+                for run in result["runs"] for st in run.get("stages", []) if st["stage"] != "text_encoder"]
+        lines += _table(["precision", "batch", "run", "stage", "dtype", "load s", "first image s", "steady img/s",
+                         "calls/image", "ms/call", "peak GiB"], rows)
     print("\n".join(lines))
     return 0
 
