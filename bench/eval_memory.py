@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from imagen_train.config import Config, load_preset  # noqa: E402
-from imagen_train.diffusion import build_diffusion  # noqa: E402
+from imagen_train.diffusion import NetworkCaller, build_diffusion  # noqa: E402
 from imagen_train.evaluation.periodic import ema_network, free_memory  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
 from train_step import PeakGrowth  # noqa: E402
@@ -70,7 +70,7 @@ def draw(cfg: Config, net: torch.nn.Module, device: torch.device, batch: int, st
     if cfg.lowres_resolution:
         low = torch.rand(batch, 3, cfg.lowres_resolution, cfg.lowres_resolution, generator=gen, device=device) * 2 - 1
     with torch.no_grad():
-        diffusion.sample(net, (batch, 3, res, res), emb, mask, sampler, lowres=low, generator=gen)
+        diffusion.sample(NetworkCaller(net), (batch, 3, res, res), emb, mask, sampler, lowres=low, generator=gen)
 
 
 def measure(preset: str, dtype: torch.dtype, device: torch.device, batch: int, steps: int) -> dict:

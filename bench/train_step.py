@@ -9,7 +9,7 @@ A step is what the trainer does per micro batch on one rank: the stage's diffusi
 batch of synthetic tensors of the stage's shapes (image, T5 embeddings with padding, and for the
 SR stages the low-res image), backward, gradient clipping at `training.grad_clip`, and AdamW.
 The network is built from the config as training builds it and is called through the trainer's
-own `call_network` (dtype, memory format). Precision as in training under DeepSpeed: fp32, or
+own `speed.network_caller` (dtype, memory format). Precision as in training under DeepSpeed: fp32, or
 bf16 weights and gradients with fp32 master weights and AdamW states (DeepSpeed's bf16 mode).
 
 Single device, no DeepSpeed: ZeRO only partitions optimizer state and gradients across ranks
@@ -271,7 +271,7 @@ class Trainable:
         self.optimizer = torch.optim.AdamW(self.master, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=True)
         self.diffusion = build_diffusion(self.cfg.diffusion)
-        self.call = partial(speed.call_network, self.forward, self.dtype, speed.memory_format(self.cfg.training))
+        self.call = speed.network_caller(self.forward, self.cfg.training, self.dtype)
 
     @property
     def num_params(self) -> int:

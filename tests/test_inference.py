@@ -1,13 +1,13 @@
 """Inference plumbing: networks built on the meta device take the file's tensors as their weights
 (models.assign_weights, training.export.load_exported, evaluation.cascade.load_stage), and the
-cascade's network adapter casts the conditioning once per run (evaluation.cascade.NetCaller)."""
+cascade's network caller casts the conditioning once per run (evaluation.cascade.Precision.caller)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from imagen_train.evaluation.cascade import NetCaller, Precision, load_stage
+from imagen_train.evaluation.cascade import Precision, load_stage
 
 from sampling_helpers import export_tiny
 
@@ -108,7 +108,7 @@ def test_assign_weights_refuses_what_a_meta_build_would_leave_unset():
     assert torch.equal(built.table, torch.arange(4.0)) and torch.equal(built.linear.weight, state["linear.weight"])
 
 
-def test_net_caller_casts_the_conditioning_once_per_run(tmp_path):
+def test_cascade_caller_casts_the_conditioning_once_per_run(tmp_path):
     """Mode 16 (bf16 weights on a CPU): the network gets the text and low-res image in its dtype,
     the same cast tensors at every call while the sampler passes the same ones, fresh casts for
     new ones, and the output equals casting at every call."""
@@ -125,7 +125,8 @@ def test_net_caller_casts_the_conditioning_once_per_run(tmp_path):
         return forward(x, noise_cond, text_emb, text_mask, lowres, lowres_noise_cond)
 
     net.forward = spy
-    caller = NetCaller(net, Precision(16, torch.device("cpu")))
+    precision = Precision(16, torch.device("cpu"))
+    caller = precision.caller(net)
     inputs = _stage_inputs(cfg, torch.Generator().manual_seed(0))
     sampler = SamplerConfig(name="edm_heun", steps=2, guidance_scale=3.0, thresholding="none")
     diffusion = build_diffusion(cfg.diffusion)
@@ -138,5 +139,5 @@ def test_net_caller_casts_the_conditioning_once_per_run(tmp_path):
     assert len(seen) == 3
     assert all(t.dtype == torch.bfloat16 for call in seen for t in call)
     assert all(call[1] is seen[0][1] and call[2] is seen[0][2] for call in seen)
-    assert torch.equal(images, sample(lambda *args, **kw: NetCaller(net, caller.precision)(*args, **kw)))
+    assert torch.equal(images, sample(lambda *args, **kw: precision.caller(net)(*args, **kw)))
     assert seen[3][1] is not seen[0][1] and torch.equal(seen[3][1], seen[0][1])  # new caller, new casts

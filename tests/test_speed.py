@@ -1,5 +1,5 @@
-"""Speed options (imagen_train/training/speed.py): channels_last inputs as the trainer feeds them,
-and the torch.compile check."""
+"""Speed options (imagen_train/training/speed.py): channels_last inputs as the trainer feeds them
+(through `network_caller`), and the torch.compile check."""
 
 from __future__ import annotations
 
@@ -7,31 +7,27 @@ import pytest
 import torch
 
 from imagen_train.config import ConfigError, load_preset
+from imagen_train.diffusion import NetworkCaller
 from imagen_train.models import build_model
 from imagen_train.training import speed
-from imagen_train.training.trainer import Trainer
 
 
-def _trainer_net(channels_last: bool):
-    """Trainer._net on a tiny network, without building the data, engine or process group."""
+def _trainer_caller(channels_last: bool):
+    """The caller the trainer builds (speed.network_caller) around a tiny network."""
     cfg = load_preset("base64-tiny", [f"training.channels_last={str(channels_last).lower()}"])
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = cfg
-    trainer.engine = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
-    trainer.dtype = torch.float32
-    trainer.memory_format = speed.memory_format(cfg.training)
-    return cfg, trainer
+    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    return cfg, net, speed.network_caller(net, cfg.training, torch.float32)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_trainer_feeds_the_network_in_the_configured_memory_format(channels_last):
-    cfg, trainer = _trainer_net(channels_last)
-    net = trainer.engine
+    cfg, net, caller = _trainer_caller(channels_last)
+    assert isinstance(caller, NetworkCaller) and caller.net is net and caller.dtype == torch.float32
     seen = {}
     net.input.register_forward_hook(lambda m, args, out: seen.update(x=args[0], h=out))
     L = cfg.text.max_length
-    out = trainer._net(torch.randn(2, 3, 64, 64), torch.zeros(2), torch.randn(2, L, cfg.text.embed_dim),
-                       torch.ones(2, L, dtype=torch.bool))
+    out = caller(torch.randn(2, 3, 64, 64), torch.zeros(2), torch.randn(2, L, cfg.text.embed_dim),
+                 torch.ones(2, L, dtype=torch.bool))
     assert out.dtype == torch.float32 and out.shape == (2, 3, 64, 64)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The image arrives in the configured format and the first activation follows it...
@@ -40,17 +36,28 @@ def test_trainer_feeds_the_network_in_the_configured_memory_format(channels_last
     assert net.input.weight.is_contiguous()
 
 
+def test_trainer_caller_takes_the_training_dtype():
+    cfg, net, _ = _trainer_caller(False)
+    caller = speed.network_caller(net.bfloat16(), cfg.training, torch.bfloat16)
+    seen = {}
+    net.input.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    L = cfg.text.max_length
+    out = caller(torch.randn(2, 3, 64, 64), torch.zeros(2), torch.randn(2, L, cfg.text.embed_dim),
+                 torch.ones(2, L, dtype=torch.bool))
+    assert seen["x"].dtype == torch.bfloat16 and out.dtype == torch.float32
+
+
 def test_channels_last_gives_the_same_output():
-    cfg, plain = _trainer_net(False)
-    _, nhwc = _trainer_net(True)
+    cfg, plain_net, plain = _trainer_caller(False)
+    _, nhwc_net, nhwc = _trainer_caller(True)
     with torch.no_grad():  # re-draw the matrices: the zero-initialised output conv would hide everything
-        for p in plain.engine.parameters():
+        for p in plain_net.parameters():
             if p.dim() > 1:
                 p.normal_(std=0.1)
-    nhwc.engine.load_state_dict(plain.engine.state_dict())
+    nhwc_net.load_state_dict(plain_net.state_dict())
     L, D = cfg.text.max_length, cfg.text.embed_dim
     args = (torch.randn(2, 3, 64, 64), torch.rand(2), torch.randn(2, L, D), torch.ones(2, L, dtype=torch.bool))
-    torch.testing.assert_close(nhwc._net(*args), plain._net(*args), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nhwc(*args), plain(*args), rtol=1e-4, atol=1e-4)
 
 
 def test_check_compile_names_the_setting(monkeypatch):

@@ -4,17 +4,17 @@ The network never sees noise levels directly (NVlabs/edm style): a wrapper scale
 chooses `noise_cond` and converts its output. Both formulations present the same view to the
 samplers: x = x0 + sigma * n in VE sigma space (see schedules.py).
 
-The network's call signature is CONTRACTS.md's:
-    net(x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None) -> (B, C, H, W)
+The network is called through caller.py's NetworkCaller (dtype, memory format, autocast,
+float32 noise levels); a bare module gets the default one, running in its parameters' dtype.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional, Protocol
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .caller import as_caller
 from .schedules import LogSNRSchedule, log_snr_from_sigma, vp_from_sigma
 
 Denoiser = Callable[..., Tensor]  # D(x (B,C,H,W), sigma (B,), **extra_args) -> x0 (B,C,H,W)
@@ -72,36 +72,6 @@ def prediction_target(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, s
     raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Calling the network.
-
-def _net_dtype(net: Callable) -> Optional[torch.dtype]:
-    """The floating dtype of a module's parameters (None for plain callables or no parameters)."""
-    if isinstance(net, nn.Module):
-        for p in net.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return None
-
-
-def call_net(net: Callable, x: Tensor, noise_cond: Tensor, text_emb: Tensor, text_mask: Tensor,
-             lowres: Optional[Tensor] = None, lowres_noise_cond: Optional[Tensor] = None) -> Tensor:
-    """Run the network in its own dtype (e.g. bf16 weights) and return its output in x's dtype.
-
-    Under autocast the parameters are float32 and nothing is cast; autocast does the rest.
-    The noise levels stay float32: the network's sinusoidal features reach frequency 1000,
-    which bf16 cannot resolve (a bf16 level puts the embedding ~19% off).
-    """
-    dtype = _net_dtype(net)
-
-    def cast(v: Optional[Tensor]) -> Optional[Tensor]:
-        return v.to(dtype) if v is not None and dtype is not None and v.is_floating_point() else v
-
-    out = net(cast(x), noise_cond.float(), cast(text_emb), text_mask, lowres=cast(lowres),
-              lowres_noise_cond=None if lowres_noise_cond is None else lowres_noise_cond.float())
-    return out.to(x.dtype)
-
-
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """(B,) -> (B, 1, 1, ...) to broadcast against x."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
@@ -119,7 +89,7 @@ class _Bound:
     """A preconditioner bound to one network: the denoiser D(x, sigma, **cond) samplers drive."""
 
     def __init__(self, precond: "Precond", net: Callable):
-        self.precond, self.net = precond, net
+        self.precond, self.net = precond, as_caller(net)  # the parameter dtype read once, not per step
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         return self.precond.denoise(self.net, x, sigma, **cond)
@@ -150,7 +120,7 @@ class EDMPrecond:
                 lowres: Optional[Tensor] = None, lowres_noise_cond: Optional[Tensor] = None) -> Tensor:
         """x0 prediction for x (B, C, H, W) at sigma (B,)."""
         c_skip, c_out, c_in = (_bcast(c, x) for c in self.scalings(sigma))
-        f = call_net(net, c_in * x, self.noise_cond(sigma), text_emb, text_mask, lowres, lowres_noise_cond)
+        f = as_caller(net)(c_in * x, self.noise_cond(sigma), text_emb, text_mask, lowres, lowres_noise_cond)
         return c_skip * x + c_out * f
 
     def bind(self, net: Callable) -> Denoiser:
@@ -177,7 +147,7 @@ class VPPrecond:
     def predict(self, net: Callable, x_vp: Tensor, log_snr: Tensor, text_emb: Tensor, text_mask: Tensor,
                 lowres: Optional[Tensor] = None, lowres_noise_cond: Optional[Tensor] = None) -> Tensor:
         """The raw network output (eps, v or x0) for a VP sample at log_snr (B,)."""
-        return call_net(net, x_vp, log_snr / 8, text_emb, text_mask, lowres, lowres_noise_cond)
+        return as_caller(net)(x_vp, log_snr / 8, text_emb, text_mask, lowres, lowres_noise_cond)
 
     def denoise(self, net: Callable, x: Tensor, sigma: Tensor, text_emb: Tensor, text_mask: Tensor,
                 lowres: Optional[Tensor] = None, lowres_noise_cond: Optional[Tensor] = None) -> Tensor:

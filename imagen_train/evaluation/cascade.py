@@ -13,7 +13,6 @@ upsamples it itself (CONTRACTS.md).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from imagen_train.config import Config
+from imagen_train.diffusion.caller import NetworkCaller
 from .grids import make_grid, save_png, to_pil
 from .memory import PeakMemory, release, synchronize
 from .pipeline_config import InferencePipelineConfig
@@ -104,45 +104,16 @@ class Precision:
         self.weight_dtype = half if mode == 16 else torch.float32
         self.autocast_dtype = half if mode == "AMP" else None
 
-    def context(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def caller(self, net: torch.nn.Module) -> NetworkCaller:
+        """`net` called in this precision, its output in the sampler's float32; the conditioning is
+        cast once per run (the same tensors at every step)."""
+        return NetworkCaller(net, dtype=self.weight_dtype, autocast=self.autocast_dtype, cache_conditioning=True)
 
     @property
     def name(self) -> str:
         if self.autocast_dtype is not None:
             return f"amp_{str(self.autocast_dtype).removeprefix('torch.')}"
         return str(self.weight_dtype).removeprefix("torch.")
-
-
-class NetCaller:
-    """The network as the diffusion code calls it: inputs in the weights' dtype (noise levels in
-    fp32), under autocast when asked, output fp32 so the sampler's arithmetic stays fp32.
-
-    The conditioning (text, low-res image) is the same tensor at every step of a run, so its
-    cast is kept and reused while the caller passes that very tensor again."""
-
-    def __init__(self, net: torch.nn.Module, precision: Precision):
-        self.net, self.precision = net, precision
-        self._casts: dict[str, tuple[Tensor, Tensor]] = {}  # argument -> (given tensor, its cast)
-
-    def _cast(self, t: Optional[Tensor], name: Optional[str] = None) -> Optional[Tensor]:
-        if t is None:
-            return None
-        if name is not None and name in self._casts and self._casts[name][0] is t:
-            return self._casts[name][1]
-        out = t.to(self.precision.weight_dtype)
-        if name is not None:
-            self._casts[name] = (t, out)
-        return out
-
-    def __call__(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
-        with self.precision.context():
-            out = self.net(self._cast(x), noise_cond.float(), self._cast(text_emb, "text_emb"), text_mask,
-                           self._cast(lowres, "lowres"),
-                           None if lowres_noise_cond is None else lowres_noise_cond.float())
-        return out.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +204,7 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
         if stage_cfg.stage != stage:
             raise ValueError(f"checkpoints.{stage}={path} holds a {stage_cfg.stage} model")
         diffusion = build_diffusion(stage_cfg.diffusion)
-        caller = NetCaller(net, precision)
+        caller = precision.caller(net)
         res = stage_cfg.output_resolution
         L = stage_cfg.text.max_length
         for i in range(0, emb.shape[0], cfg.batch_size):
@@ -314,4 +285,4 @@ def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: 
 
 
 __all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "load_stage", "stage_config",
-           "CascadeResult", "StageStats", "Precision", "NetCaller", "resolve_device", "time_to_first_image"]
+           "CascadeResult", "StageStats", "Precision", "resolve_device", "time_to_first_image"]

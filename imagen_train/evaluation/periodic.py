@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from imagen_train.config import Config, ConfigError
+from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.utils import dist
 
 DEFAULT_GRID_SAMPLES = 4
@@ -234,12 +235,13 @@ class PeriodicEvaluator:
         part = _take(cond, mine)
         res = self.cfg.train_resolution
         gen = torch.Generator(device=trainer.device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
+        caller = NetworkCaller(net)  # in the EMA network's dtype
         out = [torch.zeros(0, 3, res, res)]
         for i in range(0, len(mine), self.ev.batch_size):
             emb = part["text_emb"][i:i + self.ev.batch_size].to(trainer.device)
             mask = part["text_mask"][i:i + self.ev.batch_size].to(trainer.device)
             low = part["lowres"][i:i + self.ev.batch_size].to(trainer.device) if "lowres" in part else None
-            result = diffusion.sample(net, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
+            result = diffusion.sample(caller, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
                                       lowres=low, generator=gen)
             out.append(result.images.float().cpu())
         local = torch.cat(out).to(trainer.device)

@@ -1,6 +1,6 @@
 """Speed options applied to the network from outside the model code: channels_last activations
 and torch.compile (torchtitan's split: the model is written for one device, the trainer decides
-how it runs). The trainer and bench/train_step.py call the network through `call_network`, so
+how it runs). The trainer and bench/train_step.py call the network through `network_caller`, so
 the benchmark times the same step the trainer takes.
 """
 
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from imagen_train.config import Config, ConfigError, TrainingConfig
+from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.models import build_model
 from imagen_train.utils import dist
 
@@ -28,23 +29,10 @@ def memory_format(training: TrainingConfig) -> torch.memory_format:
     return torch.channels_last if training.channels_last else torch.contiguous_format
 
 
-def to_network(x: Optional[Tensor], dtype: torch.dtype, fmt: torch.memory_format) -> Optional[Tensor]:
-    """`x` in `dtype`, and images (4-D) also in `fmt`; None stays None."""
-    if x is None:
-        return None
-    if x.dim() == 4:
-        return x.to(dtype=dtype, memory_format=fmt)
-    return x.to(dtype)
-
-
-def call_network(net: Callable, dtype: torch.dtype, fmt: torch.memory_format, x: Tensor, noise_cond: Tensor,
-                 text_emb: Tensor, text_mask: Tensor, lowres: Optional[Tensor] = None,
-                 lowres_noise_cond: Optional[Tensor] = None) -> Tensor:
-    """The network as the diffusion code calls it: inputs in the training dtype and memory format,
-    noise levels in float32 (bf16 cannot resolve their features), output in float32."""
-    out = net(to_network(x, dtype, fmt), noise_cond.float(), to_network(text_emb, dtype, fmt), text_mask,
-              to_network(lowres, dtype, fmt), None if lowres_noise_cond is None else lowres_noise_cond.float())
-    return out.float()
+def network_caller(net: Callable, training: TrainingConfig, dtype: torch.dtype) -> NetworkCaller:
+    """`net` as the trainer calls it: inputs in the training `dtype` and in `memory_format(training)`,
+    noise levels in float32, output in x's dtype (float32 in the loss)."""
+    return NetworkCaller(net, dtype=dtype, memory_format=memory_format(training))
 
 
 def check_compile(device: Optional[str] = None) -> None:

@@ -110,7 +110,7 @@ class Trainer:
             dist.print0(f"[train] initialised from {init_from} ({cfg.training.init_from_weights} weights)")
         self.device = ds.current_device()
         self.dtype = ds.model_dtype(self.engine)
-        self.memory_format = speed.memory_format(cfg.training)
+        self.net = speed.network_caller(self.engine, cfg.training, self.dtype)
         self.diffusion = build_diffusion(cfg.diffusion)
         self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
         self.ema = EMA(ds.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
@@ -218,12 +218,6 @@ class Trainer:
         return self.last_checkpoint
 
     # ------------------------------------------------------------------------------------------
-    def _net(self, x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
-        """The engine as the diffusion code calls it: inputs in the engine's dtype and memory format,
-        output fp32."""
-        return speed.call_network(self.engine, self.dtype, self.memory_format, x, noise_cond, text_emb,
-                                  text_mask, lowres, lowres_noise_cond)
-
     def _to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                 for k, v in batch.items()}
@@ -253,7 +247,7 @@ class Trainer:
                     batch = self._to_device(next(data_iter))
                     window["data_s"] += time.perf_counter() - wait_start
                     loss = self.diffusion.training_loss(
-                        self._net, batch["image"], batch["text_emb"], batch["text_mask"],
+                        self.net, batch["image"], batch["text_emb"], batch["text_mask"],
                         lowres=batch.get("lowres")).mean()
                     if self.faults.fire(faults.NAN_LOSS, self.step + 1, rank):
                         loss = loss * float("nan")
