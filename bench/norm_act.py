@@ -6,11 +6,11 @@
   fused path does not apply;
 - folded: the GroupNorm affine folded into the FiLM scale and shift, one `addcmul` instead of a
   multiply and an add;
-- compiled: the eager function through `torch.compile` (inductor), i.e. the fused
-  GroupNorm + SiLU kernel the issue asks about, compiled for this region only;
+- compiled: the eager function through `torch.compile` (inductor), i.e. a fused
+  GroupNorm + SiLU kernel, compiled for this region only;
 - fused: `imagen_train.models.norm_act`'s autograd function (affine and FiLM folded into one gain
   and offset, only the input kept for backward), what ResBlock runs where `fused_applies` says so
-  (the last column).
+  in its default mode, "auto" (the last column).
 
 Presets: `35m`, base64-35m's maps with 32 groups (128 ch x 64 px is the decoder's first
 GroupNorm over [h; skip]); `tiny`, the tiny and quickstart presets' maps with 4 groups. Each
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from imagen_train.models.norm_act import _NormFiLMSiLU, fused_applies  # noqa: E402
+from imagen_train.models.norm_act import fused_applies, fused_norm_film_silu  # noqa: E402
 
 GROUPS = 32
 PRESETS = {  # groups, [(channels, resolution)]
@@ -50,7 +50,7 @@ def folded(h, weight, bias, scale, shift, groups=GROUPS):
 
 
 def fused(h, weight, bias, scale, shift, groups=GROUPS):
-    return _NormFiLMSiLU.apply(h, weight, bias, scale, shift, groups, 1e-5)
+    return fused_norm_film_silu(h, weight, bias, scale, shift, groups, 1e-5)
 
 
 def median_ms(fn, args, grad, warmup: int = 3, steps: int = 10) -> float:

@@ -45,15 +45,17 @@ applied to the peer as well), model.activation_checkpointing=true (diffusers' gr
 checkpointing for the peer). Attention always goes through F.scaled_dot_product_attention
 (flash kernels on a GPU).
 
---baseline NAME also trains a second copy of our network with one speed change undone, in the
-same A/B/C rounds, and reports ours / baseline: `composed-norm` runs the GroupNorm -> FiLM -> SiLU
-regions as separate PyTorch ops instead of imagen_train.models.norm_act's fused function;
+--baseline NAME also trains a second copy of our network with one speed change undone (a model
+option set on that copy, or a context around its steps), in the same A/B/C rounds, and reports
+ours / baseline: `composed-norm` runs the GroupNorm -> FiLM -> SiLU regions as separate PyTorch
+ops instead of imagen_train.models.norm_act's fused function (speed.set_fused_norm_act "never");
 `math-attention` makes SDPA use its reference (math) kernel instead of the flash kernels;
 `unmasked-attention` drops every attention mask (numerics differ: the padding is attended), so
 ours / baseline < 1 measures what the masks cost (on a GPU a boolean mask keeps SDPA off its
 flash kernel): the most a mask-free layout could gain; `fused-norm-everywhere` takes the fused
-GroupNorm -> FiLM -> SiLU function on every map (the model takes it only on large channels_last
-fp32 CPU maps), so ours / baseline < 1 says the region would pay on this device too.
+GroupNorm -> FiLM -> SiLU function on every map ("always"; the model's default takes it only on
+large channels_last fp32 CPU maps), so ours / baseline < 1 says the region would pay on this
+device too.
 
 --threads sets torch's CPU threads (default: torch's choice, one per core). OpenMP threads wait
 on each other, so a CPU shared with other jobs distorts everything: a tiny base64 step took
@@ -76,7 +78,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -87,8 +89,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from imagen_train.config import Config, load_config  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
-from imagen_train.models import norm_act  # noqa: E402
-from imagen_train.models.norm_act import fused_norm_act  # noqa: E402
 from imagen_train.training import speed  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, bf16 tensor core, dense
@@ -317,8 +317,16 @@ class Trainable:
         return tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()) + self.master + opt_state)
 
 
-# Earlier forms of our step, trained beside the current one by --baseline to measure a change
-# before and after in one process: name -> (label, context entered around each of its steps).
+class Baseline(NamedTuple):
+    """An earlier form of our step, trained beside the current one by --baseline to measure a change
+    before and after in one process: a model option set on its network, and/or a context entered
+    around each of its steps."""
+
+    label: str
+    configure: Callable[[torch.nn.Module], Any] = lambda net: None
+    context: Callable[[], AbstractContextManager] = nullcontext
+
+
 @contextmanager
 def _unmasked_attention():
     """Every SDPA call of the step without its attention mask: what a layout that needs no mask
@@ -335,25 +343,15 @@ def _unmasked_attention():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-@contextmanager
-def _fused_norm_everywhere():
-    """The fused GroupNorm -> FiLM -> SiLU function on every 4-D map, whatever its device, dtype,
-    size or layout (the model takes it only for large channels_last fp32 CPU maps): ours / baseline
-    says whether the region would pay on this device."""
-    original = norm_act.fused_applies
-    norm_act.fused_applies = lambda x, norm: x.dim() == 4 and norm.affine and not torch.compiler.is_compiling()
-    try:
-        yield
-    finally:
-        norm_act.fused_applies = original
-
-
-BASELINES: dict[str, tuple[str, Callable[[], AbstractContextManager]]] = {
-    "composed-norm": ("ours, GroupNorm/FiLM/SiLU composed", lambda: fused_norm_act(False)),
-    "math-attention": ("ours, math attention", lambda: torch.nn.attention.sdpa_kernel(
+BASELINES: dict[str, Baseline] = {
+    "composed-norm": Baseline("ours, GroupNorm/FiLM/SiLU composed",
+                              configure=partial(speed.set_fused_norm_act, mode="never")),
+    "math-attention": Baseline("ours, math attention", context=lambda: torch.nn.attention.sdpa_kernel(
         torch.nn.attention.SDPBackend.MATH)),
-    "unmasked-attention": ("ours, attention without masks (upper bound)", _unmasked_attention),
-    "fused-norm-everywhere": ("ours, fused GroupNorm/FiLM/SiLU on every map", _fused_norm_everywhere),
+    "unmasked-attention": Baseline("ours, attention without masks (upper bound)", context=_unmasked_attention),
+    # Whatever the map's device, dtype, size or layout: would the region pay on this device too?
+    "fused-norm-everywhere": Baseline("ours, fused GroupNorm/FiLM/SiLU on every map",
+                                      configure=partial(speed.set_fused_norm_act, mode="always")),
 }
 
 
@@ -366,8 +364,9 @@ def _ours(cfg: Config, dtype: torch.dtype, device: torch.device, baseline: Optio
 
     if baseline is None:
         return Trainable("ours", net, net, set_recompute, cfg, dtype, device)
-    label, context = BASELINES[baseline]
-    return Trainable(label, net, net, set_recompute, cfg, dtype, device, context=context)
+    before = BASELINES[baseline]
+    before.configure(net)
+    return Trainable(before.label, net, net, set_recompute, cfg, dtype, device, context=before.context)
 
 
 def _peer(cfg: Config, target_params: int, dtype: torch.dtype, device: torch.device) -> Trainable:

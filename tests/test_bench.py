@@ -119,36 +119,40 @@ def test_peer_of_a_large_preset_builds_and_runs(preset):
 
 @pytest.mark.parametrize("baseline", sorted(train_step.BASELINES))
 def test_baseline_trains_beside_ours_with_the_change_undone(baseline, monkeypatch):
-    """--baseline trains a second copy of our network whose steps run inside the baseline's context."""
+    """--baseline trains a second copy of our network with the baseline's model option set on it
+    and its steps run inside the baseline's context."""
     from imagen_train.models import norm_act
 
-    seen = []
+    seen = []  # (the module's mode, whether the fused path was taken) per region
     real = norm_act.fused_applies
     monkeypatch.setattr(norm_act, "fused_applies",
-                        lambda x, norm: seen.append((norm_act._enabled, real(x, norm))) or seen[-1][1])
+                        lambda x, norm, mode="auto": seen.append((mode, real(x, norm, mode))) or seen[-1][1])
     entered = []
-    label, context = train_step.BASELINES[baseline]
-    monkeypatch.setitem(train_step.BASELINES, baseline, (label, lambda: _recording(entered, context())))
+    before = train_step.BASELINES[baseline]
+    monkeypatch.setitem(train_step.BASELINES, baseline,
+                        before._replace(context=lambda: _recording(entered, before.context())))
     # sr256-tiny's 256 px maps in channels_last are large enough for the fused path.
     result = train_step.main(["--config", str(REPO / "configs" / "sr256-tiny.yaml"), "--set",
                               "training.channels_last=true"] + SMOKE[2:] + ["--baseline", baseline])
-    ours, before = result["models"]
-    assert (ours["name"], before["name"]) == ("ours", label) and result["baseline"] == baseline
-    assert ours["params"] == before["params"]
+    ours, base = result["models"]
+    assert (ours["name"], base["name"]) == ("ours", before.label) and result["baseline"] == baseline
+    assert ours["params"] == base["params"]
     if baseline == "math-attention":  # the math kernel's backward does not recompute the scores
-        assert before["flops_per_sample"] < ours["flops_per_sample"]
+        assert base["flops_per_sample"] < ours["flops_per_sample"]
     else:
-        assert before["flops_per_sample"] == ours["flops_per_sample"]
+        assert base["flops_per_sample"] == ours["flops_per_sample"]
     # The flop count, the warm-up step, and per round one settling and one timed step of the baseline.
     assert len(entered) == 1 + 1 + 2 * (1 + 1)
-    assert result["speedup"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / before["samples_per_s"])
-    fused_in_ours = any(fused for enabled, fused in seen if enabled)
-    assert fused_in_ours  # the 256 px maps take the fused path ...
-    switched_off = [fused for enabled, fused in seen if not enabled]
-    if baseline == "composed-norm":  # ... except in the composed-norm baseline
-        assert switched_off and not any(switched_off)
+    assert result["speedup"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
+    auto = [fused for mode, fused in seen if mode == "auto"]
+    assert any(auto) and not all(auto)  # ours fuses the 256 px maps and composes the small ones ...
+    modes = {mode for mode, _ in seen}
+    if baseline == "composed-norm":  # ... the composed-norm baseline never fuses ...
+        assert modes == {"auto", "never"} and not any(fused for mode, fused in seen if mode == "never")
+    elif baseline == "fused-norm-everywhere":  # ... and fused-norm-everywhere fuses every map
+        assert modes == {"auto", "always"} and all(fused for mode, fused in seen if mode == "always")
     else:
-        assert not switched_off
+        assert modes == {"auto"}
 
 
 class _recording:
@@ -229,8 +233,7 @@ def test_unmasked_attention_baseline_drops_the_mask_and_restores_sdpa():
     q, k, v = torch.randn(3, 2, 5, 8).unbind(0)
     mask = torch.tensor([[True, True, False, False, False], [True] * 5])
     masked = attend(q, k, v, heads=2, mask=mask)
-    _, context = train_step.BASELINES["unmasked-attention"]
-    with context():
+    with train_step.BASELINES["unmasked-attention"].context():
         unmasked = attend(q, k, v, heads=2, mask=mask)
     torch.testing.assert_close(unmasked, attend(q, k, v, heads=2))
     assert not torch.allclose(unmasked[0], masked[0])  # row 0 had padding: now attended

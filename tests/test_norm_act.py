@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imagen_train.models.layers import GroupNorm32, ResBlock
-from imagen_train.models.norm_act import _NormFiLMSiLU, fused_applies, fused_norm_act, norm_film_silu
+from imagen_train.models.norm_act import fused_applies, fused_norm_film_silu, norm_film_silu
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
 
@@ -25,18 +25,17 @@ def _inputs(batch, channels, size, fmt, dtype=torch.float32, film=True, seed=0):
 @pytest.mark.parametrize("film", [True, False])
 def test_gradients_match_finite_differences(fmt, film):
     x, weight, bias, scale, shift = _inputs(2, 8, 3, fmt, torch.float64, film)
-    assert torch.autograd.gradcheck(lambda *a: _NormFiLMSiLU.apply(*a, 4, 1e-5), (x, weight, bias, scale, shift))
+    assert torch.autograd.gradcheck(lambda *a: fused_norm_film_silu(*a, 4, 1e-5), (x, weight, bias, scale, shift))
 
 
-def _run(enabled, inputs, groups=8):
+def _run(mode, inputs, groups=8):
     norm = GroupNorm32(groups, inputs[0].shape[1])
     with torch.no_grad():
         norm.weight.copy_(inputs[1])
         norm.bias.copy_(inputs[2])
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
     x, _, _, scale, shift = leaves
-    with fused_norm_act(enabled):
-        out = norm_film_silu(norm, x, scale, shift)
+    out = norm_film_silu(norm, x, scale, shift, fused=mode)
     out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
     grads = [x.grad, norm.weight.grad, norm.bias.grad] + [t.grad for t in (scale, shift) if t is not None]
     return out, grads
@@ -47,8 +46,8 @@ def test_fused_equals_composed(film):
     fmt = torch.channels_last
     inputs = _inputs(3, 16, 64, fmt, film=film)
     assert fused_applies(inputs[0], GroupNorm32(8, 16))
-    out_f, grads_f = _run(True, inputs)
-    out_c, grads_c = _run(False, inputs)
+    out_f, grads_f = _run("auto", inputs)
+    out_c, grads_c = _run("never", inputs)
     torch.testing.assert_close(out_f, out_c, rtol=1e-5, atol=1e-5)
     assert len(grads_f) == len(grads_c) == (5 if film else 3)
     for gf, gc in zip(grads_f, grads_c):
@@ -58,7 +57,7 @@ def test_fused_equals_composed(film):
 
 def test_fused_keeps_only_the_input_for_backward():
     """The composition keeps three full-size tensors for backward, the fused region one."""
-    def saved_full_size(enabled):
+    def saved_full_size(mode):
         x, weight, bias, scale, shift = _inputs(2, 16, 64, torch.channels_last)
         norm = GroupNorm32(8, 16)
         count = 0
@@ -67,11 +66,11 @@ def test_fused_keeps_only_the_input_for_backward():
             nonlocal count
             count += t.numel() == x.numel()
             return t
-        with fused_norm_act(enabled), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            norm_film_silu(norm, x, scale, shift)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            norm_film_silu(norm, x, scale, shift, fused=mode)
         return count
-    assert saved_full_size(True) == 1
-    assert saved_full_size(False) >= 3
+    assert saved_full_size("auto") == 1
+    assert saved_full_size("never") >= 3
 
 
 def test_composed_where_fused_does_not_apply():
@@ -82,28 +81,59 @@ def test_composed_where_fused_does_not_apply():
     assert not fused_applies(big[:, :, :32], norm)  # small maps: the composition is faster
     assert not fused_applies(big.bfloat16(), norm)  # GPU-style precisions keep the composition
     assert not fused_applies(big.to("meta"), norm)  # any non-CPU device
-    with fused_norm_act(False):
-        assert not fused_applies(big, norm)
-    assert fused_applies(big, norm)  # the switch is restored on exit
+    assert not fused_applies(big, norm, "never")
     bf16 = _inputs(2, 16, 64, torch.channels_last, torch.bfloat16)
     out = norm_film_silu(norm.bfloat16(), *[bf16[0], bf16[3], bf16[4]])
     assert out.dtype == torch.bfloat16 and out.grad_fn.name() == "SiluBackward0"
 
 
+def test_always_fuses_every_affine_map_and_refuses_unknown_modes():
+    norm = GroupNorm32(8, 16)
+    small = torch.randn(2, 16, 8, 8)  # contiguous and small: "auto" composes
+    assert not fused_applies(small, norm) and fused_applies(small, norm, "always")
+    assert fused_applies(small.bfloat16(), norm, "always")
+    assert not fused_applies(small, torch.nn.GroupNorm(8, 16, affine=False), "always")  # needs the weights
+    out = norm_film_silu(norm, small.requires_grad_(), fused="always")
+    assert out.grad_fn.name() == "_NormFiLMSiLUBackward"
+    torch.testing.assert_close(out, norm_film_silu(norm, small, fused="never"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown fused"):
+        fused_applies(small, norm, "sometimes")
+    with pytest.raises(ValueError, match="unknown fused"):
+        ResBlock(16, 16, 4, num_groups=8, fused_norm_act="yes")
+
+
 def test_resblock_is_unchanged_by_the_fused_path():
     torch.manual_seed(0)
     block = ResBlock(16, 32, 24, num_groups=8)
+    assert block.fused_norm_act == "auto"
     torch.nn.init.normal_(block.conv2.weight, std=0.05)  # zero-initialised: would hide its input's gradient
     x = torch.randn(2, 16, 64, 64).contiguous(memory_format=torch.channels_last)
     assert fused_applies(x, block.norm1)
     emb = torch.randn(2, 24)
+    graphs = {}
 
-    def run(enabled):
+    def run(mode):
+        block.fused_norm_act = mode
         block.zero_grad()
         xi = x.clone().requires_grad_()
-        with fused_norm_act(enabled):
-            out = block(xi, emb)
+        out = block(xi, emb)
+        graphs[mode] = _graph_names(out)
         out.square().mean().backward()
         return [out, xi.grad] + [p.grad for p in block.parameters()]
-    for a, b in zip(run(True), run(False)):
+    for a, b in zip(run("auto"), run("never")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # The module's option, not a process-wide switch, decides the path.
+    assert "_NormFiLMSiLUBackward" in graphs["auto"] and "_NormFiLMSiLUBackward" not in graphs["never"]
+
+
+def _graph_names(out: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind `out`."""
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo += [n for n, _ in node.next_functions]
+    return names

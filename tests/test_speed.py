@@ -1,5 +1,5 @@
 """Speed options (imagen_train/training/speed.py): channels_last inputs as the trainer feeds them
-(through `network_caller`), and the torch.compile check."""
+(through `network_caller`), the fused GroupNorm -> FiLM -> SiLU option, and the torch.compile check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from imagen_train.config import ConfigError, load_preset
 from imagen_train.diffusion import NetworkCaller
 from imagen_train.models import build_model
+from imagen_train.models.layers import OutputHead, ResBlock
+from imagen_train.models.norm_act import fused_applies
 from imagen_train.training import speed
 
 
@@ -93,3 +95,33 @@ def test_regional_compile_compiles_each_block_and_keeps_outputs_and_names(preset
     with torch.no_grad():
         torch.testing.assert_close(net(*args), eager)
     assert [n for n, _ in net.named_parameters()] == names  # checkpoints and the EMA see the same names
+
+
+def test_set_fused_norm_act_is_an_option_of_one_network():
+    cfg = load_preset("base64-tiny")
+    torch.manual_seed(0)
+    fused, composed = (build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution) for _ in range(2))
+    composed.load_state_dict(fused.state_dict())
+    regions = [m for m in composed.modules() if isinstance(m, (ResBlock, OutputHead))]
+    assert speed.set_fused_norm_act(composed, "never") == len(regions) > 4
+    assert all(m.fused_norm_act == "never" for m in regions)
+    assert all(m.fused_norm_act == "auto" for m in fused.modules() if isinstance(m, (ResBlock, OutputHead)))
+    with pytest.raises(ValueError, match="unknown fused"):
+        speed.set_fused_norm_act(composed, "off")
+    # The same values either way; the base64-tiny 64 px maps in channels_last take the fused path.
+    calls = {"fused": 0, "composed": 0}
+    for name, net in (("fused", fused), ("composed", composed)):
+        for m in net.modules():
+            if isinstance(m, ResBlock):
+                m.register_forward_hook(lambda mod, args, out, name=name: calls.__setitem__(
+                    name, calls[name] + fused_applies(args[0], mod.norm1, mod.fused_norm_act)))
+    L, D = cfg.text.max_length, cfg.text.embed_dim
+    args = (torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last), torch.rand(2),
+            torch.randn(2, L, D), torch.ones(2, L, dtype=torch.bool))
+    with torch.no_grad():
+        for p in fused.parameters():  # the zero-initialised output convs would hide everything
+            if p.dim() > 1:
+                p.normal_(std=0.1)
+        composed.load_state_dict(fused.state_dict())
+        torch.testing.assert_close(fused(*args), composed(*args), rtol=1e-4, atol=1e-4)
+    assert calls["fused"] > 0 and calls["composed"] == 0

@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from imagen_train.models.norm_act import norm_film_silu
+from imagen_train.models.norm_act import check_fused_mode, norm_film_silu
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -70,11 +70,14 @@ class ResBlock(nn.Module):
     """ResNet block with scale-shift (FiLM) conditioning on `emb` (ADM, Dhariwal & Nichol 2021).
 
     x -> GN -> SiLU -> conv -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv (zero-init), plus
-    a (1x1-projected) identity.
+    a (1x1-projected) identity. `fused_norm_act`: where its two GN -> SiLU regions run as one
+    autograd function (norm_act.FUSED_MODES); the same values either way.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float = 0.0,
+                 fused_norm_act: str = "auto"):
         super().__init__()
+        self.fused_norm_act = check_fused_mode(fused_norm_act)
         self.norm1 = GroupNorm32(num_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * out_ch)
@@ -84,9 +87,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb, text=None, text_mask=None):
-        h = self.conv1(norm_film_silu(self.norm1, x))  # (B, out, H, W)
+        h = self.conv1(norm_film_silu(self.norm1, x, fused=self.fused_norm_act))  # (B, out, H, W)
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) each
-        h = norm_film_silu(self.norm2, h, scale, shift)
+        h = norm_film_silu(self.norm2, h, scale, shift, fused=self.fused_norm_act)
         h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
@@ -114,15 +117,16 @@ class Upsample(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """GN -> SiLU -> zero-initialised 3x3 conv to the output channels."""
+    """GN -> SiLU -> zero-initialised 3x3 conv to the output channels (`fused_norm_act` as ResBlock's)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_groups: int):
+    def __init__(self, in_ch: int, out_ch: int, num_groups: int, fused_norm_act: str = "auto"):
         super().__init__()
+        self.fused_norm_act = check_fused_mode(fused_norm_act)
         self.norm = GroupNorm32(num_groups, in_ch)
         self.conv = zero_module(nn.Conv2d(in_ch, out_ch, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(norm_film_silu(self.norm, x))
+        return self.conv(norm_film_silu(self.norm, x, fused=self.fused_norm_act))
 
 
 def run_block(block: nn.Module, checkpointing: bool, x, emb, text, text_mask) -> torch.Tensor:

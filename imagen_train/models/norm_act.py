@@ -2,43 +2,42 @@
 
 Every ResBlock runs this region twice. Composed from PyTorch ops, autograd keeps three full-size
 tensors per region (the GroupNorm input, its output and the pre-activation), its backward makes
-about a dozen passes over them, and on a CPU the composition takes up to 2.7x longer on
-channels_last maps than on contiguous ones (bench/norm_act.py). Here the GroupNorm affine and
-the FiLM scale and shift fold into one per-(sample, channel) gain and offset, so the forward is
-`silu(x * gain + offset)`. Only `x` and the (B, groups) statistics are kept, and the backward
-recomputes the pre-activation and needs two reductions over `x` and the incoming gradient.
+about a dozen passes over them, and PyTorch's CPU GroupNorm backward is slow on channels_last
+maps. Here the GroupNorm affine and the FiLM scale and shift fold into one per-(sample, channel)
+gain and offset, so the forward is `silu(x * gain + offset)`. Only `x` and the (B, groups)
+statistics are kept, and the backward recomputes the pre-activation and needs two reductions
+over `x` and the incoming gradient.
 
-`norm_film_silu` takes this path on channels_last CPU float32 maps of at least `MIN_ELEMENTS`
-elements per sample, outside `torch.compile`. There bench/norm_act.py measured it 1.3-2.1x
-faster than the composition (65K-524K elements per sample, 4 and 32 groups); on smaller maps its
-extra (B, C)-sized operations cost about as much as the passes they save, or more (0.6-1.3x). On
-contiguous (NCHW) maps, where PyTorch's GroupNorm backward is faster, it won at some shapes and
-lost at others (0.5-1.5x), so those keep the composition. So do GPUs (unmeasured there),
-`torch.compile` (which fuses the composition itself) and bf16/fp16.
+Where the fused function runs is an option of each module that runs the region (`fused`, one of
+`FUSED_MODES`; `training.speed.set_fused_norm_act` sets it on a whole network):
+- "auto" (the default): channels_last CPU float32 maps of at least `MIN_ELEMENTS` elements per
+  sample, outside `torch.compile`, the only inputs on which it measured faster than the
+  composition (docs/benchmarks.md, "The GroupNorm -> FiLM -> SiLU region alone"). On smaller maps
+  its extra (B, C)-sized operations cost as much as the passes they save; on contiguous maps
+  PyTorch's own GroupNorm backward is fast; `torch.compile` fuses the composition itself; GPUs and
+  half precision are unmeasured, so they keep the composition too.
+- "never": always the composition (bench/train_step.py's `composed-norm` baseline).
+- "always": every 4-D map with affine weights, outside `torch.compile`, whatever its device,
+  dtype, size or layout (the `fused-norm-everywhere` baseline: would it pay here too?).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 MIN_ELEMENTS = 2**16  # C * H * W of one sample
-_enabled = True
+FUSED_MODES = ("auto", "never", "always")
 
 
-@contextmanager
-def fused_norm_act(enabled: bool) -> Iterator[None]:
-    """Within the block, take the fused path where it applies (True) or always compose (False)."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+def check_fused_mode(mode: str) -> str:
+    """`mode` if it is one of FUSED_MODES, else ValueError."""
+    if mode not in FUSED_MODES:
+        raise ValueError(f"unknown fused GroupNorm -> FiLM -> SiLU mode {mode!r}; expected one of {FUSED_MODES}")
+    return mode
 
 
 def _gain_offset(mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor],
@@ -108,23 +107,34 @@ class _NormFiLMSiLU(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, None
 
 
-def fused_applies(x: Tensor, norm: nn.GroupNorm) -> bool:
-    """Whether `norm_film_silu` takes the fused path for this input (see the module docstring)."""
-    return (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+def fused_applies(x: Tensor, norm: nn.GroupNorm, mode: str = "auto") -> bool:
+    """Whether `norm_film_silu` takes the fused path for this input in `mode` (see the module docstring)."""
+    if check_fused_mode(mode) == "never":
+        return False
+    runs = x.dim() == 4 and norm.affine and not torch.compiler.is_compiling()
+    if mode == "always":
+        return runs
+    return (runs and x.device.type == "cpu" and x.dtype == torch.float32
             and x.shape[1] * x.shape[2] * x.shape[3] >= MIN_ELEMENTS
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and norm.affine and not torch.compiler.is_compiling())
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def fused_norm_film_silu(x: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                         groups: int, eps: float) -> Tensor:
+    """The fused function itself: `silu(group_norm(x, groups, weight, bias, eps) * (1 + scale) + shift)`."""
+    return _NormFiLMSiLU.apply(x, weight, bias, scale, shift, groups, eps)
 
 
 def norm_film_silu(norm: nn.GroupNorm, x: Tensor, scale: Optional[Tensor] = None,
-                   shift: Optional[Tensor] = None) -> Tensor:
+                   shift: Optional[Tensor] = None, fused: str = "auto") -> Tensor:
     """`silu(norm(x) * (1 + scale) + shift)`; scale and shift (B, C, 1, 1), either may be None.
 
-    `norm` is a GroupNorm (GroupNorm32: statistics in float32); the fused path needs its affine weights.
+    `norm` is a GroupNorm (GroupNorm32: statistics in float32); the fused path needs its affine
+    weights. `fused`: where the fused function runs (FUSED_MODES).
     """
     same_dtype = all(t is None or t.dtype == x.dtype for t in (scale, shift))
-    if fused_applies(x, norm) and same_dtype:
-        return _NormFiLMSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
+    if fused_applies(x, norm, fused) and same_dtype:
+        return fused_norm_film_silu(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
     h = norm(x)
     if scale is not None:
         h = h * (1 + scale)

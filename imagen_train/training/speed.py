@@ -1,7 +1,8 @@
-"""Speed options applied to the network from outside the model code: channels_last activations
-and torch.compile (torchtitan's split: the model is written for one device, the trainer decides
-how it runs). The trainer and bench/train_step.py call the network through `network_caller`, so
-the benchmark times the same step the trainer takes.
+"""Speed options applied to the network from outside the model code: channels_last activations,
+torch.compile, and where the fused GroupNorm -> FiLM -> SiLU function runs (torchtitan's split:
+the model is written for one device, the trainer decides how it runs). The trainer and
+bench/train_step.py call the network through `network_caller`, so the benchmark times the same
+step the trainer takes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from imagen_train.config import Config, ConfigError, TrainingConfig
 from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.models import build_model
+from imagen_train.models.layers import OutputHead, ResBlock
+from imagen_train.models.norm_act import check_fused_mode
 from imagen_train.utils import dist
 
 
@@ -33,6 +36,20 @@ def network_caller(net: Callable, training: TrainingConfig, dtype: torch.dtype) 
     """`net` as the trainer calls it: inputs in the training `dtype` and in `memory_format(training)`,
     noise levels in float32, output in x's dtype (float32 in the loss)."""
     return NetworkCaller(net, dtype=dtype, memory_format=memory_format(training))
+
+
+def set_fused_norm_act(net: nn.Module, mode: str) -> int:
+    """Where every ResBlock and output head of `net` runs its GroupNorm -> FiLM -> SiLU regions as
+    one autograd function (models/norm_act.py's FUSED_MODES); returns how many modules it set.
+
+    An option of each module, not of the process: two networks in one process (a benchmark's
+    before and after) can run the region differently.
+    """
+    check_fused_mode(mode)
+    modules = [m for m in net.modules() if isinstance(m, (ResBlock, OutputHead))]
+    for module in modules:
+        module.fused_norm_act = mode
+    return len(modules)
 
 
 def check_compile(device: Optional[str] = None) -> None:
