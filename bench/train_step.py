@@ -58,8 +58,8 @@ large channels_last fp32 CPU maps), so ours / baseline < 1 says the region would
 device too.
 
 --threads sets torch's CPU threads (default: torch's choice, one per core). OpenMP threads wait
-on each other, so a CPU shared with other jobs distorts everything: a tiny base64 step took
-~0.3 s with 1 thread and ~8 s with 2 while another job held a core. Quote quiet-machine runs.
+on each other, so a CPU shared with other jobs distorts everything (docs/benchmarks.md, "Training
+step"): quote quiet-machine runs.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import time
@@ -86,6 +87,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import if_peer  # noqa: E402  (imports diffusers only when a peer is built)
 from imagen_train.config import Config, load_config  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
@@ -183,7 +185,6 @@ class PeakGrowth:
                 f.write("5")
             self._base = _proc_status_bytes("VmRSS")
         else:
-            import resource
             _malloc_trim()
             self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return self
@@ -195,7 +196,6 @@ class PeakGrowth:
         elif self.kind == "cpu_vmhwm":
             peak = _proc_status_bytes("VmHWM")
         else:
-            import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.bytes = max(0, peak - self._base)
 
@@ -370,7 +370,6 @@ def _ours(cfg: Config, dtype: torch.dtype, device: torch.device, baseline: Optio
 
 
 def _peer(cfg: Config, target_params: int, dtype: torch.dtype, device: torch.device) -> Trainable:
-    import if_peer
     if cfg.stage != "base64":
         raise SystemExit(f"--peer compares with IF's stage-I network: use a base64 config, not {cfg.stage}")
     kwargs, count = if_peer.match_peer(cfg, target_params)
@@ -402,8 +401,8 @@ def timed_steps(t: Trainable, batch: dict[str, torch.Tensor], steps: int, settle
 
     The settling steps are not timed because the first step of a round runs just after the probe's
     malloc_trim (which hands freed memory back to the OS, so the step faults its pages in again)
-    and after the other network's round: at base64-35m on the CPU it was the round's slowest step
-    by 0.3 s (ours) and 0.4 s (the peer) of 4-5 s.
+    and after the other network's round, which makes it the round's slowest step
+    (docs/benchmarks.md, "Settled rounds").
     """
     with PeakGrowth(t.device) as growth:
         for _ in range(settle):

@@ -15,8 +15,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from imagen_train.config import Config, save_config
+from imagen_train.data import build_train_loader
+from imagen_train.diffusion import build_diffusion
+from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine as ds
 from imagen_train.training import export, faults, preemption, speed
@@ -69,10 +73,6 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto",
                  callbacks: Optional[list[Callable[["Trainer"], None]]] = None,
                  stop: Optional[preemption.StopRequest] = None):
-        from imagen_train.data import build_train_loader
-        from imagen_train.diffusion import build_diffusion
-        from imagen_train.models import build_model
-
         self.cfg = cfg
         self.callbacks = list(callbacks or [])
         self.stop = stop
@@ -229,7 +229,6 @@ class Trainer:
         data_iter = iter(self.loader)
         progress = None
         if dist.is_main() and cfg.logging.progress_bar:
-            from tqdm import tqdm
             progress = tqdm(total=t.max_steps, initial=self.step, desc=f"train {cfg.stage}",
                             unit="step", dynamic_ncols=True)
         window = self._new_window()
