@@ -8,11 +8,12 @@ gain and offset, so the forward is `silu(x * gain + offset)`. Only `x` and the (
 statistics are kept, and the backward recomputes the pre-activation and needs two reductions
 over `x` and the incoming gradient.
 
-Where the fused function runs is an option of each module that runs the region (`fused`, one of
-`FUSED_MODES`; `training.speed.set_fused_norm_act` sets it on a whole network):
+Where the fused function runs is an option of each module that runs the region (one of
+`FUSED_MODES`: ResBlock's and OutputHead's `fused_norm_act`, passed to `norm_film_silu` as `fused`;
+`training.speed.set_fused_norm_act` sets it on a whole network):
 - "auto" (the default): channels_last CPU float32 maps of at least `MIN_ELEMENTS` elements per
-  sample, outside `torch.compile`, the only inputs on which it measured faster than the
-  composition (docs/benchmarks.md, "The GroupNorm -> FiLM -> SiLU region alone"). On smaller maps
+  sample, outside `torch.compile`, where it measured faster than the composition
+  (docs/benchmarks.md, "The GroupNorm -> FiLM -> SiLU region alone"). On smaller maps
   its extra (B, C)-sized operations cost as much as the passes they save; on contiguous maps
   PyTorch's own GroupNorm backward is fast; `torch.compile` fuses the composition itself; GPUs and
   half precision are unmeasured, so they keep the composition too.
