@@ -110,7 +110,7 @@ class Trainer:
             dist.print0(f"[train] initialised from {init_from} ({cfg.training.init_from_weights} weights)")
         self.device = ds.current_device()
         self.dtype = ds.model_dtype(self.engine)
-        self.net = speed.network_caller(self.engine, cfg.training, self.dtype)
+        self.net = speed.network_caller(self.engine, cfg.training, self.dtype)  # the engine as the loss calls it
         self.diffusion = build_diffusion(cfg.diffusion)
         self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
         self.ema = EMA(ds.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
