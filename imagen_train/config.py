@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from imagen_train.stages import STAGE_NAMES, StageName, get_stage
 from imagen_train.utils.signals import is_stop_signal_name
 
 
@@ -38,7 +39,7 @@ def _check(ok: bool, key: str, expected: str, found: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # Sections.
 
-STAGES = ("base64", "sr256", "sr1024")
+STAGES = STAGE_NAMES  # the stage names, in cascade order (imagen_train.stages has their facts)
 
 
 @dataclass
@@ -397,7 +398,7 @@ class LoggingConfig:
 class Config:
     """A whole training run of one stage."""
 
-    stage: Literal["base64", "sr256", "sr1024"] = "base64"
+    stage: StageName = "base64"
     # The square size the network trains on (sr1024 trains on 256 px crops).
     train_resolution: Optional[int] = None
     run_dir: str = "runs/default"
@@ -414,32 +415,26 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        spec = get_stage(self.stage)
         if self.train_resolution is None:
-            self.train_resolution = {"base64": 64, "sr256": 256, "sr1024": 256}[self.stage]
+            self.train_resolution = spec.train_resolution
         res = self.train_resolution
         _check(res >= 8 and res % (2 ** (len(self.model.channel_mult) - 1)) == 0, "train_resolution",
                f"an int >= 8 divisible by 2^(levels-1) = {2 ** (len(self.model.channel_mult) - 1)}", res)
-        if self.stage == "base64":
-            _check(self.model.kind == "unet", "model.kind", "'unet' for stage base64", self.model.kind)
-            _check(res <= 64, "train_resolution", "at most 64 for stage base64", res)
-        else:
-            _check(self.model.kind == "efficient_unet", "model.kind",
-                   f"'efficient_unet' for stage {self.stage}", self.model.kind)
-            _check(res <= self.output_resolution, "train_resolution",
-                   f"at most {self.output_resolution} for stage {self.stage}", res)
+        _check(self.model.kind == spec.kind, "model.kind", f"'{spec.kind}' for stage {self.stage}",
+               self.model.kind)
+        _check(res <= spec.output_resolution, "train_resolution",
+               f"at most {spec.output_resolution} for stage {self.stage}", res)
 
     @property
     def output_resolution(self) -> int:
         """Size of the images the stage produces at inference."""
-        return {"base64": 64, "sr256": 256, "sr1024": 1024}[self.stage]
+        return get_stage(self.stage).output_resolution
 
     @property
     def lowres_resolution(self) -> Optional[int]:
         """Size of the low-res conditioning image at training (None for the base stage)."""
-        if self.stage == "base64":
-            return None
-        factor = {"sr256": 4, "sr1024": 4}[self.stage]
-        return self.train_resolution // factor
+        return get_stage(self.stage).lowres_resolution(self.train_resolution)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (YAML-safe) of every setting."""

@@ -14,8 +14,10 @@ from typing import Any, Literal, Optional
 
 from imagen_train.config import (STAGES, ConfigError, SamplerConfig, _check, _read_yaml, apply_overrides,
                                  from_dict)
+from imagen_train.stages import STAGES as STAGE_REGISTRY, stages_for
 
-RESOLUTION_STAGES = {64: ("base64",), 256: ("base64", "sr256"), 1024: ("base64", "sr256", "sr1024")}
+# target_resolution -> the stages that run, in order; from the stage registry.
+RESOLUTION_STAGES = {spec.output_resolution: stages_for(spec.output_resolution) for spec in STAGE_REGISTRY.values()}
 
 
 @dataclass
@@ -63,7 +65,7 @@ class InferencePipelineConfig:
     """The cascade: text -> 64 px -> 256 px -> 1024 px, up to `target_resolution`."""
 
     num_images_per_prompt: int = 4
-    target_resolution: Literal[64, 256, 1024] = 1024
+    target_resolution: Literal[tuple(RESOLUTION_STAGES)] = 1024  # type: ignore[valid-type]
     checkpoints: StageCheckpoints = field(default_factory=StageCheckpoints)
     run_ema_model: bool = True            # False: the raw weights (`raw.` in an export)
     # 16: fp16 weights on a GPU, bf16 on a CPU (fp16 convolutions are not supported there);
