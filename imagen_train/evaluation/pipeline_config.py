@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from imagen_train.config import (STAGES, ConfigError, SamplerConfig, _check, _read_yaml, apply_overrides,
-                                 from_dict)
+from imagen_train.config import STAGES, ConfigError, SamplerConfig, check, load_dataclass
 from imagen_train.stages import STAGES as STAGE_REGISTRY, stages_for
 
 # target_resolution -> the stages that run, in order; from the stage registry.
@@ -54,10 +53,10 @@ class SweepConfig:
     save_images: bool = False
 
     def __post_init__(self) -> None:
-        _check(len(self.guidance_scales) >= 1 and all(s >= 0 for s in self.guidance_scales),
+        check(len(self.guidance_scales) >= 1 and all(s >= 0 for s in self.guidance_scales),
                "guidance_scales", "a non-empty list of non-negative floats", self.guidance_scales)
-        _check(self.max_captions >= 0, "max_captions", "a non-negative int", self.max_captions)
-        _check(self.feature_batch_size >= 1, "feature_batch_size", "a positive int", self.feature_batch_size)
+        check(self.max_captions >= 0, "max_captions", "a non-negative int", self.max_captions)
+        check(self.feature_batch_size >= 1, "feature_batch_size", "a positive int", self.feature_batch_size)
 
 
 @dataclass
@@ -83,11 +82,11 @@ class InferencePipelineConfig:
     evaluation: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
-        _check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
+        check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
                self.num_images_per_prompt)
-        _check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
+        check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
         for stage in self.stages:
-            _check(getattr(self.checkpoints, stage) is not None, f"checkpoints.{stage}",
+            check(getattr(self.checkpoints, stage) is not None, f"checkpoints.{stage}",
                    f"a checkpoint path (target_resolution {self.target_resolution} runs stage {stage})", None)
 
     @property
@@ -116,10 +115,7 @@ class InferencePipelineConfig:
 
 def load_pipeline_config(path: str | Path, overrides: Optional[list[str]] = None) -> InferencePipelineConfig:
     """Read the pipeline YAML (with `base:`), apply dotted overrides, validate."""
-    path = Path(path)
-    data = apply_overrides(_read_yaml(path), list(overrides or []))
-    source = str(path) + (" (with --set overrides)" if overrides else "")
-    return from_dict(data, InferencePipelineConfig, source)
+    return load_dataclass(path, InferencePipelineConfig, overrides)
 
 
 __all__ = ["InferencePipelineConfig", "StageCheckpoints", "StageSamplers", "SweepConfig",

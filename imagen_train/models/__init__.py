@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from imagen_train.models.efficient_unet import EfficientUNet
 from imagen_train.models.unet import UNet
+from imagen_train.schema import ModelConfig, TextConfig
 from imagen_train.stages import get_stage
 
-if TYPE_CHECKING:
-    from imagen_train.config import ModelConfig, TextConfig
 
 __all__ = ["NETWORKS", "EfficientUNet", "UNet", "WeightsMismatchError", "assign_weights", "build_model", "count_parameters"]
 
