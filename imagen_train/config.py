@@ -25,7 +25,7 @@ __all__ = [
     "EvaluationConfig", "LoggingConfig", "LRScheduleConfig", "ModelConfig", "NoiseAugConfig", "OptimizerConfig",
     "SamplerConfig", "TextConfig", "TrainingConfig", "check",
     "apply_overrides", "configs_dir", "from_dict", "load_config", "load_dataclass", "load_preset",
-    "parse_override", "read_yaml", "save_config",
+    "parse_override", "read_yaml", "save_config", "upgrade_stored",
 ]
 
 
@@ -113,7 +113,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     dotted = (lambda k: f"{prefix}.{k}" if prefix else k)
+    renamed = getattr(cls, "renamed_keys", {})
     for key in data:
+        if key in renamed and key not in names:
+            raise ConfigError(dotted(key), f"'{dotted(renamed[key])}' instead (the key was renamed)",
+                              f"the old key '{key}'")
         if key not in names:
             raise ConfigError(dotted(key), "one of " + ", ".join(sorted(names)), f"unknown key '{key}'")
     kwargs = {key: _coerce(value, hints[key], dotted(key)) for key, value in data.items()}
@@ -129,6 +133,17 @@ def from_dict(data: dict[str, Any], cls: type = Config, source: str | None = Non
         return _build(cls, data)
     except ConfigError as err:
         raise ConfigError(err.key, err.expected, err.found, source) from None
+
+
+def upgrade_stored(data: dict[str, Any], cls: type = Config) -> dict[str, Any]:
+    """A config dict written by an earlier version (a checkpoint's config.yaml, an export's
+    metadata) with its renamed keys moved to their new names; a user's file gets an error instead."""
+    renamed = getattr(cls, "renamed_keys", {})
+    upgraded = {}
+    for key, value in data.items():
+        new = renamed.get(key)
+        upgraded[new if new and new not in data else key] = value  # both present: from_dict refuses
+    return upgraded
 
 
 # ----------------------------------------------------------------------------------------------

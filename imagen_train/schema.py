@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from imagen_train.stages import STAGE_NAMES, StageName, get_stage
 from imagen_train.utils.signals import is_stop_signal_name
@@ -401,12 +401,15 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Old key -> new key: an old key in a YAML file or an override is refused with the new name;
+    # configs stored by earlier versions (checkpoints, exports) are read with it renamed.
+    renamed_keys: ClassVar[dict[str, str]] = {"schedule": "lr_schedule"}
 
     def __post_init__(self) -> None:
         spec = get_stage(self.stage)
