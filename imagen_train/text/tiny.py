@@ -11,6 +11,9 @@ import random
 from pathlib import Path
 from typing import Iterable, Optional
 
+import sentencepiece as spm
+import torch
+
 _DEFAULT_WORDS = ("a small large red green blue yellow purple orange white black circle square "
                   "triangle star shape at the top bottom left right center in on of dark light "
                   "background picture photo image dog cat tree car house with and").split()
@@ -29,8 +32,7 @@ def build_tiny_t5(folder: str | Path, d_model: int = 64, num_layers: int = 2, se
     `T5Tokenizer(vocab_file=...)`, so the SentencePiece model is trained into a folder and the
     tokenizer loaded from it with `from_pretrained`.
     """
-    import sentencepiece as spm
-    import torch
+    # transformers takes seconds to import; the data_tools CLI imports this module for every command.
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     folder = Path(folder)
