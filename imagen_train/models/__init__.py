@@ -29,9 +29,9 @@ def build_model(model_cfg: ModelConfig, text_cfg: TextConfig, stage: str,
                 device: Optional[torch.device | str] = None) -> nn.Module:
     """The stage's network, built from its config; `train_resolution` places the attention levels.
 
-    `device` builds the weights there, initialised as usual; `device="meta"` allocates nothing
-    (0.05 s for base64-2b instead of ~20 s of initialisation on two CPU cores), for weights that
-    `assign_weights` then brings from a file.
+    `device` builds the weights there, initialised as usual; `device="meta"` allocates and
+    initialises nothing, for weights that `assign_weights` then brings from a file (the time this
+    saves: docs/design-notes.md).
     """
     spec = get_stage(stage)
     resolution = train_resolution or spec.train_resolution
