@@ -18,7 +18,8 @@ from imagen_train.schema import ModelConfig, TextConfig
 from imagen_train.stages import get_stage
 
 
-__all__ = ["NETWORKS", "EfficientUNet", "UNet", "WeightsMismatchError", "assign_weights", "build_model", "count_parameters"]
+__all__ = ["NETWORKS", "EfficientUNet", "UNet", "WeightsMismatchError", "assign_weights", "build_model",
+           "count_parameters"]
 
 NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "efficient_unet": EfficientUNet}  # by model.kind
 _LISTED_KEYS = 8  # names shown in a mismatch error before "... and N more"
