@@ -37,9 +37,10 @@ from imagen_train.config import Config, DataConfig, ModelConfig, TextConfig, Tra
 from imagen_train.data import build_train_loader  # noqa: E402
 from imagen_train.data.schema import encode_embedding  # noqa: E402
 from imagen_train.data.shards import iter_raw_samples  # noqa: E402
+from imagen_train.stages import STAGES  # noqa: E402
 
 EMBED_DIM = 1024
-STAGE_FOR = {64: "base64", 256: "sr256", 1024: "sr1024"}
+STAGE_FOR = {spec.output_resolution: name for name, spec in STAGES.items()}
 
 
 def add_fake_embeddings(src: Path, dst: Path) -> str:
@@ -60,7 +61,7 @@ def add_fake_embeddings(src: Path, dst: Path) -> str:
 
 def bench_loader(pattern: str, resolution: int, num_batches: int, batch: int) -> dict:
     stage = STAGE_FOR[resolution]
-    cfg = Config(stage=stage, model=ModelConfig(kind="unet" if stage == "base64" else "efficient_unet"),
+    cfg = Config(stage=stage, model=ModelConfig(kind=STAGES[stage].kind),
                  text=TextConfig(embed_dim=EMBED_DIM, max_length=128),
                  data=DataConfig(train_shards=pattern, num_workers=0, shuffle_buffer=64),
                  training=TrainingConfig(micro_batch_size=batch, global_batch_size=batch))

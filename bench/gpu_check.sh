@@ -93,7 +93,7 @@ train_cmd() {  # train_cmd NAME PRECISION ZERO STEPS: sets TRAIN_CMD, the real l
     --set run_dir="$OUT/runs/$name" --set data.train_shards="$OUT/data/emb/{00000..00007}.tar"
     --set text.embed_dim=$EMBED --set training.precision="$precision" --set training.zero_stage="$zero"
     --set training.max_steps="$steps" --set training.micro_batch_size=4 --set training.global_batch_size=4
-    --set training.log_every_steps=1 --set checkpoint.every_steps=$SMOKE_EVERY --set schedule.warmup_steps=0
+    --set training.log_every_steps=1 --set checkpoint.every_steps=$SMOKE_EVERY --set lr_schedule.warmup_steps=0
     --set data.num_workers=1 --set logging.wandb_mode=disabled --set logging.progress_bar=false)
 }
 

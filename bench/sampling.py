@@ -41,9 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # conftest.build_tiny_t5: the default random encoder
 
-PRESETS = {"tiny": {"base64": "base64-tiny", "sr256": "sr256-tiny", "sr1024": "sr1024-tiny"},
+from imagen_train.stages import STAGES, stages_for  # noqa: E402
+
+PRESETS = {"tiny": {name: spec.tiny_preset for name, spec in STAGES.items()},
            "real": {"base64": "base64-2b", "sr256": "sr256-400m", "sr1024": "sr1024-400m"}}
-NEED = {64: ["base64"], 256: ["base64", "sr256"], 1024: ["base64", "sr256", "sr1024"]}  # stages per column
+NEED = {spec.output_resolution: list(stages_for(spec.output_resolution)) for spec in STAGES.values()}  # per column
 MIN_RUN_S = 20.0  # a run is not started with less of the budget left
 
 

@@ -8,20 +8,22 @@ bilinear). Only the image entries are read; captions and embeddings are ignored.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Iterator, Optional
 
 import torch
 
+from data_tools.common import progress
+from imagen_train.data import expand_shards, iter_raw_samples
+from imagen_train.data.schema import image_key
+from imagen_train.data.transforms import SkipSample, StageGeometry, decode_image, image_pyramid
+from imagen_train.evaluation.fid import FeatureStats
+from imagen_train.evaluation.inception import load_fid_inception
+
 
 def iter_images(shards: str, resolution: int, max_samples: int = 0) -> Iterator[torch.Tensor]:
     """uint8 (3, R, R) center crops of every decodable image in the shards, in shard order."""
-    import random
-
-    from imagen_train.data import expand_shards, iter_raw_samples
-    from imagen_train.data.schema import image_key
-    from imagen_train.data.transforms import SkipSample, StageGeometry, decode_image, image_pyramid
-
     geo = StageGeometry(resolution, resolution, None, 0, False)
     rng = random.Random(0)  # unused with a center crop and no patch
     count = 0
@@ -44,10 +46,6 @@ def compute_fid_stats(shards: str, inception: str, out: str, resolution: int = 2
                       batch_size: int = 32, device: Optional[str] = None, progress_bar: bool = True
                       ) -> dict[str, Any]:
     """Write `out` (.npz: mu, sigma, num_samples, resolution, shards) and return a summary."""
-    from data_tools.common import progress
-    from imagen_train.evaluation.fid import FeatureStats
-    from imagen_train.evaluation.inception import load_fid_inception
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = load_fid_inception(inception, device, setting="--inception")
     start = time.perf_counter()

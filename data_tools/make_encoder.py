@@ -13,6 +13,7 @@ from typing import Any
 
 from data_tools.common import Timer
 from imagen_train.data import expand_shards, iter_raw_samples
+from imagen_train.text.tiny import build_tiny_t5
 
 
 def captions_of(shards: str, limit: int) -> list[str]:
@@ -30,8 +31,6 @@ def captions_of(shards: str, limit: int) -> list[str]:
 
 def make_encoder(shards: str, out: str | Path, d_model: int, num_layers: int, vocab_size: int,
                  seed: int, max_captions: int = 20_000) -> dict[str, Any]:
-    from imagen_train.text.tiny import build_tiny_t5
-
     timer = Timer()
     captions = captions_of(shards, max_captions)
     if not captions:

@@ -58,7 +58,7 @@ def manifest_items(path: Path, image_column: Optional[str] = None,
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif suffix == ".parquet":
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional: only Parquet manifests need pyarrow
         except ImportError:
             raise SystemExit(f"{path}: reading Parquet needs pyarrow, which is not installed "
                              "(pip install pyarrow), or convert the manifest to CSV or JSONL") from None

@@ -24,6 +24,7 @@ from PIL import Image
 from data_tools.common import Timer, progress, rate, write_tar_atomic
 from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, encode_embedding, image_key
 from imagen_train.data.shards import expand_shards, iter_raw_samples
+from imagen_train.text import default_dtype, load_text_encoder
 
 MAX_NAMED = 100
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,8 +67,6 @@ def precompute_embeddings(shards: str | list[str], encoder: str, out: str | Path
                           rank: Optional[int] = None, world_size: Optional[int] = None,
                           local_files_only: bool = True, progress_bar: bool = True) -> dict[str, Any]:
     """Embed the captions of this rank's shards into `out`; returns the summary dict."""
-    from imagen_train.text import default_dtype, load_text_encoder
-
     urls = expand_shards(shards)
     names = output_names(urls)
     rank, world_size = dist_from_env(rank, world_size)

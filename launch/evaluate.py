@@ -12,6 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imagen_train.evaluation.pipeline_config import load_pipeline_config  # noqa: E402
+from imagen_train.evaluation.sweep import init_distributed, run_sweep  # noqa: E402
+from imagen_train.utils.dist import shutdown  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +24,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="dotted override, e.g. --set evaluation.guidance_scales=[1,3,5] (repeatable)")
     args = parser.parse_args(argv)
     cfg = load_pipeline_config(args.config, args.overrides)
-
-    from imagen_train.evaluation.sweep import init_distributed, run_sweep
-    from imagen_train.utils.dist import shutdown
 
     init_distributed()
     run_sweep(cfg, args.out)

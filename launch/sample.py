@@ -10,6 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from imagen_train.evaluation.cascade import generate, time_to_first_image, write_outputs  # noqa: E402
 from imagen_train.evaluation.pipeline_config import load_pipeline_config  # noqa: E402
 
 
@@ -23,8 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = cfg.prompts()
     if not prompts:
         parser.error("no prompts: set `texts` or `prompts_file`")
-
-    from imagen_train.evaluation.cascade import generate, time_to_first_image, write_outputs
 
     result = generate(cfg, prompts)
     path = write_outputs(cfg, result, prompts)

@@ -15,7 +15,7 @@ from imagen_train.config import load_config  # noqa: E402
 
 def _is_lost_peer(err: BaseException) -> bool:
     """A collective failed because a peer died, hung past the timeout or closed its connection."""
-    import torch.distributed as tdist
+    import torch.distributed as tdist  # loaded with the trainer, after the stop signals are caught
     if isinstance(err, getattr(tdist, "DistError", ())):
         return True
     text = str(err).lower()
@@ -38,18 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     from imagen_train.training.preemption import StopRequest
     stop = StopRequest(cfg.training.stop_signals).install()
 
+    from imagen_train.evaluation.periodic import make_periodic_evaluator
     from imagen_train.training.checkpoint import CheckpointError
     from imagen_train.training.trainer import Trainer, TrainingStopped
-    from imagen_train.utils.dist import rank, shutdown
+    from imagen_train.utils.dist import is_main, print0, rank, shutdown
 
     try:
         callbacks = []
         if cfg.evaluation.eval_every_steps > 0:
-            from imagen_train.evaluation.periodic import make_periodic_evaluator
             callbacks.append(make_periodic_evaluator(cfg))
         result = Trainer(cfg, resume=args.resume, callbacks=callbacks, stop=stop).run()
     except TrainingStopped as err:
-        from imagen_train.utils.dist import is_main
         if is_main():
             print(f"[train] stopped: {err}", file=sys.stderr, flush=True)
         shutdown()  # every rank agreed to stop
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(err).splitlines()[0] if str(err) else ''}. Completed checkpoints are intact; "
               f"restart with --resume auto.", file=sys.stderr, flush=True)
         return 5
-    from imagen_train.utils.dist import print0
     print0(f"[train] done at step {result.step}; last checkpoint {result.last_checkpoint}")
     shutdown()
     return 0

@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 
 from imagen_train.config import load_preset
 from imagen_train.models import build_model
+from imagen_train.stages import STAGES
 from imagen_train.training.export import CONFIG_KEY
 
-TINY_PRESETS = {"base64": "base64-tiny", "sr256": "sr256-tiny", "sr1024": "sr1024-tiny"}
+TINY_PRESETS = {name: stage.tiny_preset for name, stage in STAGES.items()}
 
 
 def export_tiny(stage: str, out: Path, embed_dim: int = 64, seed: int = 0, raw: bool = False,

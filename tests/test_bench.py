@@ -64,9 +64,47 @@ def test_tiny_step_benchmark_writes_sane_json(tmp_path):
     assert ours["peak_mem_gib"] > ours["state_mem_gib"] > 0
 
 
-def test_sr_stage_feeds_the_lowres_image():
-    result = train_step.main(["--config", str(REPO / "configs" / "sr256-tiny.yaml")] + SMOKE[2:])
+def test_sr_stage_feeds_the_lowres_image(monkeypatch):
+    """The SR bench trains on the batch's low-res image: a hook on the network sees that image as
+    `lowres` at every call (noise augmentation off, so it arrives all but unchanged), and the
+    network's output changes when the image does."""
+    batches, nets, seen = [], [], []
+    make_batch, make_net = train_step.synthetic_batch, train_step.build_model
+
+    def record_batch(*args, **kwargs):
+        batches.append(make_batch(*args, **kwargs))
+        return batches[-1]
+
+    def record_lowres(module, args, kwargs):
+        seen.append(args[4].detach().clone() if len(args) > 4 else kwargs.get("lowres"))
+
+    def build_and_hook(*args, **kwargs):
+        nets.append(make_net(*args, **kwargs))
+        nets[-1].register_forward_pre_hook(record_lowres, with_kwargs=True)
+        return nets[-1]
+
+    monkeypatch.setattr(train_step, "synthetic_batch", record_batch)
+    monkeypatch.setattr(train_step, "build_model", build_and_hook)
+    result = train_step.main(["--config", str(REPO / "configs" / "sr256-tiny.yaml"),
+                              "--set", "diffusion.noise_aug.max_level=0"] + SMOKE[2:])
     assert result["stage"] == "sr256" and result["models"][0]["flops_per_sample"] > 0
+    (batch,), (net,) = batches, nets
+    lowres = batch["lowres"]  # (2, 3, 64, 64)
+    assert lowres.shape == (2, 3, 64, 64)
+    # One call to count FLOPs, one warm-up step, then the timed and settling steps of both rounds.
+    assert len(seen) >= 1 + 1 + 2 * 2
+    for got in seen:
+        assert got is not None and got.shape == lowres.shape
+        torch.testing.assert_close(got, lowres, atol=0.01, rtol=0)  # sigma_min's augmentation only
+    # The image reaches the output: the trained network answers another low-res image differently.
+    net.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 256, 256, generator=gen)
+    args = (x, torch.zeros(2), batch["text_emb"].float(), batch["text_mask"])
+    with torch.no_grad():
+        same = net(*args, lowres, torch.zeros(2))
+        other = net(*args, -lowres, torch.zeros(2))
+    assert (same - other).abs().max() > 1e-4 * same.abs().max()
 
 
 def test_peer_is_matched_and_compared(tmp_path):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagen_train.config import (Config, ConfigError, TrainingConfig, configs_dir, load_config,
-                                 save_config)
+from imagen_train.config import (Config, ConfigError, TrainingConfig, configs_dir, from_dict, load_config,
+                                 save_config, upgrade_stored)
 
 
 def write(path: Path, data) -> Path:
@@ -109,3 +109,29 @@ def test_speed_options_are_typed_and_off_by_default(tmp_path):
     for key in ("training.channels_last", "training.compile"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*a bool"):
             load_config(configs_dir() / "base64-tiny.yaml", [f"{key}=yes please"])
+
+
+def test_old_schedule_key_is_refused_with_its_new_name(tmp_path):
+    """`schedule:` (the LR schedule) became `lr_schedule:`; an old file must not be half-read."""
+    path = write(tmp_path / "old.yaml", {"schedule": {"warmup_steps": 5}})
+    with pytest.raises(ConfigError, match=r"config key 'schedule'.*'lr_schedule' instead.*renamed") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ConfigError, match=r"--set.*'schedule'.*'lr_schedule' instead"):
+        load_config(write(tmp_path / "ok.yaml", {}), ["schedule.warmup_steps=0"])
+    assert load_config(path.with_name("ok.yaml"), ["lr_schedule.warmup_steps=7"]).lr_schedule.warmup_steps == 7
+    # The noise schedule keeps its name: diffusion.schedule is not the LR schedule.
+    assert load_config(path.with_name("ok.yaml"), ["diffusion.schedule=linear"]).diffusion.schedule == "linear"
+
+
+def test_configs_stored_before_the_rename_still_load(tmp_path):
+    """A checkpoint's config.yaml or an export's metadata from an earlier version reads as before."""
+    stored = Config().to_dict()
+    stored["schedule"] = stored.pop("lr_schedule")
+    stored["schedule"]["warmup_steps"] = 3
+    cfg = from_dict(upgrade_stored(stored), Config, "old checkpoint")
+    assert cfg.lr_schedule.warmup_steps == 3
+    assert upgrade_stored(Config().to_dict()) == Config().to_dict()
+    both = dict(Config().to_dict(), schedule={"warmup_steps": 1})
+    with pytest.raises(ConfigError, match="'schedule'"):
+        from_dict(upgrade_stored(both), Config, "both keys")

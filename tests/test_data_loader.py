@@ -20,7 +20,7 @@ from imagen_train.config import Config, DataConfig, ModelConfig, TextConfig, Tra
 from imagen_train.data import build_train_loader, expand_shards
 from imagen_train.data.shards import iter_raw_samples
 from imagen_train.data.transforms import StageGeometry, image_pyramid, pad_embeddings, to_unit_range
-from test_data_tools import _corrupt_shards
+from test_data_tools import corrupt_shards
 from train_helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_min_image_size_filters_small_images(shards_64):
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, shards_64):
     src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
-    _corrupt_shards(src, tmp_path / "bad")
+    corrupt_shards(src, tmp_path / "bad")
     cfg = make_cfg(str(tmp_path / "bad" / "{00000..00001}.tar"), batch=1, resampled=False)
     loader = build_train_loader(cfg, 0, 1)
     keys = sorted(k.split(":")[1] for b in loader for k in b["key"])

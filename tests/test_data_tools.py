@@ -180,7 +180,7 @@ def test_precompute_splits_shards_by_rank_from_env(tmp_path, capsys, monkeypatch
     assert written == [2, 1] and len(list((tmp_path / "emb").glob("*.tar"))) == 3
 
 
-def _corrupt_shards(src: list[dict], folder: Path) -> None:
+def corrupt_shards(src: list[dict], folder: Path) -> None:
     """Shard 00000: good, corrupt JPEG, no caption, wrong-width embedding; 00001: truncated."""
     from data_tools.common import write_tar_atomic
 
@@ -202,7 +202,7 @@ def _corrupt_shards(src: list[dict], folder: Path) -> None:
 
 def test_verify_names_bad_samples_and_inspect_counts(tmp_path, capsys, shards_64):
     src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
-    _corrupt_shards(src, tmp_path / "bad")
+    corrupt_shards(src, tmp_path / "bad")
     pattern = str(tmp_path / "bad" / "{00000..00001}.tar")
     code, summary = run_cli(capsys, "verify", "--shards", pattern, "--embed-dim", "64")
     assert code == 1 and not summary["ok"]
@@ -219,7 +219,7 @@ def test_verify_names_bad_samples_and_inspect_counts(tmp_path, capsys, shards_64
 
 def test_precompute_skips_and_names_bad_samples(tmp_path, capsys, shards_64, tiny_t5_dir):
     src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
-    _corrupt_shards(src, tmp_path / "bad")
+    corrupt_shards(src, tmp_path / "bad")
     code, summary = run_cli(capsys, "precompute-embeddings", "--shards", str(tmp_path / "bad" / "{00000..00001}.tar"),
                             "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"))
     assert code == 0 and summary["shards_written"] == 2

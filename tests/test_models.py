@@ -12,9 +12,10 @@ import torch
 
 from imagen_train.config import load_preset
 from imagen_train.models import build_model, count_parameters
+from imagen_train.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["base64-tiny", "sr256-tiny", "sr1024-tiny"]
+TINY = [stage.tiny_preset for stage in STAGES.values()]
 # Preset -> the parameter count its name promises (a test allows 10 % either way).
 REFERENCE = {"base64-2b": 2.0e9, "base64-500m": 500e6, "sr256-400m": 400e6, "sr1024-400m": 400e6}
 FORBIDDEN = ("deepspeed", "torch.distributed", "yaml", "wandb", "webdataset")

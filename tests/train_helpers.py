@@ -35,7 +35,7 @@ def tiny_overrides(run_dir: Path, shards: str, embed_dim: int, zero_stage: int =
         "training.max_steps": max_steps,
         "training.log_every_steps": 1,
         "optim.lr": 1e-3,
-        "schedule.warmup_steps": 0,
+        "lr_schedule.warmup_steps": 0,
         "ema.decay": 0.9,
         "checkpoint.every_steps": 10,
         "checkpoint.keep_last": 5,

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..config import DiffusionConfig, SamplerConfig
+from ..schema import DiffusionConfig, SamplerConfig
 from .augment import NoiseConditioningAugmentation
 from .guidance import guidance_batch_factor, wrap_denoiser
 from .losses import ContinuousLoss, EDMLoss, drop_text

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from imagen_train.config import (STAGES, ConfigError, SamplerConfig, _check, _read_yaml, apply_overrides,
-                                 from_dict)
+from imagen_train.config import STAGES, ConfigError, SamplerConfig, check, load_dataclass
+from imagen_train.stages import STAGES as STAGE_REGISTRY, stages_for
 
-RESOLUTION_STAGES = {64: ("base64",), 256: ("base64", "sr256"), 1024: ("base64", "sr256", "sr1024")}
+# target_resolution -> the stages that run, in order; from the stage registry.
+RESOLUTION_STAGES = {spec.output_resolution: stages_for(spec.output_resolution) for spec in STAGE_REGISTRY.values()}
 
 
 @dataclass
@@ -52,10 +53,10 @@ class SweepConfig:
     save_images: bool = False
 
     def __post_init__(self) -> None:
-        _check(len(self.guidance_scales) >= 1 and all(s >= 0 for s in self.guidance_scales),
+        check(len(self.guidance_scales) >= 1 and all(s >= 0 for s in self.guidance_scales),
                "guidance_scales", "a non-empty list of non-negative floats", self.guidance_scales)
-        _check(self.max_captions >= 0, "max_captions", "a non-negative int", self.max_captions)
-        _check(self.feature_batch_size >= 1, "feature_batch_size", "a positive int", self.feature_batch_size)
+        check(self.max_captions >= 0, "max_captions", "a non-negative int", self.max_captions)
+        check(self.feature_batch_size >= 1, "feature_batch_size", "a positive int", self.feature_batch_size)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class InferencePipelineConfig:
     """The cascade: text -> 64 px -> 256 px -> 1024 px, up to `target_resolution`."""
 
     num_images_per_prompt: int = 4
-    target_resolution: Literal[64, 256, 1024] = 1024
+    target_resolution: Literal[tuple(RESOLUTION_STAGES)] = 1024  # type: ignore[valid-type]
     checkpoints: StageCheckpoints = field(default_factory=StageCheckpoints)
     run_ema_model: bool = True            # False: the raw weights (`raw.` in an export)
     # 16: fp16 weights on a GPU, bf16 on a CPU (fp16 convolutions are not supported there);
@@ -81,11 +82,11 @@ class InferencePipelineConfig:
     evaluation: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
-        _check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
+        check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
                self.num_images_per_prompt)
-        _check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
+        check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
         for stage in self.stages:
-            _check(getattr(self.checkpoints, stage) is not None, f"checkpoints.{stage}",
+            check(getattr(self.checkpoints, stage) is not None, f"checkpoints.{stage}",
                    f"a checkpoint path (target_resolution {self.target_resolution} runs stage {stage})", None)
 
     @property
@@ -114,10 +115,7 @@ class InferencePipelineConfig:
 
 def load_pipeline_config(path: str | Path, overrides: Optional[list[str]] = None) -> InferencePipelineConfig:
     """Read the pipeline YAML (with `base:`), apply dotted overrides, validate."""
-    path = Path(path)
-    data = apply_overrides(_read_yaml(path), list(overrides or []))
-    source = str(path) + (" (with --set overrides)" if overrides else "")
-    return from_dict(data, InferencePipelineConfig, source)
+    return load_dataclass(path, InferencePipelineConfig, overrides)
 
 
 __all__ = ["InferencePipelineConfig", "StageCheckpoints", "StageSamplers", "SweepConfig",

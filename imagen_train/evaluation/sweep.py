@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from imagen_train.config import ConfigError
+from imagen_train.stages import STAGE_NAMES
 from imagen_train.utils import dist
 from .pipeline_config import InferencePipelineConfig
 
@@ -30,7 +31,7 @@ def read_captions(cfg: InferencePipelineConfig) -> list[str]:
 def with_guidance(cfg: InferencePipelineConfig, scale: float) -> InferencePipelineConfig:
     """`cfg` with every stage's guidance scale set to `scale`."""
     samplers = {s: dataclasses.replace(getattr(cfg.samplers, s), guidance_scale=scale)
-                for s in ("base64", "sr256", "sr1024")}
+                for s in STAGE_NAMES}
     return dataclasses.replace(cfg, samplers=dataclasses.replace(cfg.samplers, **samplers))
 
 

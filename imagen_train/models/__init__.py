@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from imagen_train.models.efficient_unet import EfficientUNet
 from imagen_train.models.unet import UNet
+from imagen_train.schema import ModelConfig, TextConfig
+from imagen_train.stages import get_stage
 
-if TYPE_CHECKING:
-    from imagen_train.config import ModelConfig, TextConfig
 
-__all__ = ["EfficientUNet", "UNet", "WeightsMismatchError", "assign_weights", "build_model", "count_parameters"]
+__all__ = ["NETWORKS", "EfficientUNet", "UNet", "WeightsMismatchError", "assign_weights", "build_model",
+           "count_parameters"]
 
-_DEFAULT_RESOLUTION = {"base64": 64, "sr256": 256, "sr1024": 256}
+NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "efficient_unet": EfficientUNet}  # by model.kind
 _LISTED_KEYS = 8  # names shown in a mismatch error before "... and N more"
 
 
@@ -29,17 +30,15 @@ def build_model(model_cfg: ModelConfig, text_cfg: TextConfig, stage: str,
                 device: Optional[torch.device | str] = None) -> nn.Module:
     """The stage's network, built from its config; `train_resolution` places the attention levels.
 
-    `device` builds the weights there, initialised as usual; `device="meta"` allocates nothing
-    (0.05 s for base64-2b instead of ~20 s of initialisation on two CPU cores), for weights that
-    `assign_weights` then brings from a file.
+    `device` builds the weights there, initialised as usual; `device="meta"` allocates and
+    initialises nothing, for weights that `assign_weights` then brings from a file (the time this
+    saves: docs/design-notes.md).
     """
-    if stage not in _DEFAULT_RESOLUTION:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(_DEFAULT_RESOLUTION)}")
-    resolution = train_resolution or _DEFAULT_RESOLUTION[stage]
-    expected = "unet" if stage == "base64" else "efficient_unet"
-    if model_cfg.kind != expected:
-        raise ValueError(f"stage {stage} needs model.kind {expected!r}, got {model_cfg.kind!r}")
-    network = UNet if stage == "base64" else EfficientUNet
+    spec = get_stage(stage)
+    resolution = train_resolution or spec.train_resolution
+    if model_cfg.kind != spec.kind:
+        raise ValueError(f"stage {stage} needs model.kind {spec.kind!r}, got {model_cfg.kind!r}")
+    network = NETWORKS[spec.kind]
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return network(model_cfg, text_cfg.embed_dim, resolution)
 

@@ -12,7 +12,7 @@ one it trains on (sr1024 trains on 256 px crops and samples at 1024 px).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,8 @@ from torch import nn
 from imagen_train.models.attention import text_attention_blocks
 from imagen_train.models.conditioning import Conditioning, noise_feature_dim
 from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample, run_block
+from imagen_train.schema import ModelConfig
 
-if TYPE_CHECKING:  # the config module reads YAML; the models only need its types
-    from imagen_train.config import ModelConfig
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
 

@@ -5,7 +5,7 @@ skip from every encoder block concatenated into the decoder.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -13,9 +13,7 @@ from torch import nn
 from imagen_train.models.attention import text_attention_blocks
 from imagen_train.models.conditioning import Conditioning, noise_feature_dim
 from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample, run_block
-
-if TYPE_CHECKING:  # the config module reads YAML; the models only need its types
-    from imagen_train.config import ModelConfig
+from imagen_train.schema import ModelConfig
 
 
 class UNet(nn.Module):

@@ -87,7 +87,7 @@ def load_text_encoder(path: str | os.PathLike, device: torch.device | str = "cpu
                       dtype: Optional[torch.dtype] = None, max_length: int = 128,
                       local_files_only: bool = True) -> TextEncoder:
     """Load a T5 encoder + tokenizer from a save_pretrained folder (or hub name if allowed)."""
-    import transformers  # slow import, only here
+    import transformers  # seconds to import: only loading an encoder pays for it, not `import imagen_train.text`
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
     check_transformers_version(transformers.__version__)

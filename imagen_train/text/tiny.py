@@ -11,6 +11,9 @@ import random
 from pathlib import Path
 from typing import Iterable, Optional
 
+import sentencepiece as spm
+import torch
+
 _DEFAULT_WORDS = ("a small large red green blue yellow purple orange white black circle square "
                   "triangle star shape at the top bottom left right center in on of dark light "
                   "background picture photo image dog cat tree car house with and").split()
@@ -21,16 +24,13 @@ def build_tiny_t5(folder: str | Path, d_model: int = 64, num_layers: int = 2, se
                   model_type: str = "bpe") -> Path:
     """Write a random-weight T5EncoderModel and a freshly trained T5 tokenizer to `folder`.
 
-    `sentences` trains the tokenizer (default: random sentences over a small vocabulary). BPE
-    keeps whole words of a small closed vocabulary as single tokens; SentencePiece's unigram model
-    with a soft vocabulary limit shrank to ~40 pieces on the quickstart's captions and split every
-    word into characters (34 tokens for a 12-word caption, so captions were cut at 32 tokens).
-    T5's special ids are kept: pad 0, eos 1, unk 2, no bos. transformers 5 ignores
-    `T5Tokenizer(vocab_file=...)`, so the SentencePiece model is trained into a folder and the
-    tokenizer loaded from it with `from_pretrained`.
+    `sentences` trains the tokenizer (default: random sentences over a small vocabulary). BPE is
+    the default because it keeps each word of a small closed vocabulary as one token (why not
+    unigram: docs/design-notes.md). T5's special ids are kept: pad 0, eos 1, unk 2, no bos.
+    transformers 5 ignores `T5Tokenizer(vocab_file=...)`, so the SentencePiece model is trained
+    into a folder and the tokenizer loaded from it with `from_pretrained`.
     """
-    import sentencepiece as spm
-    import torch
+    # transformers takes seconds to import; the data_tools CLI imports this module for every command.
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     folder = Path(folder)

@@ -44,38 +44,38 @@ def current_device() -> torch.device:
 
 def build_deepspeed_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[str, Any]:
     """DeepSpeed's JSON config from ours; `training.deepspeed_extra` is merged over it."""
-    t = cfg.training
-    if on_cpu and t.precision == "fp16":
+    training = cfg.training
+    if on_cpu and training.precision == "fp16":
         raise ConfigError("training.precision", "'fp32' or 'bf16' on a CPU (DeepSpeed refuses fp16 "
                           "there; bf16 convolutions are ~70x slower than fp32 on AVX2 CPUs)", "fp16")
-    if t.offload_optimizer and on_cpu:
+    if training.offload_optimizer and on_cpu:
         raise ConfigError("training.offload_optimizer", "false on a CPU run (nothing to offload to)", True)
-    accum = t.grad_accum_for(world_size)
+    accum = training.grad_accum_for(world_size)
     adam = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay}
-    if not t.offload_optimizer:  # offloaded states are stepped by DeepSpeed's compiled CPU Adam
+    if not training.offload_optimizer:  # offloaded states are stepped by DeepSpeed's compiled CPU Adam
         adam.update(TORCH_ADAM_PARAMS.get(cfg.optim.implementation, {}))
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.zero_stage >= 2:
+    zero: dict[str, Any] = {"stage": training.zero_stage}
+    if training.zero_stage >= 2:
         zero.update(overlap_comm=not on_cpu, contiguous_gradients=True)
-    if t.offload_optimizer:
+    if training.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+    ds_config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": t.global_batch_size,
-        "gradient_clipping": t.grad_clip,
+        "train_batch_size": training.global_batch_size,
+        "gradient_clipping": training.grad_clip,
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+    if training.precision == "bf16":
+        ds_config["bf16"] = {"enabled": True}
+    elif training.precision == "fp16":
+        ds_config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    return _merge(ds, t.deepspeed_extra)
+    return _merge(ds_config, training.deepspeed_extra)
 
 
 # optim.implementation -> the AdamW params that make DeepSpeed step torch's AdamW (its
@@ -168,7 +168,7 @@ def create_engine(cfg: Config, model: torch.nn.Module):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
-        lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.schedule, cfg.training.max_steps))
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.lr_schedule, cfg.training.max_steps))
     _check_optimizer(cfg, engine)
     _skip_nonfinite_steps(engine)
     if cfg.training.compile:

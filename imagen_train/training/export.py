@@ -18,7 +18,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from imagen_train.config import Config, ConfigError, from_dict
+from imagen_train.config import Config, ConfigError, from_dict, upgrade_stored
 from imagen_train.training.checkpoint import CheckpointError, verify
 
 CONFIG_KEY = "imagen_train_config"
@@ -92,7 +92,7 @@ def ema_slices_for(folder: Path, layout: dict[str, dict]) -> dict[str, torch.Ten
 
 def read_config(folder: Path) -> Config:
     path = folder / "config.yaml"
-    return from_dict(yaml.safe_load(path.read_text()), Config, str(path))
+    return from_dict(upgrade_stored(yaml.safe_load(path.read_text())), Config, str(path))
 
 
 def export_checkpoint(folder: str | Path, out_path: str | Path, include_raw: bool = False,
@@ -124,7 +124,7 @@ def exported_config(path: str | Path) -> Config:
         meta = f.metadata() or {}
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} is not an imagen-train export (no '{CONFIG_KEY}' metadata)")
-    return from_dict(json.loads(meta[CONFIG_KEY]), Config, str(path))
+    return from_dict(upgrade_stored(json.loads(meta[CONFIG_KEY])), Config, str(path))
 
 
 def load_exported(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",

@@ -22,7 +22,7 @@ from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import engine as ds
+from imagen_train.training import engine
 from imagen_train.training import export, faults, preemption, speed
 from imagen_train.training.ema import EMA
 from imagen_train.training.preflight import check_resume_target, checkpoint_root, preflight
@@ -84,7 +84,7 @@ class Trainer:
         candidates = self._resume_candidates(resume)
         if candidates:
             check_resume_target(cfg, candidates[0], dist.world_size())
-        ds.init_distributed(cfg.training.dist_timeout_s)
+        engine.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
@@ -100,22 +100,22 @@ class Trainer:
         if init_from:
             export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
         self.flops_per_sample = speed.count_flops_per_sample(cfg)
-        self.engine = ds.create_engine(cfg, net)
-        dist.print0(f"[train] optimizer {ds.describe_optimizer(self.engine)}")
+        self.engine = engine.create_engine(cfg, net)
+        dist.print0(f"[train] optimizer {engine.describe_optimizer(self.engine)}")
         if init_from:
             # The fp32 masters from the file itself, not from the (maybe bf16) module; the EMA
             # below starts from them.
             with export.init_tensors(cfg) as read:
-                ds.set_master_weights(self.engine, read)
+                engine.set_master_weights(self.engine, read)
             dist.print0(f"[train] initialised from {init_from} ({cfg.training.init_from_weights} weights)")
-        self.device = ds.current_device()
-        self.dtype = ds.model_dtype(self.engine)
+        self.device = engine.current_device()
+        self.dtype = engine.model_dtype(self.engine)
         self.net = speed.network_caller(self.engine, cfg.training, self.dtype)  # the engine as the loss calls it
         self.diffusion = build_diffusion(cfg.diffusion)
         self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
-        self.ema = EMA(ds.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
+        self.ema = EMA(engine.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
                        cfg.ema.update_every_steps)
-        self.layout = ds.partition_layout(self.engine)
+        self.layout = engine.partition_layout(self.engine)
         self.accum = cfg.training.grad_accum_for(dist.world_size())
         self.step = 0
         self.bad_steps = 0
@@ -175,7 +175,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{folder} was written by {state['world_size']} ranks; this run "
                                        f"has {dist.world_size()} (export the weights and start a new run "
                                        f"with training.init_from to change the size)")
-        ds.load_engine(self.engine, str(folder.parent), folder.name)
+        engine.load_engine(self.engine, str(folder.parent), folder.name)
         if state.get("layout") != self.layout:  # an older checkpoint: its EMA cut in equal parts
             state["ema"]["shadow"] = export.ema_slices_for(folder, self.layout)
         self.ema.load_state_dict(state["ema"])
@@ -197,7 +197,7 @@ class Trainer:
         staging = ckpt.prepare_staging(self.ckpt_root, self.step)
         rank = dist.rank()
         try:
-            ds.save_engine(self.engine, str(self.ckpt_root), staging.name)
+            engine.save_engine(self.engine, str(self.ckpt_root), staging.name)
             self.faults.kill_if(faults.KILL_IN_SAVE, self.step, rank)
             self.faults.raise_if_save_error(self.step, rank, str(staging))
             ckpt.save_rank_state(staging, {

@@ -45,9 +45,9 @@ def shutdown() -> None:
 
     Left to interpreter shutdown, gloo's worker threads can still be joinable when they are
     destroyed: the rank then dies of SIGABRT ("terminate called without an active exception")
-    after a finished run, and the launcher reports the whole job as failed (seen once in CI on a
-    2-rank CPU run; pytorch/pytorch#190489). Call it only where every rank has finished its
-    collectives: after a run, not after a lost peer.
+    after a finished run, and the launcher reports the whole job as failed (pytorch/pytorch#190489;
+    docs/design-notes.md). Call it only where every rank has finished its collectives: after a
+    run, not after a lost peer.
     """
     if is_initialized():
         dist.destroy_process_group()

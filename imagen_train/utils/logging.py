@@ -114,7 +114,7 @@ class MetricLogger:
         """An image to W&B only (not in metrics.jsonl), at most once per key and step."""
         if self.run is None or not self._new_points({key: None}, step):
             return
-        import wandb
+        import wandb  # optional at import time: only runs that log to W&B get here
         self._save_state()
         self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 

@@ -62,7 +62,7 @@ def overrides(run_dir: Path, shards: str) -> list[str]:
         "data.seed": 0, "text.embed_dim": EMBED_DIM, "text.max_length": 16, "training.seed": 0,
         "training.precision": "fp32", "training.zero_stage": 2, "training.micro_batch_size": 8,
         "training.global_batch_size": 8, "training.max_steps": STEPS, "training.log_every_steps": 10,
-        "optim.lr": 1e-3, "schedule.warmup_steps": 0, "checkpoint.every_steps": 10 * STEPS,
+        "optim.lr": 1e-3, "lr_schedule.warmup_steps": 0, "checkpoint.every_steps": 10 * STEPS,
         "logging.wandb_mode": "disabled", "logging.progress_bar": False,
     }
     return [f"{k}={v}" for k, v in sets.items()]
