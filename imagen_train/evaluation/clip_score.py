@@ -9,14 +9,13 @@ class needs torchvision): the short side resized to `size.shortest_edge` with th
 truncated (`int(short * long / short_in)`), PIL bicubic on uint8 (so the resized image is rounded
 to uint8), centre crop to `crop_size`, x * (1 / 255), then (x - mean) / std. Sizes, mean and std come
 from the folder's preprocessor_config.json when present, else the model's image size and the
-OpenAI CLIP mean and std. tests/test_clip_score.py checks pixel values and cosines against the
-processor.
+OpenAI CLIP mean and std. tests/test_fidelity.py checks pixel values and cosines against the
+processor (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -59,8 +58,8 @@ class ClipScorer:
         self.shortest_edge = int((conf.get("size") or {}).get("shortest_edge", size))
         crop = conf.get("crop_size") or {}
         self.crop = (int(crop.get("height", size)), int(crop.get("width", size)))
-        if min(self.crop) > self.shortest_edge:
-            raise ValueError(f"{pre}: crop_size {self.crop} is larger than size.shortest_edge "
+        if max(self.crop) > self.shortest_edge:  # the processor would zero-pad; we do not
+            raise ValueError(f"{pre}: crop_size {self.crop} does not fit in size.shortest_edge "
                              f"{self.shortest_edge}; this scorer only crops, it does not pad")
         self.resample = Image.Resampling(int(conf.get("resample", Image.Resampling.BICUBIC)))
         self.rescale_factor = float(conf.get("rescale_factor", 1 / 255))

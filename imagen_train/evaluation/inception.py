@@ -8,11 +8,10 @@ and torchmetrics all port it; on the same input the three networks agree. What t
 published pipelines apart is the preprocessing. Ours is the TF graph's, as in torch-fidelity and
 torchmetrics with antialias=False: a 299x299 TF1 bilinear resize (no half-pixel offset, no
 antialiasing) and (x - 128) / 128 on uint8 values. pytorch-fid resizes with torch's bilinear
-(half-pixel centres) and scales 2 * (x / 255) - 1, which moves the features and the FID (1% on
-the random-weight check in tests/test_fidelity.py; more on other images). So our FIDs are
-comparable with torch-fidelity's and torchmetrics' (antialias=False), and reference statistics
-from another pipeline are refused (`FID_PIPELINE`, fid.FeatureStats.load). tests/test_fidelity.py holds the measured
-agreement: features within 7e-6 of torch-fidelity's on seeded random weights.
+(half-pixel centres) and scales 2 * (x / 255) - 1, which moves the features and the FID. So our
+FIDs are comparable with torch-fidelity's and torchmetrics' (antialias=False), and reference
+statistics from another pipeline are refused (`FID_PIPELINE`, fid.FeatureStats.load).
+tests/test_fidelity.py checks the agreement; docs/evaluation.md gives the measured numbers.
 
 Parameter names follow torchvision's `Inception3`, so the ported TF weights load with
 strict=True under either of their published names: pytorch-fid's

@@ -3,11 +3,11 @@
 torch-fidelity (and torchmetrics, which runs torch-fidelity's Inception) need torchvision, which
 would replace this project's torch, so they live in a separate venv outside the repository:
 
-    python3 -m venv /work/refvenv
-    /work/refvenv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    python3 -m venv ~/fid-refvenv
+    ~/fid-refvenv/bin/pip install torch==2.14.1 torchvision==0.29.1
     printf 'torch==2.14.1\\ntorchvision==0.29.1\\n' > /tmp/ref-constraints.txt
-    /work/refvenv/bin/pip install -c /tmp/ref-constraints.txt torch-fidelity torchmetrics pytorch-fid scipy pytest
-    PYTHONPATH=$PWD /work/refvenv/bin/python tests/golden/make_fidelity_reference.py --record
+    ~/fid-refvenv/bin/pip install -c /tmp/ref-constraints.txt torch-fidelity torchmetrics pytorch-fid scipy pytest
+    PYTHONPATH=$PWD ~/fid-refvenv/bin/python tests/golden/make_fidelity_reference.py --record
 
 (from the repository root; without --record it prints the numbers and writes nothing). Re-record
 only for a deliberate change of the inputs (tests/fidelity_inputs.py) or of a reference package,
