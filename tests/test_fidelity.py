@@ -182,3 +182,17 @@ def test_clip_preprocessing_and_cosines_equal_the_clip_image_processor(clip_pair
         txt = model.text_projection(model.text_model(**tok).pooler_output)
     direct = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
     torch.testing.assert_close(scorer.cosine(images, captions), direct, rtol=0, atol=1e-6)
+
+
+def test_clip_refuses_a_crop_larger_than_the_resized_short_side(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import CLIPImageProcessorPil
+
+    from imagen_train.evaluation.clip_score import ClipScorer
+    from sampling_helpers import build_tiny_clip
+
+    folder = build_tiny_clip(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: crop_size \(32, 32\) does not fit in "
+                                         r"size.shortest_edge 24"):
+        ClipScorer(str(folder))

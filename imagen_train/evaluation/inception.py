@@ -25,7 +25,6 @@ write the network ourselves because torchvision would replace this project's tor
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
