@@ -100,7 +100,7 @@ def test_fid_equals_torch_fidelity_and_torchmetrics(golden, ours):
     assert fid == pytest.approx(float(golden["fid_torch_fidelity"]), rel=PACKAGE_FID_RTOL)
     assert fid == pytest.approx(float(golden["fid_torchmetrics"]), rel=PACKAGE_FID_RTOL)
     # pytorch-fid's full pipeline gives another number on the same images and weights.
-    assert abs(float(golden["fid_pytorch_fid_pipeline"]) - fid) > 100 * PACKAGE_FID_RTOL * fid
+    assert abs(float(golden["fid_pytorch_fid_pipeline"]) - fid) > 10 * PACKAGE_FID_RTOL * fid  # 1.0% recorded
 
 
 def test_frechet_formula_equals_the_packages(golden):
