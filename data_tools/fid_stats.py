@@ -45,7 +45,8 @@ def iter_images(shards: str, resolution: int, max_samples: int = 0) -> Iterator[
 def compute_fid_stats(shards: str, inception: str, out: str, resolution: int = 256, max_samples: int = 0,
                       batch_size: int = 32, device: Optional[str] = None, progress_bar: bool = True
                       ) -> dict[str, Any]:
-    """Write `out` (.npz: mu, sigma, num_samples, resolution, shards) and return a summary."""
+    """Write `out` (.npz: mu, sigma, num_samples, the pipeline label, resolution, shards) and return a
+    summary."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = load_fid_inception(inception, device, setting="--inception")
     start = time.perf_counter()
@@ -79,7 +80,8 @@ def add_parser(sub: Any) -> None:
                        description=__doc__)
     p.add_argument("--shards", required=True, help="brace pattern, list file or `::`-joined shards")
     p.add_argument("--inception", required=True,
-                   help="local pt_inception-2015-12-05-6726825d.pth (the FID Inception weights)")
+                   help="the local TF-Inception FID weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                        "or torch-fidelity's weights-inception-2015-12-05-6726825d.pth (same keys)")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--resolution", type=int, default=256, help="center-crop size before the Inception")
     p.add_argument("--max-samples", type=int, default=0, help="0: every image")

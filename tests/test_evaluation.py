@@ -139,7 +139,8 @@ def test_clip_score_is_the_plain_mean_cosine(clip_dir):
 def test_missing_weights_name_the_setting(tmp_path):
     from imagen_train.evaluation.clip_score import ClipScorer
 
-    with pytest.raises(MissingWeightsError, match=r"evaluation.inception_path is not set.*pt_inception-2015-12-05"):
+    with pytest.raises(MissingWeightsError, match=r"evaluation.inception_path is not set.*pt_inception-2015-12-05"
+                                                  r".*weights-inception-2015-12-05"):
         load_fid_inception(None)
     with pytest.raises(MissingWeightsError, match=r"evaluation.inception_path=.*nope.pth: no such file"):
         load_fid_inception(str(tmp_path / "nope.pth"))
@@ -154,6 +155,44 @@ def test_missing_weights_name_the_setting(tmp_path):
     cfg = load_preset("base64-tiny", ["evaluation.eval_every_steps=2", "evaluation.num_fid_samples=8",
                                       f"evaluation.inception_path={tmp_path / 'missing.pth'}"])
     with pytest.raises(MissingWeightsError, match="evaluation.inception_path"):
+        make_periodic_evaluator(cfg)
+
+
+def test_fid_statistics_carry_our_pipeline_label_and_others_are_refused(tmp_path):
+    from imagen_train.evaluation.fid import FIDStatsPipelineError, require_fid_stats
+    from imagen_train.evaluation.inception import FID_PIPELINE
+
+    rng = np.random.default_rng(3)
+    stats = FeatureStats.from_features(rng.normal(size=(10, 8)))
+    ours = stats.save(tmp_path / "ours.npz", resolution="64")
+    with np.load(ours) as data:
+        assert str(data["pipeline"]) == FID_PIPELINE and str(data["resolution"]) == "64"
+    back = FeatureStats.load(ours)
+    np.testing.assert_array_equal(back.mu, stats.mu)
+    np.testing.assert_array_equal(back.sigma, stats.sigma)
+    assert back.num_samples == 10 and require_fid_stats(ours) == ours
+    # A pytorch-fid statistics file (mu and sigma only) and a file labelled with another pipeline
+    # are refused, naming the setting, the file and the way out.
+    np.savez(tmp_path / "pytorch_fid.npz", mu=stats.mu, sigma=stats.sigma)
+    with pytest.raises(FIDStatsPipelineError, match=r"evaluation.fid_stats_path=.*pytorch_fid.npz: .*carry no "
+                                                    r"pipeline label.*data_tools fid-stats.*FeatureStats\(mu, sigma, n\)"):
+        FeatureStats.load(tmp_path / "pytorch_fid.npz")
+    np.savez(tmp_path / "other.npz", mu=stats.mu, sigma=stats.sigma, pipeline=np.array("pytorch-fid 0.3.0"))
+    with pytest.raises(FIDStatsPipelineError, match=r"--stats=.*other.npz: .*labelled 'pytorch-fid 0.3.0'"):
+        require_fid_stats(tmp_path / "other.npz", "--stats")
+    # Labelling on purpose: statistics known to come from the same pipeline are saved through ours.
+    with np.load(tmp_path / "other.npz") as data:
+        relabelled = FeatureStats(data["mu"], data["sigma"], 10).save(tmp_path / "relabelled.npz")
+    assert FeatureStats.load(relabelled).num_samples == 10
+    # The periodic evaluator checks the label at start-up, before any training.
+    from imagen_train.config import load_preset
+    from imagen_train.evaluation.periodic import make_periodic_evaluator
+
+    weights = random_fid_inception(tmp_path / "inception.pth")
+    cfg = load_preset("base64-tiny", ["evaluation.eval_every_steps=2", "evaluation.num_fid_samples=8",
+                                      f"evaluation.inception_path={weights}",
+                                      f"evaluation.fid_stats_path={tmp_path / 'pytorch_fid.npz'}"])
+    with pytest.raises(FIDStatsPipelineError, match="evaluation.fid_stats_path"):
         make_periodic_evaluator(cfg)
 
 

@@ -3,19 +3,25 @@
 that, clipped at 0).
 
 The model is any transformers CLIPModel folder (`save_pretrained`), with its tokenizer saved
-beside it; nothing is downloaded. Images are preprocessed here (resize the short side bicubic,
-center crop, CLIP normalisation from the folder's preprocessor_config.json if present), which
-avoids the image-processor classes that need torchvision in transformers 5.
+beside it; nothing is downloaded. Images are preprocessed here exactly as transformers' CLIP
+image processor does (the PIL/NumPy one, `CLIPImageProcessorPil` in transformers 5; its default
+class needs torchvision): the short side resized to `size.shortest_edge` with the long side
+truncated (`int(short * long / short_in)`), PIL bicubic on uint8 (so the resized image is rounded
+to uint8), centre crop to `crop_size`, x * (1 / 255), then (x - mean) / std. Sizes, mean and std come
+from the folder's preprocessor_config.json when present, else the model's image size and the
+OpenAI CLIP mean and std. tests/test_fidelity.py checks pixel values and cosines against the
+processor (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from .weights import require_file
@@ -43,29 +49,47 @@ class ClipScorer:
             raise FileNotFoundError(f"{setting}={path} does not hold {CLIP_HOW_TO}: {err}") from None
         self.model.requires_grad_(False)
         self.device = torch.device(device)
-        vision = self.model.config.vision_config
-        self.image_size = int(vision.image_size)
         self.max_length = min(max_length, int(self.model.config.text_config.max_position_embeddings))
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        size = int(self.model.config.vision_config.image_size)
+        conf = {}
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
             conf = json.loads(pre.read_text())
-            mean, std = conf.get("image_mean", mean), conf.get("image_std", std)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.shortest_edge = int((conf.get("size") or {}).get("shortest_edge", size))
+        crop = conf.get("crop_size") or {}
+        self.crop = (int(crop.get("height", size)), int(crop.get("width", size)))
+        if max(self.crop) > self.shortest_edge:  # the processor would zero-pad; we do not
+            raise ValueError(f"{pre}: crop_size {self.crop} does not fit in size.shortest_edge "
+                             f"{self.shortest_edge}; this scorer only crops, it does not pad")
+        self.resample = Image.Resampling(int(conf.get("resample", Image.Resampling.BICUBIC)))
+        self.rescale_factor = float(conf.get("rescale_factor", 1 / 255))
+        mean, std = conf.get("image_mean", OPENAI_CLIP_MEAN), conf.get("image_std", OPENAI_CLIP_STD)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """(H, W) after the shortest-side resize: the long side is truncated, not rounded, as in
+        transformers' `get_resize_output_image_size` (48x64 to short side 32 gives 32x42, not 32x43)."""
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.shortest_edge * long / short)
+        return (new_long, self.shortest_edge) if w <= h else (self.shortest_edge, new_long)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """uint8 (N, 3, H, W) -> normalised float (N, 3, S, S) at the model's image size."""
-        x = images.to(self.device, torch.float32) / 255.0
-        h, w = x.shape[-2:]
-        scale = self.image_size / min(h, w)
-        nh, nw = max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
-                              antialias=True).clamp_(0, 1)
-        top, left = (nh - self.image_size) // 2, (nw - self.image_size) // 2
-        x = x[..., top:top + self.image_size, left:left + self.image_size]
-        return (x - self.mean) / self.std
+        """uint8 (N, 3, H, W) -> normalised float32 (N, 3, crop_h, crop_w) on the scorer's device."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        nh, nw = self.resized_size(h, w)
+        ch, cw = self.crop
+        top, left = (nh - ch) // 2, (nw - cw) // 2
+        out = []
+        for image in images.cpu().permute(0, 2, 3, 1).numpy():                # (H, W, 3) uint8
+            # PIL's bicubic on uint8 rounds and clips to uint8, as the processor's resize does.
+            resized = np.asarray(Image.fromarray(image).resize((nw, nh), resample=self.resample))
+            out.append(torch.from_numpy(resized[top:top + ch, left:left + cw].copy()))
+        x = torch.stack(out).permute(0, 3, 1, 2).double() * self.rescale_factor  # (N, 3, ch, cw)
+        x = (x.float() - self.mean) / self.std
+        return x.to(self.device)
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> Tensor:

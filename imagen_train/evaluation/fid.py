@@ -1,9 +1,18 @@
 """Fréchet Inception Distance (Heusel et al. 2017) on 2048-d pool3 features.
 
 FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)), statistics in float64; the trace of
-the matrix square root from symmetric eigendecompositions (see `frechet_distance`), checked in
-the tests against scipy.linalg.sqrtm, which pytorch-fid uses. Reference statistics are cached in an .npz with `mu`,
-`sigma` and `num_samples` (data_tools fid-stats writes it).
+the matrix square root from symmetric eigendecompositions (see `frechet_distance`). On the same
+statistics it equals torch-fidelity's, torchmetrics' and pytorch-fid's formulas to round-off
+(tests/test_fidelity.py); the features it is fed decide which published FID it is (see
+inception.py: ours are torch-fidelity's, not pytorch-fid's).
+
+Reference statistics are cached in an .npz with `mu`, `sigma`, `num_samples` and `pipeline`
+(`python -m data_tools fid-stats` writes it). `FeatureStats.load` refuses a file whose `pipeline`
+is missing or is not ours (`inception.FID_PIPELINE`): pytorch-fid's statistics files, or any
+other whose features came through another resize or scaling, would give a wrong FID without any
+error. Statistics known to come from the same pipeline (torch-fidelity, or torchmetrics with
+antialias=False, with the TF-Inception weights) can be labelled on purpose by saving their mu and
+sigma again through `FeatureStats(mu, sigma, n).save(path)`.
 """
 
 from __future__ import annotations
@@ -16,7 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .inception import FID_PIPELINE
 from .weights import require_file
+
+
+class FIDStatsPipelineError(ValueError):
+    """Reference FID statistics that are not labelled as computed by our pipeline."""
 
 
 @dataclass
@@ -39,23 +53,43 @@ class FeatureStats:
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), int(f.shape[0]), keep)
 
     def save(self, path: str | Path, **meta: str) -> Path:
-        """Write an .npz with mu, sigma, num_samples (and string metadata)."""
+        """Write an .npz with mu, sigma, num_samples, the pipeline label (`FID_PIPELINE`) and string
+        metadata. Saving states that the statistics come from our pipeline."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, num_samples=self.num_samples,
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, num_samples=self.num_samples, pipeline=np.array(FID_PIPELINE),
                  **{k: np.array(str(v)) for k, v in meta.items()})
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path, setting: str = "evaluation.fid_stats_path") -> "FeatureStats":
-        """Read an .npz written by `save` (or pytorch-fid's `mu`/`sigma` files)."""
-        file = require_file(str(path) if path else None, setting,
-                            "reference FID statistics (an .npz from `python -m data_tools fid-stats`)")
+        """Read an .npz written by `save`; refuse one that does not carry our pipeline label."""
+        file = require_fid_stats(path, setting)
         with np.load(file) as data:
             n = int(data["num_samples"]) if "num_samples" in data else -1
             return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n)
+
+
+def require_fid_stats(path: Optional[str | Path], setting: str = "evaluation.fid_stats_path") -> Path:
+    """The statistics file at `path`, if it exists and is labelled with our `FID_PIPELINE`; else
+    MissingWeightsError or FIDStatsPipelineError naming `setting`, the file and what to do. Reads
+    only the label, so start-up checks stay cheap."""
+    file = require_file(str(path) if path else None, setting,
+                        "reference FID statistics (an .npz from `python -m data_tools fid-stats`)")
+    with np.load(file) as data:
+        label = str(data["pipeline"]) if "pipeline" in data else None
+    if label != FID_PIPELINE:
+        found = "carry no pipeline label" if label is None else f"are labelled {label!r}"
+        raise FIDStatsPipelineError(
+            f"{setting}={file}: these reference FID statistics {found}, so they may come from another "
+            "FID pipeline (pytorch-fid's statistics files, for one, resize and scale differently) and "
+            f"would give a wrong FID. Ours: {FID_PIPELINE}. Recompute them with `python -m data_tools "
+            "fid-stats --shards ... --inception ... --out FILE`; or, if they come from torch-fidelity or "
+            "torchmetrics (antialias=False) with the TF-Inception weights, label them on purpose: "
+            "FeatureStats(mu, sigma, n).save(FILE).")
+    return file
 
 
 def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
@@ -130,5 +164,5 @@ def extract_features(net: Callable[[Tensor], Tensor], images: Iterable[Tensor] |
     return torch.cat(out) if out else torch.zeros(0, 2048)
 
 
-__all__ = ["FeatureStats", "frechet_distance", "frechet_distance_lowrank", "fid_from_stats", "fid_from_features", "to_uint8",
+__all__ = ["FeatureStats", "FIDStatsPipelineError", "require_fid_stats", "frechet_distance", "frechet_distance_lowrank", "fid_from_stats", "fid_from_features", "to_uint8",
            "extract_features"]

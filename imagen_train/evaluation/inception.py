@@ -1,12 +1,23 @@
-"""The FID Inception-v3 (TensorFlow 2015-12-05 graph, as ported by pytorch-fid), written here.
+"""The FID Inception-v3 (the TensorFlow 2015-12-05 graph) and its input pipeline: the same numbers as
+torch-fidelity's `FeatureExtractorInceptionV3` and torchmetrics' `FrechetInceptionDistance(antialias=False)`,
+NOT those of pytorch-fid's full pipeline.
 
-FID numbers are only comparable with papers when computed with this exact network: the
-torchvision Inception-v3 layout with the blocks of the TF graph (average pools that exclude
-padding in the A/C/E_1 blocks, a max pool in the last E block), 299x299 bilinear resize without
-antialiasing, and the TF input scaling (x - 128) / 128. Parameter names follow torchvision's
-`Inception3` so that `pt_inception-2015-12-05-6726825d.pth` (the file pytorch-fid and
-torch-fidelity use) loads with strict=True. We write it ourselves because torchvision would
-replace this project's torch build.
+The network is the TF graph in torchvision's `Inception3` layout (average pools that exclude
+padding in the A/C/E_1 blocks, a max pool in the last E block), as pytorch-fid, torch-fidelity
+and torchmetrics all port it; on the same input the three networks agree. What tells the
+published pipelines apart is the preprocessing. Ours is the TF graph's, as in torch-fidelity and
+torchmetrics with antialias=False: a 299x299 TF1 bilinear resize (no half-pixel offset, no
+antialiasing) and (x - 128) / 128 on uint8 values. pytorch-fid resizes with torch's bilinear
+(half-pixel centres) and scales 2 * (x / 255) - 1, which moves the features and the FID. So our
+FIDs are comparable with torch-fidelity's and torchmetrics' (antialias=False), and reference
+statistics from another pipeline are refused (`FID_PIPELINE`, fid.FeatureStats.load).
+tests/test_fidelity.py checks the agreement; docs/evaluation.md gives the measured numbers.
+
+Parameter names follow torchvision's `Inception3`, so the ported TF weights load with
+strict=True under either of their published names: pytorch-fid's
+`pt_inception-2015-12-05-6726825d.pth` and torch-fidelity's
+`weights-inception-2015-12-05-6726825d.pth` (different files with the same keys and layout). We
+write the network ourselves because torchvision would replace this project's torch build.
 
     net = load_fid_inception("/weights/pt_inception-2015-12-05-6726825d.pth")
     feats = net(images_uint8)   # (N, 3, H, W) uint8 -> (N, 2048) pool3 features, float32
@@ -14,7 +25,6 @@ replace this project's torch build.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,8 +36,15 @@ from .weights import MissingWeightsError, require_file
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
+# torch-fidelity's (and torchmetrics') copy of the same ported weights: another file, same keys.
+FID_WEIGHTS_NAME_TORCH_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL_TORCH_FIDELITY = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                                  "weights-inception-2015-12-05-6726825d.pth")
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
+# The label our FID statistics files carry; FeatureStats.load refuses files without it.
+FID_PIPELINE = ("TF Inception-v3 2015-12-05 pool3; TF1 bilinear resize to 299; (x - 128) / 128 "
+                "(= torch-fidelity, torchmetrics antialias=False; not pytorch-fid)")
 
 
 class BasicConv2d(nn.Module):
@@ -165,7 +182,8 @@ class FIDInceptionE(nn.Module):
 
 def resize_bilinear_tf1(x: Tensor, size: int) -> Tensor:
     """TF1 `resize_bilinear(align_corners=False)`: source = dest * (in / out), no half-pixel
-    offset and no antialiasing (what the 2015 graph and torch-fidelity do). x: (N, C, H, W) float."""
+    offset and no antialiasing (what the 2015 graph, torch-fidelity and torchmetrics with
+    antialias=False do; pytorch-fid's F.interpolate uses half-pixel centres). x: (N, C, H, W) float."""
     n, c, h, w = x.shape
     if (h, w) == (size, size):
         return x
@@ -258,8 +276,9 @@ def load_fid_inception(path: Optional[str], device: str | torch.device = "cpu",
     BatchNorm `num_batches_tracked` counters (absent from the ported file, unused in eval) are
     filled in so that every other key must match exactly.
     """
-    how = (f"the TF-Inception FID weights {FID_WEIGHTS_NAME} (the file pytorch-fid and torch-fidelity "
-           f"use); download it on a machine with network access from {FID_WEIGHTS_URL} and copy it here")
+    how = (f"the TF-Inception FID weights: pytorch-fid's {FID_WEIGHTS_NAME} ({FID_WEIGHTS_URL}) or "
+           f"torch-fidelity's {FID_WEIGHTS_NAME_TORCH_FIDELITY} ({FID_WEIGHTS_URL_TORCH_FIDELITY}), the same "
+           "keys; download one on a machine with network access and copy it here")
     file = require_file(path, setting, how)
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -273,10 +292,11 @@ def load_fid_inception(path: Optional[str], device: str | torch.device = "cpu",
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise MissingWeightsError(
-            f"{setting}={file} is not the FID Inception weights file ({FID_WEIGHTS_NAME}): "
+            f"{setting}={file} is not the FID Inception weights file ({FID_WEIGHTS_NAME} or "
+            f"{FID_WEIGHTS_NAME_TORCH_FIDELITY}): "
             f"{str(err).splitlines()[0]} ...") from None
     return net.to(device).eval()
 
 
-__all__ = ["FIDInceptionV3", "load_fid_inception", "resize_bilinear_tf1", "FID_WEIGHTS_NAME",
-           "FID_WEIGHTS_URL", "FEATURE_DIM"]
+__all__ = ["FIDInceptionV3", "load_fid_inception", "resize_bilinear_tf1", "FID_PIPELINE", "FID_WEIGHTS_NAME",
+           "FID_WEIGHTS_URL", "FID_WEIGHTS_NAME_TORCH_FIDELITY", "FID_WEIGHTS_URL_TORCH_FIDELITY", "FEATURE_DIM"]

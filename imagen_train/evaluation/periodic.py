@@ -173,11 +173,12 @@ class PeriodicEvaluator:
         # Fail at start-up, not after hours of training: weights that are named must exist, and
         # what the evaluation conditions on must be readable.
         from imagen_train.evaluation.clip_score import CLIP_HOW_TO
+        from imagen_train.evaluation.fid import require_fid_stats
         from imagen_train.evaluation.weights import require_file
         if self.fid_on:
             require_file(self.ev.inception_path, "evaluation.inception_path", "the FID Inception weights")
             if self.ev.fid_stats_path:
-                require_file(self.ev.fid_stats_path, "evaluation.fid_stats_path", "FID statistics (.npz)")
+                require_fid_stats(self.ev.fid_stats_path, "evaluation.fid_stats_path")  # exists, our pipeline
         if self.clip_on:
             require_file(self.ev.clip_path, "evaluation.clip_path", CLIP_HOW_TO, folder=True)
         if not self.use_prompts or self.fid_on or self.clip_on:
