@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_pipeline_config(args.config, args.overrides)
 
-    from imagen_train.evaluation.sweep import init_distributed, run_sweep
-    from imagen_train.utils.dist import shutdown
+    from imagen_train.evaluation.sweep import run_sweep
+    from imagen_train.utils.dist import init_from_env, shutdown
 
-    init_distributed()
+    init_from_env()
     run_sweep(cfg, args.out)
     shutdown()
     return 0

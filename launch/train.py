@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     from imagen_train.utils.dist import rank, shutdown
 
     try:
-        callbacks = []
+        evaluator = None
         if cfg.evaluation.eval_every_steps > 0:
             from imagen_train.evaluation.periodic import make_periodic_evaluator
-            callbacks.append(make_periodic_evaluator(cfg))
-        result = Trainer(cfg, resume=args.resume, callbacks=callbacks, stop=stop).run()
+            evaluator = make_periodic_evaluator(cfg)
+        result = Trainer(cfg, resume=args.resume, evaluator=evaluator, stop=stop).run()
     except TrainingStopped as err:
         from imagen_train.utils.dist import is_main
         if is_main():

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from imagen_train.config import load_preset
 from imagen_train.models import build_model
-from imagen_train.training.export import CONFIG_KEY
+from imagen_train.artifacts import CONFIG_KEY
 
 TINY_PRESETS = {"base64": "base64-tiny", "sr256": "sr256-tiny", "sr1024": "sr1024-tiny"}
 
