@@ -26,6 +26,7 @@ import subprocess  # noqa: E402
 
 import torch  # noqa: E402
 
+from imagen_train import artifacts  # noqa: E402
 from imagen_train.training import checkpoint as ckpt  # noqa: E402
 from train_helpers import REPO, launch_command, tiny_overrides, train_env  # noqa: E402
 
@@ -102,8 +103,8 @@ def main() -> int:
         env = {"IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS" if where == "save" else "IMAGEN_TRAIN_FAULT_KILL_STEPS":
                f"{step}@{victim}"}
         rc, exit_s, log = run(sets(run_dir), 600, **env)
-        tag = ckpt.find_resume_tag(run_dir / "checkpoints", log=lambda *_: None)
-        resumed_from = ckpt.step_of(tag) if tag else 0
+        tag = artifacts.find_resume_tag(run_dir / "checkpoints", log=lambda *_: None)
+        resumed_from = artifacts.step_of(tag) if tag else 0
         rc2, _, log2 = run(sets(run_dir), 600)
         ok = rc != 0 and rc2 == 0 and (f"at step {resumed_from}" in log2 if resumed_from else True)
         ok = ok and same(reference, final_weights(run_dir, args.max_steps, run_dir / "final.safetensors"))

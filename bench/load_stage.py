@@ -1,5 +1,5 @@
 """Loading a stage for inference: a normal build (default initialisation) against a build on the
-meta device plus the exported weights read straight to the device (training.export.load_exported).
+meta device plus the exported weights read straight to the device (artifacts.load_exported).
 
     python bench/load_stage.py --preset base64-2b --export /tmp/base64-2b.safetensors
     python bench/load_stage.py --preset base64-2b --device cuda --old
@@ -49,7 +49,7 @@ def measure(step: str, preset: str, export: str, device: torch.device, embed_dim
 
     from imagen_train.config import load_preset
     from imagen_train.models import build_model, count_parameters
-    from imagen_train.training.export import load_exported
+    from imagen_train.artifacts import load_exported
 
     cfg = load_preset(preset, [f"text.embed_dim={embed_dim}"])
     torch.zeros(1, device=device)  # a GPU's context is made before the clock starts
@@ -85,7 +85,7 @@ def write_export(preset: str, path: Path, embed_dim: int, dtype: torch.dtype, de
 
     from imagen_train.config import load_preset
     from imagen_train.models import build_model
-    from imagen_train.training.export import CONFIG_KEY
+    from imagen_train.artifacts import CONFIG_KEY
 
     start = time.perf_counter()
     cfg = load_preset(preset, [f"text.embed_dim={embed_dim}"])

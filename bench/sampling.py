@@ -55,7 +55,7 @@ def export_random(preset: str, out: Path, embed_dim: int, device: torch.device) 
 
     from imagen_train.config import load_preset
     from imagen_train.models import build_model
-    from imagen_train.training.export import CONFIG_KEY
+    from imagen_train.artifacts import CONFIG_KEY
 
     cfg = load_preset(preset, [f"text.embed_dim={embed_dim}"])
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imagen_train.evaluation.pipeline_config import load_pipeline_config  # noqa: E402
-from imagen_train.evaluation.sweep import init_distributed, run_sweep  # noqa: E402
-from imagen_train.utils.dist import shutdown  # noqa: E402
+from imagen_train.evaluation.sweep import run_sweep  # noqa: E402
+from imagen_train.utils.dist import init_from_env, shutdown  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_pipeline_config(args.config, args.overrides)
 
-    init_distributed()
+    init_from_env()
     run_sweep(cfg, args.out)
     shutdown()
     return 0

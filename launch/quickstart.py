@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
           args.nproc)
 
     # 6. Export the EMA weights of both stages.
-    from imagen_train.training.export import export_checkpoint, find_checkpoint
+    from imagen_train.artifacts import find_checkpoint
+    from imagen_train.training.export import export_checkpoint
     exports = {}
     for name, run_dir in (("base64", base_dir), ("sr256", sr_dir)):
         exports[name] = export_checkpoint(find_checkpoint(run_dir / "checkpoints"), out / f"{name}-ema.safetensors")

@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from imagen_train.utils.dist import is_main, print0, rank, shutdown
 
     try:
-        callbacks = []
+        evaluator = None
         if cfg.evaluation.eval_every_steps > 0:
-            callbacks.append(make_periodic_evaluator(cfg))
-        result = Trainer(cfg, resume=args.resume, callbacks=callbacks, stop=stop).run()
+            evaluator = make_periodic_evaluator(cfg)
+        result = Trainer(cfg, resume=args.resume, evaluator=evaluator, stop=stop).run()
     except TrainingStopped as err:
         if is_main():
             print(f"[train] stopped: {err}", file=sys.stderr, flush=True)

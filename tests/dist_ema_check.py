@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from imagen_train.config import load_config  # noqa: E402
 from imagen_train.evaluation.periodic import ema_network  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
-from imagen_train.training.export import stitch  # noqa: E402
+from imagen_train.artifacts import stitch  # noqa: E402
 from imagen_train.training.trainer import Trainer  # noqa: E402
 from imagen_train.utils import dist  # noqa: E402
 

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagen_train.config import load_config  # noqa: E402
-from imagen_train.training.export import load_exported  # noqa: E402
+from imagen_train.artifacts import load_exported  # noqa: E402
 from imagen_train.training.trainer import Trainer  # noqa: E402
 from imagen_train.utils import dist  # noqa: E402
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from imagen_train.config import load_preset
+from imagen_train.artifacts import CONFIG_KEY
 from imagen_train.models import build_model
 from imagen_train.stages import STAGES
-from imagen_train.training.export import CONFIG_KEY
 
 TINY_PRESETS = {name: stage.tiny_preset for name, stage in STAGES.items()}
 

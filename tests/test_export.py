@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from imagen_train import artifacts
+from imagen_train.artifacts import CheckpointError, ema_slices_for, ema_state_dict, stitch
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.checkpoint import CheckpointError
-from imagen_train.training.export import ema_slices_for, ema_state_dict, export_checkpoint, stitch
+from imagen_train.training.export import export_checkpoint
 from train_helpers import run_training, tiny_overrides
 
 
@@ -69,7 +70,7 @@ def to_old_layout(folder: Path) -> None:
             part = -(-t.numel() // world)
             state["ema"]["shadow"][n] = t.reshape(-1)[rank * part:(rank + 1) * part].clone()
         torch.save(state, path)
-        manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": ckpt._sha256(path)}
+        manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": artifacts.file_sha256(path)}
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -85,7 +86,7 @@ def test_old_layout_checkpoint_resumes_like_a_new_one(tmp_path, shards_64):
     shutil.copytree(straight / "checkpoints" / tag, old / "checkpoints" / tag)
     (old / "checkpoints" / ckpt.LATEST).write_text(tag + "\n")
     to_old_layout(old / "checkpoints" / tag)
-    ckpt.verify(old / "checkpoints" / tag)
+    artifacts.verify(old / "checkpoints" / tag)
     proc = run_training("base64-tiny.yaml", tiny_overrides(old, shards_64.pattern, shards_64.embed_dim,
                                                            max_steps=4, **sets))
     assert "resumed from" in proc.stdout + proc.stderr

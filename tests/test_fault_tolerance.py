@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 import torch
 
+from imagen_train import artifacts
+from imagen_train.artifacts import ema_state_dict
 from imagen_train.config import ConfigError, load_config
 from imagen_train.data import build_train_loader, iter_raw_samples
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import ema_state_dict, export_checkpoint
+from imagen_train.training.export import export_checkpoint
 from train_helpers import REPO, launch_command, run_training, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)
@@ -92,7 +94,7 @@ def test_kill9_exits_bounded_and_resumes_exactly(tmp_path, shards_64, straight, 
     assert f"SIGKILL rank {victim} at step {killed_at}" in log
     assert elapsed < EXIT_BOUND_S, f"the job took {elapsed:.0f} s to end after a rank died"
     root = run_dir / "checkpoints"
-    assert ckpt.find_resume_tag(root) == ckpt.tag_for(expected), sorted(p.name for p in root.iterdir())
+    assert artifacts.find_resume_tag(root) == ckpt.tag_for(expected), sorted(p.name for p in root.iterdir())
     assert not (root / ckpt.tag_for(killed_at)).exists() or where == "step"
 
     resumed = run_training("base64-tiny.yaml", _sets(run_dir, shards_64))
@@ -116,17 +118,17 @@ def test_torn_or_bitflipped_checkpoint_is_named_and_skipped(tmp_path, straight):
     with open(torn, "r+b") as f:
         f.truncate(torn.stat().st_size // 2)
     messages: list[str] = []
-    assert ckpt.find_resume_tag(root, log=messages.append) == ckpt.tag_for(4)
+    assert artifacts.find_resume_tag(root, log=messages.append) == ckpt.tag_for(4)
     assert any(str(newest) in m and "sha256" in m for m in messages), messages
     assert any(str(torn) in m and "bytes" in m for m in messages), messages
     # A missing file and a damaged manifest are reported by name too.
     (root / ckpt.tag_for(4) / "config.yaml").unlink()
     with pytest.raises(ckpt.CheckpointError, match="config.yaml is missing"):
-        ckpt.verify(root / ckpt.tag_for(4))
+        artifacts.verify(root / ckpt.tag_for(4))
     (root / ckpt.tag_for(4) / ckpt.MANIFEST).write_text("{not json")
     with pytest.raises(ckpt.CheckpointError, match="manifest.json is not valid JSON"):
-        ckpt.verify(root / ckpt.tag_for(4))
-    assert ckpt.find_resume_tag(root, log=messages.append) is None
+        artifacts.verify(root / ckpt.tag_for(4))
+    assert artifacts.find_resume_tag(root, log=messages.append) is None
 
 
 def test_checkpoint_loads_without_pickle(straight):
@@ -156,7 +158,7 @@ def test_checkpoint_write_error_fails_loudly_and_keeps_previous(tmp_path, shards
     assert elapsed < EXIT_BOUND_S
     root = run_dir / "checkpoints"
     assert (root / ckpt.LATEST).read_text().strip() == ckpt.tag_for(4)
-    assert ckpt.find_resume_tag(root) == ckpt.tag_for(4)
+    assert artifacts.find_resume_tag(root) == ckpt.tag_for(4)
     assert not (root / ckpt.tag_for(8)).exists()
 
 
@@ -181,7 +183,7 @@ def test_full_disk_fails_loudly_and_keeps_previous(tmp_path, shards_64, straight
         assert proc.returncode != 0
         assert "could not write checkpoint step 8" in proc.stderr, proc.stderr[-4000:]
         assert (disk / ckpt.LATEST).read_text().strip() == ckpt.tag_for(4)
-        ckpt.verify(disk / ckpt.tag_for(4))
+        artifacts.verify(disk / ckpt.tag_for(4))
         assert not list(disk.glob(ckpt.STAGING_PREFIX + "*"))  # space given back
     finally:
         subprocess.run(["umount", str(disk)], check=False)
@@ -301,7 +303,7 @@ def test_repeated_nan_gradients_stop_the_run(tmp_path, shards_64):
         **{"checkpoint.every_steps": 2, "training.max_bad_steps": 1}),
         expect_rc=1, IMAGEN_TRAIN_FAULT_NAN_GRAD_STEPS="3@0")
     assert "non-finite losses in a row" in proc.stderr and "exitcode  : 3" in proc.stderr
-    assert ckpt.find_resume_tag(run_dir / "checkpoints") == ckpt.tag_for(2)
+    assert artifacts.find_resume_tag(run_dir / "checkpoints") == ckpt.tag_for(2)
 
 
 # Bad configs and paths ----------------------------------------------------------------------
@@ -355,13 +357,13 @@ def test_checksum_work_is_split_over_ranks(tmp_path):
     folder.mkdir()
     for i in range(5):
         (folder / f"f{i}.bin").write_bytes(bytes([i]) * 100)
-    entries = {f"f{i}.bin": {"size": 100, "sha256": ckpt._sha256(folder / f"f{i}.bin")} for i in range(5)}
+    entries = {f"f{i}.bin": {"size": 100, "sha256": artifacts.file_sha256(folder / f"f{i}.bin")} for i in range(5)}
     (folder / ckpt.MANIFEST).write_text(json.dumps({"step": 1, "world_size": 2, "files": entries}))
     (folder / "f3.bin").write_bytes(bytes([9]) * 100)  # same size, other bytes: only a checksum sees it
     caught = []
     for rank in range(2):
         try:
-            ckpt.verify(folder, share=(rank, 2))
+            artifacts.verify(folder, share=(rank, 2))
         except ckpt.CheckpointError as err:
             caught.append((rank, str(err)))
     assert len(caught) == 1 and "f3.bin" in caught[0][1]

@@ -1,5 +1,5 @@
 """Inference plumbing: networks built on the meta device take the file's tensors as their weights
-(models.assign_weights, training.export.load_exported, evaluation.cascade.load_stage), and the
+(models.assign_weights, artifacts.load_exported, evaluation.cascade.load_stage), and the
 cascade's network caller casts the conditioning once per run (evaluation.cascade.Precision.caller)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_meta_built_stage_equals_a_normally_built_one(stage, dtype, tmp_path):
     from safetensors.torch import load_file
 
     from imagen_train.models import build_model
-    from imagen_train.training.export import exported_config
+    from imagen_train.artifacts import exported_config
 
     path = export_tiny(stage, tmp_path / f"{stage}.safetensors", seed=3, live=True)
     cfg = exported_config(path)
@@ -62,7 +62,7 @@ def test_an_export_missing_weights_is_refused_naming_file_and_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from imagen_train.models import WeightsMismatchError
-    from imagen_train.training.export import CONFIG_KEY, load_exported
+    from imagen_train.artifacts import CONFIG_KEY, load_exported
 
     full = export_tiny("sr256", tmp_path / "full.safetensors")
     tensors = load_file(str(full))

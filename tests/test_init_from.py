@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from imagen_train import artifacts
+from imagen_train.artifacts import CONFIG_KEY, load_exported
 from imagen_train.config import ConfigError, load_config
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import (CONFIG_KEY, check_init_from, export_checkpoint, load_exported,
-                                          load_init_weights)
+from imagen_train.training.export import check_init_from, export_checkpoint, load_init_weights
 from train_helpers import REPO, launch_command, run_training, tiny_overrides, train_env
 
 CONFIG = REPO / "configs" / "base64-tiny.yaml"
@@ -130,7 +131,7 @@ def test_export_at_2_ranks_zero2_init_at_1_rank_zero3(tmp_path, shards_64):
         **{"training.global_batch_size": 4, "training.init_from": str(exported)}), nproc=1)
     log = resumed.stdout + resumed.stderr
     assert "training.init_from" in log and "ignored: resuming" in log and "initialised from" not in log
-    assert ckpt.find_resume_tag(target / "checkpoints") == ckpt.tag_for(3)
+    assert artifacts.find_resume_tag(target / "checkpoints") == ckpt.tag_for(3)
 
 
 @pytest.mark.timeout(900)

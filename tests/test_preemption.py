@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 
+from imagen_train import artifacts
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import preemption
@@ -121,11 +122,11 @@ def _assert_one_complete_checkpoint(root: Path) -> int:
     tags = ckpt.list_complete(root)
     assert len(tags) == 1, sorted(p.name for p in root.iterdir())
     assert not list(root.glob(ckpt.STAGING_PREFIX + "*"))
-    ckpt.verify(root / tags[0])
+    artifacts.verify(root / tags[0])
     files = json.loads((root / tags[0] / "manifest.json").read_text())["files"]
     for r in range(2):  # our state and DeepSpeed's optimizer partition, from each rank
         assert {f"trainer_state_rank{r:05d}.pt", f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"} <= files.keys()
-    step = ckpt.step_of(tags[0])
+    step = artifacts.step_of(tags[0])
     assert SIGNAL_AFTER <= step < MAX_STEPS
     return step
 

@@ -106,7 +106,7 @@ def test_base_stage_bf16_autocast_and_raw_weights(tiny_exports, tiny_t5_dir, tmp
 def test_checkpoint_folder_stitches_the_ema_slices(tiny_exports, tmp_path):
     from safetensors.torch import load_file
 
-    from imagen_train.training.export import load_exported
+    from imagen_train.artifacts import load_exported
 
     net, cfg = load_exported(tiny_exports["sr256"])
     folder = tmp_path / "checkpoints" / "step_00000010"

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from imagen_train import artifacts
+from imagen_train.artifacts import load_exported
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import export_checkpoint, load_exported
+from imagen_train.training.export import export_checkpoint
 from imagen_train.training.preflight import preflight
 from train_helpers import (REPO, free_port, launch_command, read_metrics, run_training, tiny_overrides,
                            train_env)
@@ -36,7 +38,7 @@ def child_pids(parent: int) -> list[int]:
 
 def exported(run_dir: Path, tmp: Path, name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
-    folder = ckpt.find_resume_tag(run_dir / "checkpoints")
+    folder = artifacts.find_resume_tag(run_dir / "checkpoints")
     out = export_checkpoint(run_dir / "checkpoints" / folder, tmp / f"{name}.safetensors", include_raw=True)
     return load_file(str(out))
 
@@ -94,15 +96,15 @@ def test_sigterm_saves_and_resumes(tmp_path, shards_64):
         os.kill(pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-4000:]
-    tag = ckpt.find_resume_tag(run_dir / "checkpoints")
+    tag = artifacts.find_resume_tag(run_dir / "checkpoints")
     assert tag is not None, out[-4000:]
-    step = ckpt.step_of(tag)
+    step = artifacts.step_of(tag)
     assert step >= 3
-    ckpt.verify(run_dir / "checkpoints" / tag)
+    artifacts.verify(run_dir / "checkpoints" / tag)
     resumed = run_training("base64-tiny.yaml", tiny_overrides(
         run_dir, shards_64.pattern, shards_64.embed_dim, max_steps=step + 2))
     assert f"at step {step}" in resumed.stdout + resumed.stderr
-    assert ckpt.find_resume_tag(run_dir / "checkpoints") == ckpt.tag_for(step + 2)
+    assert artifacts.find_resume_tag(run_dir / "checkpoints") == ckpt.tag_for(step + 2)
 
 
 # A network small enough for bf16 on a CPU (bf16 convolutions are ~70x slower than fp32 there).
@@ -156,7 +158,7 @@ def test_nan_loss_is_skipped_then_stops(tmp_path, shards_64):
         expect_rc=1, IMAGEN_TRAIN_FAULT_NAN_STEPS="5")  # torchrun exits 1 when ranks fail
     assert "non-finite losses in a row" in proc.stderr
     assert "exitcode  : 3" in proc.stderr  # each rank's own exit code
-    assert ckpt.find_resume_tag(run_dir / "checkpoints") == "step_00000004"
+    assert artifacts.find_resume_tag(run_dir / "checkpoints") == "step_00000004"
 
 
 def _cfg(tmp_path, shards, **sets):
@@ -209,7 +211,7 @@ def test_deepspeed_launcher_runs_the_main_job(tmp_path, shards_64):
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ckpt.find_resume_tag(run_dir / "checkpoints") == "step_00000002"
+    assert artifacts.find_resume_tag(run_dir / "checkpoints") == "step_00000002"
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, shards_64):

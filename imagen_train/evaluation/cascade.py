@@ -22,8 +22,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from imagen_train.config import Config
+from imagen_train.artifacts import load_network, stage_config
+from imagen_train.config import Config, ConfigError
+from imagen_train.diffusion import build_diffusion
 from imagen_train.diffusion.caller import NetworkCaller
+from imagen_train.text import load_text_encoder
 from .grids import make_grid, save_png, to_pil
 from .memory import PeakMemory, release, synchronize
 from .pipeline_config import InferencePipelineConfig
@@ -117,46 +120,13 @@ class Precision:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: an exported safetensors file or a training checkpoint folder.
-
-def stage_config(path: str) -> Config:
-    """The stage's training config, read without loading any weights."""
-    from imagen_train.training.export import exported_config, find_checkpoint, read_config
-
-    p = Path(path)
-    if p.is_dir():
-        return read_config(find_checkpoint(p))
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (an exported .safetensors file or a "
-                                "training checkpoint folder)")
-    return exported_config(p)
-
+# Checkpoints: an exported safetensors file or a training checkpoint folder (imagen_train.artifacts).
 
 def load_stage(path: str, ema: bool, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Config]:
-    """Build a stage's network with its EMA (or raw) weights, on `device` in `dtype`, eval mode.
-
-    The network is built on the meta device and takes the loaded tensors as its weights: the
-    random initialisation a normal build does (~20 s for base64-2b on two CPU cores) would be
-    overwritten anyway.
-    """
-    from imagen_train.models import assign_weights, build_model
-    from imagen_train.training.export import ema_state_dict, find_checkpoint, load_exported, read_config
-
-    p = Path(path)
-    if p.is_dir():
-        folder = find_checkpoint(p)
-        cfg = read_config(folder)
-        if ema:
-            state = ema_state_dict(folder)
-        else:
-            from imagen_train.training.engine import consolidated_weights
-            state = consolidated_weights(str(folder.parent), folder.name)
-        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device="meta")
-        assign_weights(net, state, f"{folder} ({'EMA' if ema else 'raw'} weights)", device, dtype)
-        del state
-    else:
-        net, cfg = load_exported(p, weights="ema" if ema else "raw", device=device, dtype=dtype)
-    return net.eval().requires_grad_(False), cfg
+    """A stage's network with its EMA (or raw) weights, on `device` in `dtype`, eval mode, no grads
+    (`artifacts.load_network`: an export file, a checkpoint folder or a checkpoints root)."""
+    net, cfg = load_network(path, weights="ema" if ema else "raw", device=device, dtype=dtype)
+    return net.requires_grad_(False), cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +135,6 @@ def load_stage(path: str, ema: bool, device: torch.device, dtype: torch.dtype) -
 def encode_prompts(encoder_path: Optional[str], texts: Sequence[str], device: torch.device,
                    max_length: int, precision: Precision) -> tuple[Tensor, Tensor, StageStats]:
     """Run the T5 encoder once over `texts` and release it: (emb (P, L, D), mask (P, L), stats)."""
-    from imagen_train.config import ConfigError
-    from imagen_train.text import load_text_encoder
-
     if not encoder_path:
         raise ConfigError("encoder_path", "a local T5 save_pretrained folder (nothing is downloaded)", None)
     dtype = torch.float32 if precision.mode == 32 or device.type == "cpu" else None
@@ -190,8 +157,6 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
     emb (N, L, D) / mask (N, L): one row per output image. lowres: (N, 3, h, w) or None.
     Returns the images (N, 3, H, W) float32 on CPU, unclamped.
     """
-    from imagen_train.diffusion import build_diffusion
-
     path = getattr(cfg.checkpoints, stage)
     sampler = cfg.sampler_for(stage)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -69,8 +70,6 @@ def synchronize(device: torch.device | str) -> None:
 
 def release(device: torch.device | str) -> None:
     """Return freed memory: garbage-collect and, on a GPU, empty torch's cache."""
-    import gc
-
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

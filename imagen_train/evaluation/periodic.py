@@ -1,14 +1,17 @@
-"""Periodic evaluation during training, as a Trainer callback.
+"""Periodic evaluation during training.
 
-    trainer = Trainer(cfg, callbacks=[make_periodic_evaluator(cfg)])
+    trainer = Trainer(cfg, evaluator=make_periodic_evaluator(cfg))
 
-Every `evaluation.eval_every_steps` optimizer steps, on every rank:
+The trainer calls the evaluator after every optimizer step, on every rank, with only what it
+needs (never the Trainer): the step, this rank's EMA slices and their bounds, the device, a
+metric and an image log function, and the folder for sample grids. Every
+`evaluation.eval_every_steps` optimizer steps, on every rank:
 1. a plain (non-DeepSpeed) copy of the network is built on the meta device and filled one
    parameter at a time from the gathered EMA slices, directly in the sampling dtype (bf16 on a
    GPU, fp32 on a CPU), so evaluation adds one copy of the network in that dtype per rank and
    never a full fp32 one; it is freed after the evaluation (every rank enters the same
    collectives, whatever the ZeRO stage);
-2. a grid of samples is drawn and saved to run_dir/samples/step_N.png and logged as an image;
+2. a grid of samples is drawn and saved to <out_dir>/step_N.png (run_dir/samples) and logged;
 3. when `evaluation.num_fid_samples` > 0 and the Inception (FID) and/or CLIP weights are
    configured, that many samples are drawn (split over the ranks, features gathered) and FID
    and CLIP score (plain cosine) are logged under eval/.
@@ -30,36 +33,33 @@ from __future__ import annotations
 import gc
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from imagen_train.artifacts.ema import stitch
 from imagen_train.config import Config, ConfigError
+from imagen_train.data import expand_shards, iter_raw_samples
+from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
+from imagen_train.diffusion import build_diffusion
 from imagen_train.diffusion.caller import NetworkCaller
+from imagen_train.models import build_model
+from imagen_train.text import load_text_encoder
 from imagen_train.utils import dist
+from imagen_train.utils.rng import preserved_rng
+
+from .clip_score import CLIP_HOW_TO, ClipScorer
+from .fid import FeatureStats, extract_features, fid_from_stats, require_fid_stats, to_uint8
+from .grids import make_grid, save_png
+from .inception import load_fid_inception
+from .weights import require_file
 
 DEFAULT_GRID_SAMPLES = 4
-
-
-@contextmanager
-def preserved_rng():
-    """Restore torch (CPU and CUDA), numpy and python RNG states on exit."""
-    torch_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+LogFn = Callable[[dict[str, float], int], None]
+LogImageFn = Callable[..., None]  # log_image(key, path, step, caption="")
 
 
 def sampling_dtype(device: torch.device) -> torch.dtype:
@@ -81,8 +81,6 @@ def ema_network(cfg: Config, layout: dict[str, dict], shadow: dict[str, Tensor],
     placed, then freed, so no full fp32 copy ever exists (peak: the network in `dtype` plus one
     parameter's gather buffer). Two collectives per parameter, the same on every rank.
     """
-    from imagen_train.models import build_model
-
     net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device="meta")
     if next(net.buffers(), None) is not None:
         # Buffers computed at construction would be left uninitialised by to_empty; the networks
@@ -106,8 +104,7 @@ def ema_network(cfg: Config, layout: dict[str, dict], shadow: dict[str, Tensor],
         local = torch.zeros(1, max(e - s for s, e in zip(starts, ends)), dtype=dtype, device=device)
         local[0, : mine.numel()] = mine.to(device=device, dtype=dtype)
         gathered = dist.all_gather_tensor(local)                     # (world, width)
-        for row, (start, end) in enumerate(zip(starts, ends)):
-            flat[start:end] = gathered[row, : end - start]
+        stitch(name, flat.numel(), [(s, e, row) for s, e, row in zip(starts, ends, gathered)], out=flat)
         del local, gathered
     return net
 
@@ -125,10 +122,6 @@ def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
     Returns {"image" (n, 3, T, T), ["lowres" (n, 3, t, t)], "text_emb" (n, L, D), "text_mask",
     "caption"}, images in [-1, 1]. Fewer than n if the shards hold fewer.
     """
-    from imagen_train.data import expand_shards, iter_raw_samples
-    from imagen_train.data.transforms import (SkipSample, StageGeometry, decode_sample, pad_embeddings,
-                                              to_unit_range)
-
     if not cfg.data.eval_shards:
         raise ConfigError("data.eval_shards", "eval shards (periodic evaluation conditions on them)", None)
     geo = replace(StageGeometry.from_config(cfg), random_crop=False)
@@ -162,8 +155,6 @@ class PeriodicEvaluator:
     """The callback object; see the module docstring."""
 
     def __init__(self, cfg: Config):
-        from imagen_train.evaluation.weights import MissingWeightsError  # noqa: F401 (documented raise)
-
         self.cfg, self.ev = cfg, cfg.evaluation
         self.every = self.ev.eval_every_steps
         self.use_prompts = cfg.stage == "base64" and bool(cfg.text.encoder_path) and bool(self.ev.prompts)
@@ -171,10 +162,7 @@ class PeriodicEvaluator:
         self.fid_on = self.ev.num_fid_samples > 0 and bool(self.ev.inception_path)
         self.clip_on = self.ev.num_fid_samples > 0 and bool(self.ev.clip_path)
         # Fail at start-up, not after hours of training: weights that are named must exist, and
-        # what the evaluation conditions on must be readable.
-        from imagen_train.evaluation.clip_score import CLIP_HOW_TO
-        from imagen_train.evaluation.fid import require_fid_stats
-        from imagen_train.evaluation.weights import require_file
+        # what the evaluation conditions on must be readable (MissingWeightsError, ConfigError).
         if self.fid_on:
             require_file(self.ev.inception_path, "evaluation.inception_path", "the FID Inception weights")
             if self.ev.fid_stats_path:
@@ -193,20 +181,22 @@ class PeriodicEvaluator:
         self._inception = self._clip = self._real_stats = None
 
     # ------------------------------------------------------------------------------------------
-    def __call__(self, trainer) -> None:
-        if self.every <= 0 or trainer.step % self.every:
+    def __call__(self, *, step: int, ema_layout: dict[str, dict], ema_shadow: dict[str, Tensor],
+                 device: torch.device, log: LogFn, log_image: LogImageFn, out_dir: Path) -> None:
+        """Evaluate when `step` is due (on every rank: it enters collectives).
+
+        `ema_layout[name]` is this rank's [start, end) of each flattened parameter (with its
+        shape and numel), `ema_shadow[name]` the EMA of that slice; `log(metrics, step)` and
+        `log_image(key, path, step, caption=)` record results; grids go to `out_dir`.
+        """
+        if self.every <= 0 or step % self.every:
             return
         with preserved_rng(), torch.no_grad():
-            self.evaluate(trainer)
-
-    def _net(self, trainer) -> torch.nn.Module:
-        return ema_network(self.cfg, trainer.layout, trainer.ema.shadow, trainer.device,
-                           sampling_dtype(trainer.device))
+            self.evaluate(step, ema_layout, ema_shadow, device, log, log_image, Path(out_dir))
 
     def _grid_conditioning(self) -> dict[str, Any]:
         if self._grid_cond is None:
             if self.use_prompts:
-                from imagen_train.text import load_text_encoder
                 enc = load_text_encoder(self.cfg.text.encoder_path, "cpu", torch.float32,
                                         self.cfg.text.max_length)
                 emb, mask = enc.encode(self.ev.prompts, pad_to_max_length=True)
@@ -223,29 +213,27 @@ class PeriodicEvaluator:
                 self._grid_cond = _take(batch, index)
         return self._grid_cond
 
-    def _sample(self, trainer, net, cond: dict[str, Any], seed: int) -> Tensor:
+    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device) -> Tensor:
         """Samples for this rank's share (rows rank::world) of `cond`, gathered in rank order.
 
         Returns (N, 3, T, T) on every rank, ordered by rank then row (see `_order`).
         """
-        from imagen_train.diffusion import build_diffusion
-
         diffusion = build_diffusion(self.cfg.diffusion)
         rank, world = dist.rank(), dist.world_size()
         mine = list(range(rank, len(cond["caption"]), world))
         part = _take(cond, mine)
         res = self.cfg.train_resolution
-        gen = torch.Generator(device=trainer.device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
+        gen = torch.Generator(device=device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
         caller = NetworkCaller(net)  # in the EMA network's dtype
         out = [torch.zeros(0, 3, res, res)]
         for i in range(0, len(mine), self.ev.batch_size):
-            emb = part["text_emb"][i:i + self.ev.batch_size].to(trainer.device)
-            mask = part["text_mask"][i:i + self.ev.batch_size].to(trainer.device)
-            low = part["lowres"][i:i + self.ev.batch_size].to(trainer.device) if "lowres" in part else None
+            emb = part["text_emb"][i:i + self.ev.batch_size].to(device)
+            mask = part["text_mask"][i:i + self.ev.batch_size].to(device)
+            low = part["lowres"][i:i + self.ev.batch_size].to(device) if "lowres" in part else None
             result = diffusion.sample(caller, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
                                       lowres=low, generator=gen)
             out.append(result.images.float().cpu())
-        local = torch.cat(out).to(trainer.device)
+        local = torch.cat(out).to(device)
         return dist.all_gather_tensor(local).cpu()
 
     @staticmethod
@@ -254,42 +242,37 @@ class PeriodicEvaluator:
         world = dist.world_size()
         return [i for r in range(world) for i in range(r, n, world)]
 
-    def evaluate(self, trainer) -> None:
-        from imagen_train.evaluation.grids import make_grid, save_png
-
+    def evaluate(self, step: int, ema_layout: dict[str, dict], ema_shadow: dict[str, Tensor],
+                 device: torch.device, log: LogFn, log_image: LogImageFn, out_dir: Path) -> None:
+        """Build the EMA network, draw the grid (and metrics), log them, free the network."""
         start = time.perf_counter()
-        step = trainer.step
-        net = self._net(trainer)
+        net = ema_network(self.cfg, ema_layout, ema_shadow, device, sampling_dtype(device))
         cond = self._grid_conditioning()
-        images = self._sample(trainer, net, cond, seed=0)
+        images = self._sample(net, cond, seed=0, device=device)
         order = self._order(len(cond["caption"]))
         images = images[torch.argsort(torch.tensor(order))]  # back to prompt order
-        path = Path(trainer.run_dir) / "samples" / f"step_{step}.png"
+        path = out_dir / f"step_{step}.png"
         metrics: dict[str, float] = {}
         if dist.is_main():
             k = self.ev.num_images_per_prompt
             save_png(make_grid(images, ncols=k if k > 1 else None), path)  # a row per prompt
-            trainer.logger.log_image("eval/samples", path, step, caption=" | ".join(dict.fromkeys(cond["caption"])))
+            log_image("eval/samples", path, step, caption=" | ".join(dict.fromkeys(cond["caption"])))
         if self.fid_on or self.clip_on:
-            metrics.update(self._metrics(trainer, net))
+            metrics.update(self._metrics(net, device))
         del net  # the only reference: its storage goes here
         free_memory()
         metrics["eval/time_s"] = time.perf_counter() - start
-        trainer.logger.log(metrics, step)
+        log(metrics, step)
         dist.print0(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                     + f"; grid {path}")
         dist.barrier()
 
-    def _metrics(self, trainer, net) -> dict[str, float]:
-        from imagen_train.evaluation.clip_score import ClipScorer
-        from imagen_train.evaluation.fid import FeatureStats, extract_features, fid_from_stats, to_uint8
-        from imagen_train.evaluation.inception import load_fid_inception
-
+    def _metrics(self, net, device: torch.device) -> dict[str, float]:
         if self._metric_cond is None:
             self._metric_cond = read_eval_samples(self.cfg, self.ev.num_fid_samples)
         cond = self._metric_cond
         n = len(cond["caption"])
-        fake = to_uint8(self._sample(trainer, net, cond, seed=1))        # (n, 3, T, T) rank-major
+        fake = to_uint8(self._sample(net, cond, seed=1, device=device))  # (n, 3, T, T) rank-major
         captions = [cond["caption"][i] for i in self._order(n)]
         out: dict[str, float] = {}
         # Features are computed on each rank for its share, then gathered.
@@ -297,31 +280,31 @@ class PeriodicEvaluator:
         share = slice(rank * -(-n // world), (rank + 1) * -(-n // world))
         if self.fid_on:
             if self._inception is None:
-                self._inception = load_fid_inception(self.ev.inception_path, trainer.device)
-            feats = dist.all_gather_tensor(extract_features(self._inception, fake[share], 32, trainer.device)
-                                           .to(trainer.device)).cpu()
+                self._inception = load_fid_inception(self.ev.inception_path, device)
+            feats = dist.all_gather_tensor(extract_features(self._inception, fake[share], 32, device)
+                                           .to(device)).cpu()
             if self._real_stats is None:
                 if self.ev.fid_stats_path:
                     self._real_stats = FeatureStats.load(self.ev.fid_stats_path)
                 else:
                     real = to_uint8(cond["image"])
                     real_feats = dist.all_gather_tensor(
-                        extract_features(self._inception, real[share], 32, trainer.device).to(trainer.device)).cpu()
+                        extract_features(self._inception, real[share], 32, device).to(device)).cpu()
                     self._real_stats = FeatureStats.from_features(real_feats)
             out["eval/fid"] = fid_from_stats(self._real_stats, FeatureStats.from_features(feats))
         if self.clip_on:
             if self._clip is None:
-                self._clip = ClipScorer(self.ev.clip_path, trainer.device)
-            cos = self._clip.cosine(fake[share], captions[share]).to(trainer.device)
+                self._clip = ClipScorer(self.ev.clip_path, device)
+            cos = self._clip.cosine(fake[share], captions[share]).to(device)
             out["eval/clip_score"] = float(dist.all_gather_tensor(cos).mean())
         out["eval/num_samples"] = float(n)
         return out
 
 
-def make_periodic_evaluator(cfg: Config) -> Callable[[Any], None]:
-    """A Trainer callback running the periodic evaluation (a no-op when eval_every_steps is 0)."""
+def make_periodic_evaluator(cfg: Config) -> PeriodicEvaluator:
+    """The Trainer's `evaluator` running the periodic evaluation (a no-op when eval_every_steps is 0)."""
     return PeriodicEvaluator(cfg)
 
 
-__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "ema_network", "read_eval_samples",
-           "preserved_rng", "free_memory", "sampling_dtype"]
+__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "ema_network", "read_eval_samples", "free_memory",
+           "sampling_dtype"]

@@ -12,7 +12,7 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "FID vs CLIP 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pts = [(r["clip_score"], r["fid"], r["guidance_scale"]) for r in rows]
-    try:
+    try:  # optional dependency: without matplotlib the plot is drawn with PIL
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -12,12 +12,16 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
+from imagen_train.artifacts import stage_config
 from imagen_train.config import ConfigError
 from imagen_train.stages import STAGE_NAMES
 from imagen_train.utils import dist
+from .cascade import Precision, encode_prompts, generate, resolve_device
+from .clip_score import ClipScorer
+from .fid import FeatureStats, extract_features, fid_from_stats, to_uint8
+from .inception import load_fid_inception
 from .pipeline_config import InferencePipelineConfig
+from .plot import plot_tradeoff
 
 
 def read_captions(cfg: InferencePipelineConfig) -> list[str]:
@@ -37,12 +41,6 @@ def with_guidance(cfg: InferencePipelineConfig, scale: float) -> InferencePipeli
 
 def run_sweep(cfg: InferencePipelineConfig, out_dir: str | Path) -> list[dict]:
     """Sample, score and (rank 0) write sweep.csv, sweep.md, sweep.png and sweep.json."""
-    from .cascade import Precision, encode_prompts, generate, resolve_device, stage_config
-    from .clip_score import ClipScorer
-    from .fid import FeatureStats, extract_features, fid_from_stats, to_uint8
-    from .inception import load_fid_inception
-    from .plot import plot_tradeoff
-
     ev = cfg.evaluation
     device = resolve_device(cfg.device)
     # Everything that can be missing is checked before any sampling.
@@ -77,8 +75,6 @@ def run_sweep(cfg: InferencePipelineConfig, out_dir: str | Path) -> list[dict]:
 
 def write_table(rows: list[dict], out: Path, cfg: InferencePipelineConfig) -> None:
     """sweep.csv, sweep.md (markdown table), sweep.png (trade-off curve), sweep.json (settings)."""
-    from .plot import plot_tradeoff
-
     out.mkdir(parents=True, exist_ok=True)
     keys = ["guidance_scale", "fid", "clip_score", "num_images", "time_s"]
     with open(out / "sweep.csv", "w", newline="") as f:
@@ -91,14 +87,3 @@ def write_table(rows: list[dict], out: Path, cfg: InferencePipelineConfig) -> No
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     plot_tradeoff(rows, out / "sweep.png", f"FID vs CLIP score ({cfg.target_resolution} px)")
     (out / "sweep.json").write_text(json.dumps({"rows": rows, "settings": cfg.to_dict()}, indent=2))
-
-
-def init_distributed() -> None:
-    """A process group when launched with torchrun (gloo on a CPU, nccl on GPUs); else nothing."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(dist.local_rank())
-        torch.distributed.init_process_group(backend)

@@ -347,12 +347,6 @@ def load_engine(engine, folder: str, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}/{tag}")
 
 
-def consolidated_weights(folder: str, tag: str) -> dict[str, torch.Tensor]:
-    """The raw (non-EMA) fp32 weights of a checkpoint of any ZeRO stage, on one process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
-
-
 def model_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16

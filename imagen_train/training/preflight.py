@@ -6,16 +6,12 @@ seconds at start instead of an hour into a multi-node run.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-
-import yaml
 
 from imagen_train.config import Config, ConfigError
 from imagen_train.data import expand_shards, iter_raw_samples
 from imagen_train.data.preflight import check_shards
-from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine, speed
 from imagen_train.utils import dist
 
@@ -36,7 +32,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     config asks for one, checks that the shard spec names existing shards, and that every
     folder the run writes to is writable.
     """
-    cfg.training.grad_accum_for(world_size)
+    cfg.training.grad_accum_for(world_size)  # refuses batch sizes that do not divide over the ranks
     engine.build_optimizer_op(cfg)  # a compiled optimizer op builds (or fails) before any data work
     spec = cfg.data.train_shards
     if not spec:
@@ -71,20 +67,3 @@ def preflight(cfg: Config, world_size: int) -> None:
                 probe.unlink()
             except OSError as err:
                 raise ConfigError(key, "a writable folder", f"{folder} ({err.strerror})") from None
-
-
-def check_resume_target(cfg: Config, folder: Path, world_size: int) -> None:
-    """Refuse a checkpoint of another stage or written by another number of ranks, by name."""
-    config_file = folder / "config.yaml"
-    try:
-        stage = (yaml.safe_load(config_file.read_text()) or {}).get("stage")
-    except (OSError, yaml.YAMLError) as err:
-        raise ckpt.CheckpointError(f"{config_file} cannot be read: {err}") from None
-    if stage != cfg.stage:
-        raise ckpt.CheckpointError(f"{folder} is a checkpoint of stage {stage}, this run trains stage "
-                                   f"{cfg.stage}: point checkpoint.dir or --resume elsewhere")
-    saved = json.loads((folder / ckpt.MANIFEST).read_text()).get("world_size")
-    if saved is not None and saved != world_size:
-        raise ckpt.CheckpointError(f"{folder} was written by {saved} ranks; this run has {world_size} "
-                                   f"(export the weights and start a new run with "
-                                   f"training.init_from to change the size)")

@@ -11,12 +11,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from imagen_train import artifacts
 from imagen_train.config import Config, save_config
 from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
@@ -25,9 +26,10 @@ from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine
 from imagen_train.training import export, faults, preemption, speed
 from imagen_train.training.ema import EMA
-from imagen_train.training.preflight import check_resume_target, checkpoint_root, preflight
+from imagen_train.training.preflight import checkpoint_root, preflight
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
+from imagen_train.utils.rng import rng_state, set_rng_state
 
 
 class TrainingStopped(RuntimeError):
@@ -41,21 +43,6 @@ class TrainResult:
     last_checkpoint: Optional[Path]
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -66,15 +53,20 @@ class Trainer:
     """Trains one stage; `run()` returns when max_steps is reached or a signal asks it to stop.
 
     `callbacks` are called as `callback(trainer)` after every optimizer step and EMA update, on
-    every rank (periodic evaluation hooks in here). `stop`: a StopRequest installed by the caller
-    for the whole process (launch/train.py); None: `run()` installs one for its own duration.
+    every rank. `evaluator` (periodic evaluation) is called after them, on every rank, with
+    only what it needs: `evaluator(step=, ema_layout=, ema_shadow=, device=, log=, log_image=,
+    out_dir=)` (see evaluation/periodic.py); it decides itself whether the step is due. `stop`:
+    a StopRequest installed by the caller for the whole process (launch/train.py); None: `run()`
+    installs one for its own duration.
     """
 
     def __init__(self, cfg: Config, resume: str = "auto",
                  callbacks: Optional[list[Callable[["Trainer"], None]]] = None,
-                 stop: Optional[preemption.StopRequest] = None):
+                 stop: Optional[preemption.StopRequest] = None,
+                 evaluator: Optional[Callable[..., None]] = None):
         self.cfg = cfg
         self.callbacks = list(callbacks or [])
+        self.evaluator = evaluator
         self.stop = stop
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = checkpoint_root(cfg)
@@ -83,7 +75,7 @@ class Trainer:
         # only here; the checksums are split over the ranks once the process group exists).
         candidates = self._resume_candidates(resume)
         if candidates:
-            check_resume_target(cfg, candidates[0], dist.world_size())
+            artifacts.check_resume_target(candidates[0], cfg.stage, dist.world_size())
         engine.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
@@ -116,7 +108,7 @@ class Trainer:
         self.ema = EMA(engine.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
                        cfg.ema.update_every_steps)
         self.layout = engine.partition_layout(self.engine)
-        self.accum = cfg.training.grad_accum_for(dist.world_size())
+        self.accum = self.engine.gradient_accumulation_steps()  # from our config (engine.build_deepspeed_config)
         self.step = 0
         self.bad_steps = 0
         self.skipped_total = 0  # updates skipped for non-finite values, this process
@@ -140,12 +132,12 @@ class Trainer:
         if resume == "none":
             return []
         if resume != "auto":
-            ckpt.verify(Path(resume), checksums=False)
+            artifacts.verify(Path(resume), checksums=False)
             return [Path(resume)]
         found = []
-        for tag in ckpt.resume_candidates(self.ckpt_root):
+        for tag in artifacts.resume_candidates(self.ckpt_root):
             try:
-                ckpt.verify(self.ckpt_root / tag, checksums=False)
+                artifacts.verify(self.ckpt_root / tag, checksums=False)
                 found.append(self.ckpt_root / tag)
             except ckpt.CheckpointError as err:
                 dist.print0(f"[checkpoint] skipping {tag}: {err}")
@@ -168,19 +160,13 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         state = ckpt.load_rank_state(folder)
-        if state["stage"] != self.cfg.stage:
-            raise ckpt.CheckpointError(f"{folder} is a checkpoint of stage {state['stage']}, "
-                                       f"this run trains stage {self.cfg.stage}")
-        if state["world_size"] != dist.world_size():
-            raise ckpt.CheckpointError(f"{folder} was written by {state['world_size']} ranks; this run "
-                                       f"has {dist.world_size()} (export the weights and start a new run "
-                                       f"with training.init_from to change the size)")
+        artifacts.refuse_other_run(folder, state["stage"], state["world_size"], self.cfg.stage, dist.world_size())
         engine.load_engine(self.engine, str(folder.parent), folder.name)
         if state.get("layout") != self.layout:  # an older checkpoint: its EMA cut in equal parts
-            state["ema"]["shadow"] = export.ema_slices_for(folder, self.layout)
+            state["ema"]["shadow"] = artifacts.ema_slices_for(folder, self.layout)
         self.ema.load_state_dict(state["ema"])
         self.loader.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.bad_steps = int(state["bad_steps"])
         self.wandb_id = state.get("wandb_id")
@@ -203,10 +189,10 @@ class Trainer:
             ckpt.save_rank_state(staging, {
                 "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
                 "rank": rank, "ema": self.ema.state_dict(), "layout": self.layout,
-                "data": self.loader.state_dict(), "rng": _rng_state(), "bad_steps": self.bad_steps,
+                "data": self.loader.state_dict(), "rng": rng_state(), "bad_steps": self.bad_steps,
                 "wandb_id": self.wandb_id})
             if dist.is_main():
-                save_config(self.cfg, staging / "config.yaml")
+                save_config(self.cfg, staging / artifacts.CONFIG_FILE)
         except Exception as err:  # torch.save reports a full disk as RuntimeError, not OSError
             shutil.rmtree(staging, ignore_errors=True)  # give the space back; never read
             raise ckpt.CheckpointWriteError(
@@ -280,6 +266,10 @@ class Trainer:
                 window["step_s"] += time.perf_counter() - step_start
                 for callback in self.callbacks:
                     callback(self)
+                if self.evaluator is not None:
+                    self.evaluator(step=self.step, ema_layout=self.layout, ema_shadow=self.ema.shadow,
+                                   device=self.device, log=self.logger.log, log_image=self.logger.log_image,
+                                   out_dir=self.run_dir / "samples")
 
                 # Log.
                 if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
@@ -339,10 +329,7 @@ class Trainer:
         return True
 
     def _log(self, window: dict) -> None:
-        loss = (window["loss"] / max(1, window["micro"])).reshape(1)
-        if dist.is_initialized():
-            torch.distributed.all_reduce(loss)
-            loss /= dist.world_size()
+        loss = dist.mean_over_ranks((window["loss"] / max(1, window["micro"])).reshape(1))
         samples_per_s = window["samples"] / max(window["step_s"], 1e-9)
         metrics = {
             "train/loss": loss.item(),

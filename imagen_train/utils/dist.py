@@ -40,6 +40,19 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def init_from_env() -> None:
+    """Join a process group when launched with torchrun (gloo on a CPU, nccl on GPUs); else nothing.
+
+    For entry points without DeepSpeed (evaluation); training joins through
+    `training.engine.init_distributed`, which DeepSpeed's own communication needs.
+    """
+    if world_size() > 1 and not is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend)
+
+
 def shutdown() -> None:
     """Destroy the process group, if any, before the interpreter exits.
 
@@ -65,6 +78,24 @@ def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (trusted, in-process data only)."""
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over the ranks, on every rank (a new tensor; `t` itself without a group)."""
+    if not is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world_size()
 
 
 def broadcast_object(obj, src: int = 0):

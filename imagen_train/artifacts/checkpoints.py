@@ -1,0 +1,240 @@
+"""Checkpoint folders on disk: names, manifests, `latest`, verification, the saved config.
+
+Layout of `<checkpoint dir>`:
+    step_00001000/            a complete checkpoint (DeepSpeed files + our per-rank state)
+        manifest.json         every file's size and sha256, written last before the rename
+        config.yaml           the run's resolved config
+        trainer_state_rankNNNNN.pt   one rank's EMA slices, RNG and data position
+    latest                    the tag of the newest complete checkpoint, replaced atomically
+    .staging-step_00002000/   a checkpoint being written; never read, removed on the next save
+
+Everything here works on one process and enters no collective: training writes through these
+helpers (training/checkpoint.py adds the collectives) and evaluation reads through them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from imagen_train.config import Config, from_dict, upgrade_stored
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+CONFIG_FILE = "config.yaml"
+STAGING_PREFIX = ".staging-"
+RANK_STATE_GLOB = "trainer_state_rank*.pt"
+_TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete, corrupt or of another run; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full or failing disk); the previous one is intact."""
+
+
+def tag_for(step: int) -> str:
+    """The folder name of the checkpoint of `step`: step_NNNNNNNN."""
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    """The step a checkpoint tag names; CheckpointError for anything else."""
+    match = _TAG_RE.match(tag)
+    if not match:
+        raise CheckpointError(f"'{tag}' is not a checkpoint tag (expected step_NNNNNNNN)")
+    return int(match.group(1))
+
+
+def staging_tag(step: int) -> str:
+    """The folder name a checkpoint of `step` is written under before it is complete."""
+    return STAGING_PREFIX + tag_for(step)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file and a rename."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-rank state files.
+
+def rank_state_path(folder: Path, rank: int) -> Path:
+    """Where rank `rank`'s own state (EMA slices, RNG, data position) lives in a checkpoint."""
+    return folder / f"trainer_state_rank{rank:05d}.pt"
+
+
+def write_rank_state(folder: Path, rank: int, state: dict) -> None:
+    """Save one rank's state into a (staging) checkpoint folder, through a rename."""
+    path = rank_state_path(folder, rank)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_rank_state(folder: Path, rank: int) -> dict:
+    """One rank's state (tensors and plain data only: nothing else is unpickled)."""
+    path = rank_state_path(folder, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: was the checkpoint written by a run with "
+                              f"another number of ranks?")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_all_rank_states(folder: Path) -> list[dict]:
+    """Every rank's state, in rank order; refuses a folder missing some of them."""
+    files = sorted(folder.glob(RANK_STATE_GLOB))
+    if not files:
+        raise CheckpointError(f"{folder} holds no {RANK_STATE_GLOB} files")
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    world = states[0]["world_size"]
+    if len(states) != world:
+        raise CheckpointError(f"{folder} has {len(states)} rank files, the run had {world} ranks")
+    return states
+
+
+# ----------------------------------------------------------------------------------------------
+# Sealing: manifest, `latest`, pruning (rank 0 calls these once every rank has written).
+
+def write_manifest(folder: Path, step: int, world_size: int, files: dict[str, dict[str, Any]]) -> None:
+    """The manifest of a staging folder: `files[name] = {"size", "sha256"}` for every file."""
+    atomic_write_text(folder / MANIFEST, json.dumps(
+        {"step": step, "world_size": world_size, "files": files}, indent=1))
+
+
+def manifest_entry(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def point_latest(root: Path, tag: str) -> None:
+    """Make `root/latest` name `tag` (atomically)."""
+    atomic_write_text(root / LATEST, tag + "\n")
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Remove complete checkpoints beyond the newest `keep_last`."""
+    for tag in list_complete(root)[:-keep_last]:
+        shutil.rmtree(root / tag, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and verifying.
+
+def list_complete(root: Path) -> list[str]:
+    """Tags that have a manifest, oldest first (not verified: see `verify`)."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG_RE.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def verify(folder: Path, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file.
+
+    `share=(i, n)` hashes only every n-th file starting at i (sizes are checked for all), so n
+    ranks can split the checksum work of one checkpoint.
+    """
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it was never completed")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is not valid JSON: {err}") from None
+    for index, (name, entry) in enumerate(sorted(manifest["files"].items())):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{path} has {size} bytes, the manifest says {entry['size']}")
+        if checksums and index % share[1] == share[0] and file_sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path} does not match its sha256 in the manifest (corrupt)")
+
+
+def resume_candidates(root: Path) -> list[str]:
+    """Complete checkpoints, most preferred first: `latest`, then the others newest first."""
+    candidates = list_complete(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.append(named)
+    return list(reversed(candidates))
+
+
+def find_resume_tag(root: Path, log: Callable[[str], None] = print, checksums: bool = True) -> Optional[str]:
+    """The newest checkpoint that verifies (on one process): `latest` first, then newest first."""
+    for tag in resume_candidates(root):
+        try:
+            verify(root / tag, checksums)
+            return tag
+        except CheckpointError as err:
+            log(f"[checkpoint] skipping {tag}: {err}")
+    return None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself or from a checkpoints root (its `latest`)."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# What run wrote a checkpoint.
+
+def read_config(folder: Path) -> Config:
+    """The resolved training config saved in a checkpoint folder."""
+    path = folder / CONFIG_FILE
+    return from_dict(upgrade_stored(yaml.safe_load(path.read_text())), Config, str(path))
+
+
+def refuse_other_run(folder: Path, saved_stage: Any, saved_world: Optional[int], stage: str,
+                     world_size: int) -> None:
+    """Refuse resuming a checkpoint of another stage, or one written by another number of ranks."""
+    if saved_stage != stage:
+        raise CheckpointError(f"{folder} is a checkpoint of stage {saved_stage}, this run trains stage "
+                              f"{stage}: point checkpoint.dir or --resume elsewhere")
+    if saved_world is not None and saved_world != world_size:
+        raise CheckpointError(f"{folder} was written by {saved_world} ranks; this run has {world_size} "
+                              f"(export the weights and start a new run with training.init_from to "
+                              f"change the size)")
+
+
+def check_resume_target(folder: Path, stage: str, world_size: int) -> None:
+    """`refuse_other_run` from the folder's config.yaml and manifest (cheap: no tensors read)."""
+    config_file = folder / CONFIG_FILE
+    try:
+        saved_stage = (yaml.safe_load(config_file.read_text()) or {}).get("stage")
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{config_file} cannot be read: {err}") from None
+    saved_world = json.loads((folder / MANIFEST).read_text()).get("world_size")
+    refuse_other_run(folder, saved_stage, saved_world, stage, world_size)

@@ -1,0 +1,74 @@
+"""EMA stitching: the full EMA weights from the slices the ranks keep.
+
+Every rank keeps the EMA of its own slice of each flattened parameter, with the slice's bounds
+(`layout[name] = {"shape", "numel", "start", "end"}`); the full tensor is the slices placed at
+their bounds (`stitch`). Export stitches them from a checkpoint's rank files
+(`ema_state_dict`); periodic evaluation gathers them over the ranks and places them with the
+same `stitch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoints import CheckpointError, read_all_rank_states
+
+
+def slice_bounds(entry: dict, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the flattened parameter that `rank` kept an EMA of.
+
+    Checkpoints record the bounds per rank. Older ones (no 'start' key) cut every parameter in
+    equal parts of ceil(numel / world), the last rank's part padded under ZeRO-3.
+    """
+    if "start" in entry:
+        return int(entry["start"]), int(entry["end"])
+    numel = int(entry["numel"])
+    part = -(-numel // world)
+    return min(rank * part, numel), min((rank + 1) * part, numel)
+
+
+def stitch(name: str, numel: int, pieces: list[tuple[int, int, torch.Tensor]],
+           dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The flat parameter `name` (numel,) from its ranks' (start, end, slice) pieces.
+
+    Written into `out` (a flat tensor of `numel` elements, cast on the way) when given, else into
+    a new tensor in `dtype`. Pieces longer than their bounds (padded slices) are cut; pieces
+    that leave a gap or overlap are refused, naming the parameter.
+    """
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=pieces[0][2].device if pieces else "cpu")
+    covered = 0
+    for start, end, piece in sorted((x for x in pieces if x[1] > x[0]), key=lambda item: item[0]):
+        if start != covered:
+            raise CheckpointError(f"EMA slices of '{name}' do not tile it: a gap or overlap at "
+                                  f"element {covered} (next slice starts at {start})")
+        out[start:end] = piece.reshape(-1)[: end - start]
+        covered = end
+    if covered != numel:
+        raise CheckpointError(f"EMA slices of '{name}' cover {covered} of its {numel} elements")
+    return out
+
+
+def ema_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The full EMA weights (fp32) of a checkpoint folder, stitched from every rank's slice."""
+    states = read_all_rank_states(folder)
+    world = len(states)
+    out = {}
+    for name, entry in states[0]["layout"].items():
+        pieces = [(*slice_bounds(s["layout"][name], r, world), s["ema"]["shadow"][name])
+                  for r, s in enumerate(states)]
+        out[name] = stitch(name, int(entry["numel"]), pieces).reshape(entry["shape"])
+    return out
+
+
+def ema_slices_for(folder: Path, layout: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """This rank's EMA slices under `layout`, cut from a checkpoint saved with other bounds.
+
+    Resuming a checkpoint written before the EMA followed the fp32 masters (its slices were cut
+    in equal parts) re-cuts its EMA to the current bounds; same world size only.
+    """
+    full = ema_state_dict(folder)
+    return {name: full[name].reshape(-1)[e["start"]:e["end"]].clone() for name, e in layout.items()}

@@ -1,0 +1,161 @@
+"""The artifacts layer: checkpoint folders read without DeepSpeed or training code, one resume
+refusal, the RNG capture, and periodic evaluation driven through its narrow interface."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imagen_train import artifacts
+from imagen_train.artifacts import checkpoints
+from imagen_train.config import load_preset, save_config
+from imagen_train.models import build_model
+from imagen_train.utils.rng import preserved_rng, rng_state, set_rng_state
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _loaded_after(code: str) -> dict[str, list[str]]:
+    """Run `code` in a fresh interpreter; which deepspeed / imagen_train.training modules it loaded."""
+    probe = code + (
+        "\nimport json, sys\n"
+        "print(json.dumps({p: sorted(m for m in sys.modules if m == p or m.startswith(p + '.'))"
+        " for p in ('deepspeed', 'imagen_train.training')}))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_evaluation_imports_neither_deepspeed_nor_training():
+    loaded = _loaded_after(
+        "import imagen_train.evaluation, imagen_train.evaluation.cascade, imagen_train.evaluation.periodic, "
+        "imagen_train.evaluation.sweep, imagen_train.artifacts\n"
+        "import importlib.util\n"  # launch/sample.py's own imports, without running it
+        f"spec = importlib.util.spec_from_file_location('sample', {str(REPO / 'launch' / 'sample.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "from imagen_train.evaluation.cascade import generate, time_to_first_image, write_outputs\n")
+    assert loaded == {"deepspeed": [], "imagen_train.training": []}
+
+
+def _fake_checkpoint(root: Path, step: int = 3) -> tuple[dict[str, torch.Tensor], Path]:
+    """A complete checkpoint of base64-tiny as 2 ranks write it (EMA slices with uneven bounds,
+    as under ZeRO-2; config, manifest, `latest`), written without DeepSpeed. Returns (full EMA,
+    folder)."""
+    world = 2
+    cfg = load_preset("base64-tiny", [])
+    torch.manual_seed(1)
+    full = {k: v + 0.5 for k, v in build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+            .state_dict().items()}
+    folder = root / checkpoints.tag_for(step)
+    folder.mkdir(parents=True)
+    for rank in range(world):
+        layout, shadow = {}, {}
+        for name, t in full.items():
+            cut = (t.numel() * 2) // 3
+            start, end = (0, cut) if rank == 0 else (cut, t.numel())
+            layout[name] = {"shape": list(t.shape), "numel": t.numel(), "start": start, "end": end}
+            shadow[name] = t.reshape(-1)[start:end].clone()
+        checkpoints.write_rank_state(folder, rank, {"step": step, "stage": cfg.stage, "world_size": world,
+                                                    "layout": layout, "ema": {"shadow": shadow}})
+    save_config(cfg, folder / checkpoints.CONFIG_FILE)
+    files = {p.name: checkpoints.manifest_entry(p) for p in folder.iterdir()}
+    checkpoints.write_manifest(folder, step, world, files)
+    checkpoints.point_latest(root, folder.name)
+    return full, folder
+
+
+def test_a_checkpoints_ema_loads_for_inference_without_deepspeed(tmp_path):
+    full, folder = _fake_checkpoint(tmp_path / "checkpoints")
+    artifacts.verify(folder)
+    assert artifacts.find_resume_tag(tmp_path / "checkpoints") == folder.name
+    assert artifacts.find_checkpoint(tmp_path / "checkpoints") == folder
+    assert artifacts.stage_config(tmp_path / "checkpoints").stage == "base64"
+    stitched = artifacts.ema_state_dict(folder)
+    assert stitched.keys() == full.keys() and all(torch.equal(stitched[k], full[k]) for k in full)
+    # The sampler's loader, from the checkpoints root, in a fresh process: the same weights, and
+    # neither DeepSpeed nor the training package is imported.
+    out = tmp_path / "loaded.pt"
+    loaded = _loaded_after(
+        "import torch\nfrom imagen_train.evaluation.cascade import load_stage\n"
+        f"net, cfg = load_stage({str(tmp_path / 'checkpoints')!r}, True, torch.device('cpu'), torch.bfloat16)\n"
+        "assert not net.training and not any(p.requires_grad for p in net.parameters())\n"
+        f"torch.save(net.state_dict(), {str(out)!r})\n")
+    assert loaded == {"deepspeed": [], "imagen_train.training": []}
+    state = torch.load(out, weights_only=True)
+    assert all(state[k].dtype == torch.bfloat16 and torch.equal(state[k], full[k].bfloat16()) for k in full)
+
+
+def test_resume_refusal_is_one_check_from_files_or_rank_state(tmp_path):
+    _, folder = _fake_checkpoint(tmp_path / "checkpoints")
+    artifacts.check_resume_target(folder, "base64", 2)  # the same run: accepted
+    with pytest.raises(artifacts.CheckpointError, match="checkpoint of stage base64, this run trains stage sr256"):
+        artifacts.check_resume_target(folder, "sr256", 2)
+    with pytest.raises(artifacts.CheckpointError, match="written by 2 ranks; this run has 4 .*training.init_from"):
+        artifacts.check_resume_target(folder, "base64", 4)
+    state = artifacts.read_rank_state(folder, 1)  # what Trainer.load_checkpoint checks, same words
+    with pytest.raises(artifacts.CheckpointError, match="written by 2 ranks; this run has 3"):
+        artifacts.refuse_other_run(folder, state["stage"], state["world_size"], "base64", 3)
+    (folder / checkpoints.CONFIG_FILE).write_text("stage: [unclosed")
+    with pytest.raises(artifacts.CheckpointError, match="config.yaml cannot be read"):
+        artifacts.check_resume_target(folder, "base64", 2)
+
+
+def _draw() -> tuple:
+    return (torch.rand(3).tolist(), np.random.rand(2).tolist(), np.random.randn(1).tolist(), random.random(),
+            random.gauss(0, 1))
+
+
+def test_rng_state_round_trips_through_a_checkpoint_file_and_preserves_cached_gaussians(tmp_path):
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    np.random.randn(1), random.gauss(0, 1)  # each leaves a cached Gaussian behind
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = _draw()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draw() == expected
+    # preserved_rng: whatever the body draws, the draws after it are those without it.
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    with preserved_rng():
+        _draw(), torch.randn(100), np.random.randn(7), random.gauss(0, 1)
+    assert _draw() == expected
+    # A state saved before the cached Gaussians were recorded still restores.
+    old = {k: v for k, v in torch.load(tmp_path / "rng.pt", weights_only=True).items()
+           if k not in ("numpy_gauss", "python_gauss")}
+    set_rng_state(old)
+    assert torch.rand(3).tolist() == expected[0]
+
+
+def test_periodic_evaluation_needs_no_trainer(tmp_path, shards_64):
+    """The evaluator is driven with the step, EMA slices, a device, log functions and a folder."""
+    from imagen_train.evaluation.periodic import make_periodic_evaluator
+
+    cfg = load_preset("base64-tiny", [f"data.eval_shards={shards_64.pattern}", "evaluation.eval_every_steps=2",
+                                      f"text.embed_dim={shards_64.embed_dim}", "text.max_length=16",
+                                      "evaluation.sampler.steps=2", "evaluation.num_images_per_prompt=1"])
+    torch.manual_seed(0)
+    weights = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).state_dict()
+    layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
+              for k, v in weights.items()}
+    shadow = {k: v.reshape(-1).clone() for k, v in weights.items()}
+    metrics, images = [], []
+    evaluator = make_periodic_evaluator(cfg)
+    call = dict(ema_layout=layout, ema_shadow=shadow, device=torch.device("cpu"),
+                log=lambda m, step: metrics.append((step, m)),
+                log_image=lambda key, path, step, caption="": images.append((key, Path(path), step)),
+                out_dir=tmp_path / "samples")
+    before = torch.get_rng_state()
+    evaluator(step=1, **call)  # not due
+    assert metrics == [] and images == [] and not (tmp_path / "samples").exists()
+    evaluator(step=2, **call)
+    assert images == [("eval/samples", tmp_path / "samples" / "step_2.png", 2)]
+    assert images[0][1].is_file()
+    assert [step for step, _ in metrics] == [2] and metrics[0][1]["eval/time_s"] > 0
+    assert torch.equal(torch.get_rng_state(), before)  # the training RNG is left as it was
