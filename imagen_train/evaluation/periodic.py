@@ -47,6 +47,7 @@ from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sampl
 from imagen_train.diffusion import build_diffusion
 from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.models import build_model
+from imagen_train.stages import get_stage
 from imagen_train.text import load_text_encoder
 from imagen_train.utils import dist
 from imagen_train.utils.rng import preserved_rng
@@ -157,7 +158,8 @@ class PeriodicEvaluator:
     def __init__(self, cfg: Config):
         self.cfg, self.ev = cfg, cfg.evaluation
         self.every = self.ev.eval_every_steps
-        self.use_prompts = cfg.stage == "base64" and bool(cfg.text.encoder_path) and bool(self.ev.prompts)
+        super_resolution = get_stage(cfg.stage).is_super_resolution
+        self.use_prompts = not super_resolution and bool(cfg.text.encoder_path) and bool(self.ev.prompts)
         self.num_grid = (len(self.ev.prompts) or DEFAULT_GRID_SAMPLES) * self.ev.num_images_per_prompt
         self.fid_on = self.ev.num_fid_samples > 0 and bool(self.ev.inception_path)
         self.clip_on = self.ev.num_fid_samples > 0 and bool(self.ev.clip_path)
@@ -172,7 +174,7 @@ class PeriodicEvaluator:
         if not self.use_prompts or self.fid_on or self.clip_on:
             if not cfg.data.eval_shards:
                 raise ConfigError("data.eval_shards", "eval shards (evaluation conditions on their captions"
-                                  + (" and low-res images" if cfg.stage != "base64" else "") + ")", None)
+                                  + (" and low-res images" if super_resolution else "") + ")", None)
         if self.ev.num_fid_samples > 0 and not (self.fid_on or self.clip_on):
             dist.print0("[eval] evaluation.num_fid_samples > 0 but neither evaluation.inception_path nor "
                         "evaluation.clip_path is set: sample grids only")

@@ -21,6 +21,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR is set)
 from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param  # noqa: E402
 
 
 def device_type() -> str:
@@ -236,7 +237,6 @@ def _master_slices(engine) -> list[_MasterSlice]:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out: list[_MasterSlice] = []
     if is_zero3(engine):
-        from deepspeed.utils import safe_get_local_fp32_param
         for n, p in named:
             start, end = _slice_bounds(p.ds_numel, rank, world)
             out.append((n, list(p.ds_shape), start, end,
@@ -323,7 +323,6 @@ def set_master_weights(engine, read: Callable[[str], torch.Tensor]) -> None:
     module, so without this they would start at the bf16 rounding of the given fp32 weights.
     """
     if is_zero3(engine):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
         named = dict(engine.module.named_parameters())
         for name, _, start, end, _ in _master_slices(engine):
             p = named[name]
