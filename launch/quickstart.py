@@ -10,6 +10,7 @@ Every step skips what is already done, so running it again resumes. Outputs go t
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -21,6 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from imagen_train.config import SamplerConfig  # noqa: E402
 from imagen_train.evaluation.grids import make_grid, save_png  # noqa: E402
 
 # Prompts whose combination of colour, shape and position no training caption holds word for
@@ -73,12 +78,8 @@ def last_loss(run_dir: Path) -> float | None:
     return json.loads(lines[-1])["train/loss"] if lines else None
 
 
-def read_holdout(holdout: Path, size: int) -> tuple["torch.Tensor", list[str]]:
+def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     """The held-out images (uint8, (N, 3, size, size), bicubic from 256 px) and their captions."""
-    import io
-
-    import numpy as np
-    import torch
     from PIL import Image
 
     from imagen_train.data import expand_shards, iter_raw_samples
@@ -89,14 +90,13 @@ def read_holdout(holdout: Path, size: int) -> tuple["torch.Tensor", list[str]]:
             image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BICUBIC)
-            real.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+            real.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
             captions.append(sample["txt"].decode())
     return torch.stack(real), captions
 
 
-def base_sampler(args) -> "SamplerConfig":
-    from imagen_train.config import SamplerConfig
-
+def base_sampler(args) -> SamplerConfig:
+    """The 64 px stage's sampler: at the end of the run and at every kept checkpoint."""
     return SamplerConfig(name="edm_heun", steps=4 if args.short else BASE_STEPS, guidance_scale=BASE_GUIDANCE)
 
 
@@ -106,8 +106,6 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
     Each checkpoint's EMA weights draw the same samples (same noise, the final sampler's settings);
     the score is the fraction whose colour, kind and place `read_shape` reads as the prompt's.
     """
-    import torch
-
     from data_tools.synthetic import background_std, prompt_following
     from imagen_train.diffusion import build_diffusion
     from imagen_train.evaluation.cascade import load_stage
@@ -137,11 +135,13 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
 def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dict:
     """FID (64 px) of samples from each kept base checkpoint against the held-out images, with
     the pre-trained FID Inception weights given by --inception."""
-    import torch
-
     from imagen_train.diffusion import build_diffusion
     from imagen_train.evaluation.cascade import load_stage
-    from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8
+    from imagen_train.evaluation.fid import (
+        extract_features,
+        fid_from_features,
+        to_uint8,
+    )
     from imagen_train.evaluation.inception import load_fid_inception
     from imagen_train.text import load_text_encoder
     from imagen_train.training.checkpoint import list_complete, step_of
@@ -165,7 +165,7 @@ def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dic
             "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}", "by_step": points}
 
 
-def grain(pixels_by_size: dict[str, "np.ndarray"], prompts: list[str]) -> dict:
+def grain(pixels_by_size: dict[str, np.ndarray], prompts: list[str]) -> dict:
     """Per size: `background_std` (0-255) of every image (N, H, W, 3) uint8, their largest and
     median value, and the largest per prompt."""
     from data_tools.synthetic import background_std
@@ -336,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"exported {exports[name]}")
 
     # 7. Cascaded sampling 64 -> 256 for prompts no training caption holds word for word.
+    from imagen_train.config import from_dict
     from imagen_train.evaluation.cascade import generate, write_outputs
     from imagen_train.evaluation.pipeline_config import InferencePipelineConfig
-    from imagen_train.config import from_dict
     steps = {"base64": base_sampler(args).steps, "sr256": 2 if args.short else 12}
     pipeline = from_dict({
         "target_resolution": 256, "encoder_path": str(encoder),
