@@ -133,6 +133,35 @@ def read_shape(image: np.ndarray) -> dict[str, Any]:
     return result
 
 
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Grow a boolean mask by `radius` pixels (a square neighbourhood), one axis at a time."""
+    for axis in (0, 1):
+        padded = np.pad(mask, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)])
+        n = mask.shape[axis]
+        mask = np.logical_or.reduce([np.take(padded, range(k, k + n), axis=axis) for k in range(2 * radius + 1)])
+    return mask
+
+
+def background_std(image: np.ndarray) -> float:
+    """Grain on the flat background of a (H, W, 3) uint8 image, in 0-255 units.
+
+    The shape is what `read_shape` takes for it (pixels over 100 away from the median border
+    colour, speckles voted out), grown by 6 % of the side so that a blurred edge stays out; the
+    result is the largest over R, G, B of the standard deviation of the other pixels: 0 for a
+    drawn image, about s for one carrying per-pixel noise of std s. NaN when nothing is left.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
+    pixels = img.astype(np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    bg = np.median(border, axis=0)
+    shape = _dilate(_clean(np.linalg.norm(pixels - bg, axis=2) > 100.0), max(1, round(0.06 * img.shape[0])))
+    if shape.all():
+        return float("nan")
+    return round(float(pixels[~shape].std(axis=0).max()), 3)
+
+
 def prompt_following(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
     """Fractions of images (N, H, W, 3) uint8 whose read colour, shape, position, background, and
     all of colour + shape + position, match their prompt's (`prompts[i]` for image i)."""

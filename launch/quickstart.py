@@ -10,6 +10,7 @@ Every step skips what is already done, so running it again resumes. Outputs go t
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -21,6 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from imagen_train.config import SamplerConfig  # noqa: E402
 from imagen_train.evaluation.grids import make_grid, save_png  # noqa: E402
 
 # Prompts whose combination of colour, shape and position no training caption holds word for
@@ -34,6 +39,8 @@ HELD_OUT_PROMPTS = [
 EXCLUDED_COMBINATIONS = ["red square in the center", "blue circle at the top left",
                          "green triangle at the bottom right", "yellow circle at the top right"]
 BASE_GUIDANCE = 3.0
+BASE_STEPS = 30  # Heun steps of the 64 px stage at sampling
+SAMPLES_PER_PROMPT = 4
 
 
 def log(msg: str) -> None:
@@ -71,48 +78,104 @@ def last_loss(run_dir: Path) -> float | None:
     return json.loads(lines[-1])["train/loss"] if lines else None
 
 
-def fid_over_training(args, out: Path, encoder: Path, base_dir: Path, holdout: Path) -> dict:
-    """FID (64 px) of samples from each kept base checkpoint against the held-out images."""
-    import torch
+def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    """The held-out images (uint8, (N, 3, size, size), bicubic from 256 px) and their captions."""
+    from PIL import Image
 
     from imagen_train.data import expand_shards, iter_raw_samples
-    from imagen_train.evaluation.cascade import load_stage
-    from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8
-    from imagen_train.evaluation.inception import FIDInceptionV3, load_fid_inception
-    from imagen_train.diffusion import build_diffusion
-    from imagen_train.config import SamplerConfig
-    from imagen_train.text import load_text_encoder
-    from imagen_train.training.checkpoint import list_complete
-    from PIL import Image
-    import io
-    import numpy as np
 
-    if args.inception:
-        inception, extractor = load_fid_inception(args.inception), "Inception-v3 (pt_inception-2015-12-05 weights)"
-    else:
-        inception = FIDInceptionV3.random(seed=0)
-        extractor = ("Inception-v3 with RANDOM weights (seed 0): no pre-trained weights offline; the numbers "
-                     "track progress within this run only and are not comparable with published FID")
     real, captions = [], []
     for url in expand_shards("::".join(sorted(str(p) for p in holdout.glob("*.tar")))):
         for sample in iter_raw_samples(url):
-            image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((64, 64), Image.BICUBIC)
-            real.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+            image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BICUBIC)
+            real.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
             captions.append(sample["txt"].decode())
-    real_features = extract_features(inception, torch.stack(real))
+    return torch.stack(real), captions
+
+
+def base_sampler(args) -> SamplerConfig:
+    """The 64 px stage's sampler: at the end of the run and at every kept checkpoint."""
+    return SamplerConfig(name="edm_heun", steps=4 if args.short else BASE_STEPS, guidance_scale=BASE_GUIDANCE)
+
+
+def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
+    """The read-back score of the held-out prompts (4 samples each) at every kept base checkpoint.
+
+    Each checkpoint's EMA weights draw the same samples (same noise, the final sampler's settings);
+    the score is the fraction whose colour, kind and place `read_shape` reads as the prompt's.
+    """
+    from data_tools.synthetic import background_std, prompt_following
+    from imagen_train.diffusion import build_diffusion
+    from imagen_train.evaluation.cascade import load_stage
+    from imagen_train.evaluation.fid import to_uint8
+    from imagen_train.text import load_text_encoder
+    from imagen_train.training.checkpoint import list_complete, step_of
+
+    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
     text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
-    n = min(args.fid_samples, len(captions))
-    emb, mask = text.encode(captions[:n], max_length=32, pad_to_max_length=True)
-    sampler = SamplerConfig(name="edm_heun", steps=4 if args.short else 12, guidance_scale=BASE_GUIDANCE)
+    emb, mask = text.encode(prompts, max_length=32, pad_to_max_length=True)
+    sampler = base_sampler(args)
     points = {}
     for tag in list_complete(base_dir / "checkpoints"):
         net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
         images = build_diffusion(cfg.diffusion).sample(
-            net, (n, 3, 64, 64), emb, mask, sampler, generator=torch.Generator().manual_seed(0)).images
-        points[tag] = round(fid_from_features(real_features, extract_features(inception, to_uint8(images))), 3)
-        log(f"FID at {tag}: {points[tag]}")
-    return {"feature_extractor": extractor, "real_images": len(real), "generated_per_point": n,
-            "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}", "by_checkpoint": points}
+            net, (len(prompts), 3, 64, 64), emb, mask, sampler,
+            generator=torch.Generator().manual_seed(args.seed)).images
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        score = prompt_following(pixels, prompts)
+        points[str(step_of(tag))] = {**score, "background_std_max": max(background_std(p) for p in pixels)}
+        log(f"held-out prompts at step {step_of(tag)}: all right {score['all']:.0%}")
+    return {"prompts": HELD_OUT_PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT,
+            "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}, EMA weights",
+            "by_step": points}
+
+
+def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dict:
+    """FID (64 px) of samples from each kept base checkpoint against the held-out images, with
+    the pre-trained FID Inception weights given by --inception."""
+    from imagen_train.diffusion import build_diffusion
+    from imagen_train.evaluation.cascade import load_stage
+    from imagen_train.evaluation.fid import (
+        extract_features,
+        fid_from_features,
+        to_uint8,
+    )
+    from imagen_train.evaluation.inception import load_fid_inception
+    from imagen_train.text import load_text_encoder
+    from imagen_train.training.checkpoint import list_complete, step_of
+
+    inception = load_fid_inception(args.inception)
+    real, captions = read_holdout(holdout, 64)
+    real_features = extract_features(inception, real)
+    text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
+    n = min(args.fid_samples, len(captions))
+    emb, mask = text.encode(captions[:n], max_length=32, pad_to_max_length=True)
+    sampler = base_sampler(args)
+    points = {}
+    for tag in list_complete(base_dir / "checkpoints"):
+        net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
+        images = build_diffusion(cfg.diffusion).sample(
+            net, (n, 3, 64, 64), emb, mask, sampler, generator=torch.Generator().manual_seed(args.seed)).images
+        points[str(step_of(tag))] = round(fid_from_features(real_features, extract_features(inception, to_uint8(images))), 3)
+        log(f"FID at step {step_of(tag)}: {points[str(step_of(tag))]}")
+    return {"feature_extractor": f"Inception-v3 with the weights of {Path(args.inception).name}",
+            "real_images": len(real), "generated_per_point": n,
+            "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}", "by_step": points}
+
+
+def grain(pixels_by_size: dict[str, np.ndarray], prompts: list[str]) -> dict:
+    """Per size: `background_std` (0-255) of every image (N, H, W, 3) uint8, their largest and
+    median value, and the largest per prompt."""
+    from data_tools.synthetic import background_std
+
+    out = {}
+    for size, pixels in pixels_by_size.items():
+        stds = [background_std(p) for p in pixels]
+        out[size] = {"max": max(stds), "median": sorted(stds)[len(stds) // 2],
+                     "by_prompt": {p: max(v for v, q in zip(stds, prompts) if q == p) for p in dict.fromkeys(prompts)}}
+    return out
 
 
 def score_prompt_following(images_by_size: dict[str, "torch.Tensor"], prompts: list[str]) -> dict:
@@ -133,17 +196,35 @@ def score_prompt_following(images_by_size: dict[str, "torch.Tensor"], prompts: l
 
 
 def write_report(out: Path, metrics: dict) -> None:
-    fid = metrics["fid_64px"]
-    following = metrics["prompt_following"]
+    following, grains, progress = metrics["prompt_following"], metrics["background_std"], metrics["progress"]
     follow_rows = "\n".join(
-        f"| {size} | {prompt} | " + " | ".join(str(s[k]) for k in ("colour", "shape", "position", "background", "all")) + " |"
+        f"| {size} | {prompt} | " + " | ".join(str(s[k]) for k in ("colour", "shape", "position", "background", "all"))
+        + f" | {grains['samples'][size]['by_prompt'].get(prompt, grains['samples'][size]['max'])} |"
         for size, by_size in following.items()
         for prompt, s in [*by_size["by_prompt"].items(), ("**all prompts**", by_size["all_prompts"])])
-    rows = "\n".join(f"| {tag} | {value} |" for tag, value in fid["by_checkpoint"].items())
+    progress_rows = "\n".join(
+        f"| {step} | {p['colour']} | {p['shape']} | {p['position']} | {p['all']} | {p['background_std_max']} |"
+        for step, p in progress["by_step"].items())
+    data_grain = ", ".join(f"{size} {g['max']}" for size, g in grains["training_images"].items())
     prompts = "\n".join(f"{i}. {p}" for i, p in enumerate(metrics["prompts"]))
+    fid = metrics["fid_64px"]
+    if fid:
+        fid_rows = "\n".join(f"| {step} | {value} |" for step, value in fid["by_step"].items())
+        fid_part = f"""## FID of the 64 px stage against {fid['real_images']} held-out images, over training
+Feature extractor: {fid['feature_extractor']}.
+{fid['generated_per_point']} generated images per point, {fid['sampler']}.
+
+| step | FID |
+|---|---|
+{fid_rows}
+"""
+    else:
+        fid_part = """No FID: it needs the pre-trained FID Inception weights (`--inception`), which are not
+downloaded here; with random weights its value did not follow training (docs/training.md).
+"""
     (out / "report.md").write_text(f"""# Quickstart report
 
-Finished in {metrics['minutes']} minutes. The text encoder is a small random T5 (not pre-trained).
+Finished in {metrics['minutes']} minutes (seed {metrics['seed']}). The text encoder is a small random T5 (not pre-trained).
 
 ## Samples for prompts no training caption holds word for word (4 per prompt, one row each)
 {prompts}
@@ -159,20 +240,23 @@ Each sample's shape is read back from its pixels (`data_tools.synthetic.read_sha
 from the border, the shape's colour, its kind from how it fills its bounding box, its position
 from the box's centre); the table gives the fraction of samples whose attribute matches the
 prompt ("all": colour, kind and position at once). Chance is 1/4 for colour, 1/3 for kind, 1/5 for
-position.
+position. "grain" is the largest background std of the prompt's samples
+(`data_tools.synthetic.background_std`, 0-255: the standard deviation of the pixels away from
+the shape; the held-out training images measure {data_grain}).
 
-| size | prompt | colour | kind | position | background | all |
-|---|---|---|---|---|---|---|
+| size | prompt | colour | kind | position | background | all | grain |
+|---|---|---|---|---|---|---|---|
 {follow_rows}
 
-## FID of the 64 px stage against {fid['real_images']} held-out images, over training
-Feature extractor: {fid['feature_extractor']}.
-{fid['generated_per_point']} generated images per point, {fid['sampler']}.
+## Progress over training: the held-out prompts at every kept 64 px checkpoint
+{progress['samples_per_prompt']} samples per prompt, {progress['sampler']}, the same noise at every
+checkpoint; fractions read back as above, grain the largest background std.
 
-| checkpoint | FID |
-|---|---|
-{rows}
+| step | colour | kind | position | all | grain |
+|---|---|---|---|---|---|
+{progress_rows}
 
+{fid_part}
 Last logged training loss: {metrics['train_loss_last']}.
 Exported EMA weights: {metrics['exports']}.
 """)
@@ -180,7 +264,11 @@ Exported EMA weights: {metrics['exports']}.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "runs" / "quickstart"), help="output folder")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/quickstart, runs/quickstart-seedN for --seed N > 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="draws the dataset (data_tools synthetic --seed), seeds both stages' training "
+                             "(weights, noise, data order: training.seed and data.seed) and the sampling noise")
     parser.add_argument("--short", action="store_true", help="a few steps of everything (smoke test)")
     parser.add_argument("--encoder", default=None,
                         help="a real T5 save_pretrained folder instead of the small random one built here")
@@ -189,22 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sr-steps", type=int, default=1200, help="optimizer steps of the 64->256 stage")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (CPU processes)")
     parser.add_argument("--inception", default=None,
-                        help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth); without it "
-                             "FID uses a randomly initialised Inception-v3 and says so")
+                        help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the FID "
+                             "of each kept base checkpoint against the held-out images to the report")
     parser.add_argument("--fid-samples", type=int, default=64, help="generated images per FID point")
     args = parser.parse_args(argv)
     if args.short:
         args.samples, args.base_steps, args.sr_steps, args.fid_samples = 96, 4, 2, 8
 
-    out = Path(args.out)
+    out = Path(args.out or REPO / "runs" / ("quickstart" if args.seed == 0 else f"quickstart-seed{args.seed}"))
     out.mkdir(parents=True, exist_ok=True)
+    drawn = out / "seed.json"
+    if drawn.is_file() and json.loads(drawn.read_text())["seed"] != args.seed:
+        parser.error(f"{out} holds a run of --seed {json.loads(drawn.read_text())['seed']}; "
+                     f"give another --out for --seed {args.seed}")
+    drawn.write_text(json.dumps({"seed": args.seed}))
     start = time.time()
 
     # 1. Draw the dataset (256 px: the base stage reads it at 64 px), with a held-out part.
     raw = out / "data" / "raw"
     if not (raw / "holdout").is_dir():
         data_tools("synthetic", "--out", str(raw), "--num-samples", str(args.samples), "--resolution", "256",
-                   "--shard-size", "500", "--holdout", "0.05", "--seed", "0", "--sizes", "large",
+                   "--shard-size", "500", "--holdout", "0.05", "--seed", str(args.seed), "--sizes", "large",
                    *[arg for combo in EXCLUDED_COMBINATIONS for arg in ("--exclude", combo)])
     train_raw = ",".join(sorted(str(p) for p in raw.glob("*.tar")))
 
@@ -224,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     del train_raw
 
     # 4-5. Train the 64 px base stage and the 64 -> 256 stage on 2 CPU ranks (ZeRO-2, fp32).
-    common = [f"data.train_shards={train_shards}", "checkpoint.keep_last=2"]
+    common = [f"data.train_shards={train_shards}", "checkpoint.keep_last=2", f"training.seed={args.seed}",
+              f"data.seed={args.seed}"]
     base_dir, sr_dir = out / "base64", out / "sr256"
     train("quickstart-base64.yaml", base_dir, common + [f"training.max_steps={args.base_steps}",
                                                        f"checkpoint.every_steps={max(1, args.base_steps // 4)}",
@@ -243,14 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"exported {exports[name]}")
 
     # 7. Cascaded sampling 64 -> 256 for prompts no training caption holds word for word.
+    from imagen_train.config import from_dict
     from imagen_train.evaluation.cascade import generate, write_outputs
     from imagen_train.evaluation.pipeline_config import InferencePipelineConfig
-    from imagen_train.config import from_dict
-    steps = {"base64": 4 if args.short else 30, "sr256": 2 if args.short else 12}
+    steps = {"base64": base_sampler(args).steps, "sr256": 2 if args.short else 12}
     pipeline = from_dict({
-        "num_images_per_prompt": 4, "target_resolution": 256, "encoder_path": str(encoder),
+        "target_resolution": 256, "encoder_path": str(encoder),
         "checkpoints": {"base64": str(exports["base64"]), "sr256": str(exports["sr256"])},
-        "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"), "batch_size": 16, "device": "cpu",
+        "num_images_per_prompt": SAMPLES_PER_PROMPT, "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"),
+        "batch_size": 16, "device": "cpu", "seed": args.seed,
         "samplers": {"base64": {"name": "edm_heun", "steps": steps["base64"], "guidance_scale": BASE_GUIDANCE},
                      "sr256": {"name": "edm_heun", "steps": steps["sr256"], "guidance_scale": 1.0,
                                "noise_aug_level": 0.25}}}, InferencePipelineConfig, "quickstart")
@@ -263,13 +358,28 @@ def main(argv: list[str] | None = None) -> int:
                                        result.prompts)
     log("prompt following (colour, kind, position all right): "
         + ", ".join(f"{size} {s['all_prompts']['all']:.0%}" for size, s in following.items()))
+    from imagen_train.evaluation.fid import to_uint8
+    samples_grain = grain({size: to_uint8(x).permute(0, 2, 3, 1).numpy()
+                           for size, x in (("64px", result.stage_images["base64"]), ("256px", result.images))},
+                          result.prompts)
+    holdout = raw / "holdout"
+    data_grain = {}
+    for size in (64, 256):
+        real, captions = read_holdout(holdout, size)
+        data_grain[f"{size}px"] = grain({"x": real.permute(0, 2, 3, 1).numpy()}, captions)["x"]
+        del data_grain[f"{size}px"]["by_prompt"]
+    log("background std (0-255, largest): samples " + ", ".join(f"{k} {v['max']}" for k, v in samples_grain.items())
+        + "; training images " + ", ".join(f"{k} {v['max']}" for k, v in data_grain.items()))
 
-    # 8. FID of the 64 px stage against the held-out images, over the training checkpoints.
-    fid = fid_over_training(args, out, encoder, base_dir, raw / "holdout")
+    # 8. The held-out prompts' score at every kept base checkpoint (and FID, given real Inception weights).
+    progress = progress_over_training(args, encoder, base_dir)
+    fid = fid_over_training(args, encoder, base_dir, holdout) if args.inception else None
 
     # 9. The report.
     minutes = round((time.time() - start) / 60, 2)
-    metrics = {"minutes": minutes, "fid_64px": fid, "prompts": HELD_OUT_PROMPTS, "prompt_following": following,
+    metrics = {"minutes": minutes, "seed": args.seed, "prompts": HELD_OUT_PROMPTS, "prompt_following": following,
+               "background_std": {"samples": samples_grain, "training_images": data_grain},
+               "progress": progress, "fid_64px": fid,
                "exports": {k: str(v) for k, v in exports.items()},
                "train_loss_last": {name: last_loss(d) for name, d in (("base64", base_dir), ("sr256", sr_dir))}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

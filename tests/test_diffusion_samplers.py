@@ -114,3 +114,22 @@ def test_guidance_scale_one_equals_unguided(name):
     c = SAMPLERS[name](ClassifierFreeGuidance(bare, 3.0), x, sigmas, extra,
                        generator=torch.Generator().manual_seed(5)).samples
     assert (a - c).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_ends_on_the_denoised_prediction_and_adds_no_noise_at_the_last_step(name):
+    """The last step (to sigma = 0) returns D(x, sigma_last) exactly: no noise and no second-order
+    correction after it, so the output is as clean as the network's last prediction."""
+    from imagen_train.diffusion.schedules import karras_sigmas
+
+    def denoiser(x, sigma):  # a smooth x0 prediction that still depends on x
+        return 0.3 * torch.tanh(x) + 0.1
+
+    seen = []
+    sigmas = karras_sigmas(8, 0.002, 80.0)
+    x = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0)) * 80.0
+    out = SAMPLERS[name](denoiser, x, sigmas, callback=seen.append, generator=torch.Generator().manual_seed(1),
+                         **OPTIONS.get(name, {}))
+    last = seen[-1]
+    assert float(last["sigma"]) == pytest.approx(float(sigmas[-2]))
+    torch.testing.assert_close(out.samples, last["denoised"], rtol=0, atol=1e-6)

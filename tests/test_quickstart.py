@@ -18,8 +18,7 @@ def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
     first = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["fid_64px"]["by_checkpoint"], metrics
-    assert "RANDOM weights" in metrics["fid_64px"]["feature_extractor"]  # named honestly
+    assert metrics["seed"] == 0 and json.loads((out / "seed.json").read_text()) == {"seed": 0}
     for name in ("grid-64.png", "grid-256.png"):
         assert Image.open(out / "samples" / name).size[0] > 0
     assert Image.open(out / "samples" / "images" / "p000_i00.png").size == (256, 256)
@@ -31,15 +30,57 @@ def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
         assert set(overall) == {"colour", "shape", "position", "background", "all"}
         assert all(0.0 <= v <= 1.0 for v in overall.values())
         assert list(following[size]["by_prompt"]) == metrics["prompts"]
+    # The progress score: one point per kept base checkpoint (--short: 4 steps, one kept each step).
+    progress = metrics["progress"]
+    assert list(progress["by_step"]) == ["1", "2", "3", "4"], progress
+    for point in progress["by_step"].values():
+        assert set(point) == {"colour", "shape", "position", "background", "all", "background_std_max"}
+    # Grain: the drawn training images are flat; 4-step models leave their samples noisy.
+    grain = metrics["background_std"]
+    assert grain["training_images"]["64px"]["max"] == 0.0 and grain["training_images"]["256px"]["max"] == 0.0
+    for size in ("64px", "256px"):
+        assert grain["samples"][size]["max"] > 10, grain
+        assert list(grain["samples"][size]["by_prompt"]) == metrics["prompts"]
+    assert metrics["fid_64px"] is None  # no pre-trained Inception weights given
     report = (out / "report.md").read_text()
     assert "random T5" in report and "grid-256.png" in report and "| 256px | **all prompts** |" in report
+    assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
 
     shard = out / "data" / "raw" / "00000.tar"
     stamp = shard.stat().st_mtime_ns
+    logged = (out / "base64" / "metrics.jsonl").read_text()
     again = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert shard.stat().st_mtime_ns == stamp  # the data was not drawn again
     assert "resumed from" in again.stdout + again.stderr  # training picked up its checkpoints
+    assert (out / "base64" / "metrics.jsonl").read_text() == logged  # and trained no step again
+
+    other_seed = subprocess.run([*cmd, "--seed", "1"], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                                timeout=120)
+    assert other_seed.returncode != 0 and "holds a run of --seed 0" in other_seed.stderr
+
+
+def test_background_std_sees_noise_on_the_background_only():
+    """`background_std`: 0 on drawn images, the noise's std when the background is noisy, and
+    blind to noise on the shape and to a blurred edge."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    from data_tools.synthetic import background_std, draw_sample, read_shape
+
+    rng = np.random.default_rng(0)
+    for resolution in (64, 256):
+        for index in range(12):
+            image, _, _ = draw_sample(3, index, resolution, ("large",))
+            pixels = np.asarray(image)
+            assert background_std(pixels) == 0.0
+            noisy = np.clip(pixels + rng.normal(0, 3, pixels.shape), 0, 255).round().astype(np.uint8)
+            assert 2.6 < background_std(noisy) < 3.4
+            shape = np.linalg.norm(pixels.astype(float) - pixels[0, 0], axis=2) > 100
+            on_shape = pixels.astype(float) + rng.normal(0, 20, pixels.shape) * shape[..., None]
+            assert background_std(np.clip(on_shape, 0, 255).round().astype(np.uint8)) == 0.0
+            blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(resolution / 64)))
+            assert background_std(blurred) < 0.5 and read_shape(blurred)["shape"] == read_shape(pixels)["shape"]
 
 
 def test_prompt_following_scores_drawn_images_as_right_and_swapped_prompts_as_wrong():
