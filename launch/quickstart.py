@@ -24,9 +24,20 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from imagen_train.config import SamplerConfig  # noqa: E402
+from data_tools.synthetic import background_std, prompt_following  # noqa: E402
+from imagen_train.artifacts import find_checkpoint, list_complete, step_of  # noqa: E402
+from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
+from imagen_train.data import expand_shards, iter_raw_samples  # noqa: E402
+from imagen_train.diffusion import build_diffusion  # noqa: E402
+from imagen_train.evaluation.cascade import generate, load_stage, write_outputs  # noqa: E402
+from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8  # noqa: E402
 from imagen_train.evaluation.grids import make_grid, save_png  # noqa: E402
+from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
+from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
+from imagen_train.text import load_text_encoder  # noqa: E402
+from imagen_train.training.export import export_checkpoint  # noqa: E402
 
 # Prompts whose combination of colour, shape and position no training caption holds word for
 # word: the synthetic data is drawn without these combinations (see --exclude of `synthetic`).
@@ -80,9 +91,7 @@ def last_loss(run_dir: Path) -> float | None:
 
 def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     """The held-out images (uint8, (N, 3, size, size), bicubic from 256 px) and their captions."""
-    from PIL import Image
 
-    from imagen_train.data import expand_shards, iter_raw_samples
 
     real, captions = [], []
     for url in expand_shards("::".join(sorted(str(p) for p in holdout.glob("*.tar")))):
@@ -106,12 +115,6 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
     Each checkpoint's EMA weights draw the same samples (same noise, the final sampler's settings);
     the score is the fraction whose colour, kind and place `read_shape` reads as the prompt's.
     """
-    from data_tools.synthetic import background_std, prompt_following
-    from imagen_train.diffusion import build_diffusion
-    from imagen_train.evaluation.cascade import load_stage
-    from imagen_train.evaluation.fid import to_uint8
-    from imagen_train.text import load_text_encoder
-    from imagen_train.training.checkpoint import list_complete, step_of
 
     prompts = [p for p in HELD_OUT_PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
     text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
@@ -135,16 +138,6 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
 def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dict:
     """FID (64 px) of samples from each kept base checkpoint against the held-out images, with
     the pre-trained FID Inception weights given by --inception."""
-    from imagen_train.diffusion import build_diffusion
-    from imagen_train.evaluation.cascade import load_stage
-    from imagen_train.evaluation.fid import (
-        extract_features,
-        fid_from_features,
-        to_uint8,
-    )
-    from imagen_train.evaluation.inception import load_fid_inception
-    from imagen_train.text import load_text_encoder
-    from imagen_train.training.checkpoint import list_complete, step_of
 
     inception = load_fid_inception(args.inception)
     real, captions = read_holdout(holdout, 64)
@@ -168,7 +161,6 @@ def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dic
 def grain(pixels_by_size: dict[str, np.ndarray], prompts: list[str]) -> dict:
     """Per size: `background_std` (0-255) of every image (N, H, W, 3) uint8, their largest and
     median value, and the largest per prompt."""
-    from data_tools.synthetic import background_std
 
     out = {}
     for size, pixels in pixels_by_size.items():
@@ -181,8 +173,6 @@ def grain(pixels_by_size: dict[str, np.ndarray], prompts: list[str]) -> dict:
 def score_prompt_following(images_by_size: dict[str, "torch.Tensor"], prompts: list[str]) -> dict:
     """Per size: the fractions of samples whose colour, kind, position and background, read back
     from their pixels (`data_tools.synthetic.read_shape`), match their prompt; overall and per prompt."""
-    from data_tools.synthetic import prompt_following
-    from imagen_train.evaluation.fid import to_uint8
 
     scores = {}
     for size, images in images_by_size.items():
@@ -329,17 +319,12 @@ def main(argv: list[str] | None = None) -> int:
           args.nproc)
 
     # 6. Export the EMA weights of both stages.
-    from imagen_train.artifacts import find_checkpoint
-    from imagen_train.training.export import export_checkpoint
     exports = {}
     for name, run_dir in (("base64", base_dir), ("sr256", sr_dir)):
         exports[name] = export_checkpoint(find_checkpoint(run_dir / "checkpoints"), out / f"{name}-ema.safetensors")
         log(f"exported {exports[name]}")
 
     # 7. Cascaded sampling 64 -> 256 for prompts no training caption holds word for word.
-    from imagen_train.config import from_dict
-    from imagen_train.evaluation.cascade import generate, write_outputs
-    from imagen_train.evaluation.pipeline_config import InferencePipelineConfig
     steps = {"base64": base_sampler(args).steps, "sr256": 2 if args.short else 12}
     pipeline = from_dict({
         "target_resolution": 256, "encoder_path": str(encoder),
@@ -358,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
                                        result.prompts)
     log("prompt following (colour, kind, position all right): "
         + ", ".join(f"{size} {s['all_prompts']['all']:.0%}" for size, s in following.items()))
-    from imagen_train.evaluation.fid import to_uint8
     samples_grain = grain({size: to_uint8(x).permute(0, 2, 3, 1).numpy()
                            for size, x in (("64px", result.stage_images["base64"]), ("256px", result.images))},
                           result.prompts)
