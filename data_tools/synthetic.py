@@ -26,6 +26,7 @@ POSITIONS = {"in the center": (0.5, 0.5), "at the top left": (0.27, 0.27),
              "at the top right": (0.73, 0.27), "at the bottom left": (0.27, 0.73),
              "at the bottom right": (0.73, 0.73)}
 BACKGROUNDS = {"light": (225, 225, 225), "dark": (35, 35, 35)}
+CAPTION_ATTRIBUTES = ("colour", "shape", "position", "background")  # what drop_attributes may leave out
 
 
 def check_sizes(sizes: tuple[str, ...]) -> None:
@@ -34,11 +35,14 @@ def check_sizes(sizes: tuple[str, ...]) -> None:
         raise ValueError(f"sizes must be a non-empty subset of {sorted(SIZES)}, got {list(sizes)}")
 
 
-def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] = tuple(SIZES)
-                ) -> tuple[Image.Image, str, dict[str, Any]]:
+def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] = tuple(SIZES),
+                drop_attributes: float = 0.0) -> tuple[Image.Image, str, dict[str, Any]]:
     """(RGB image, caption, metadata) of sample `index`; a pure function of its arguments.
 
     `sizes` narrows the size names drawn from (the CPU quickstart draws only large shapes).
+    `drop_attributes` is the probability that the caption leaves out each of colour, kind,
+    position and background, independently ("a large red shape at the top left", "a large
+    square"); the image is the same either way, and `meta["full_caption"]` names everything.
     """
     check_sizes(sizes)
     rng = random.Random(int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0]))
@@ -59,9 +63,14 @@ def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] =
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=rgb)
     else:  # apex up; the centre (cx, cy) lies inside
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
-    caption = f"a {size} {colour} {shape} {position} on a {background} background"
+    full_caption = f"a {size} {colour} {shape} {position} on a {background} background"
+    named = [k for k in CAPTION_ATTRIBUTES if not (drop_attributes and rng.random() < drop_attributes)]
+    caption = " ".join(["a", size, *([colour] if "colour" in named else []), shape if "shape" in named else "shape",
+                        *([position] if "position" in named else []),
+                        *([f"on a {background} background"] if "background" in named else [])])
     meta = {"shape": shape, "colour": colour, "rgb": list(rgb), "size": size, "position": position,
-            "background": background, "center": [round(cx, 2), round(cy, 2)], "radius": round(r, 2)}
+            "background": background, "center": [round(cx, 2), round(cy, 2)], "radius": round(r, 2),
+            "full_caption": full_caption, "named": named}
     return img, caption, meta
 
 
@@ -190,12 +199,15 @@ def _encode(img: Image.Image, image_format: str) -> bytes:
 def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, shard_size: int = 1000,
                     seed: int = 0, holdout: float = 0.0, holdout_out: Optional[str | Path] = None,
                     image_format: str = "png", progress_bar: bool = True,
-                    exclude: tuple[str, ...] = (), sizes: tuple[str, ...] = tuple(SIZES)) -> dict[str, Any]:
+                    exclude: tuple[str, ...] = (), sizes: tuple[str, ...] = tuple(SIZES),
+                    drop_attributes: float = 0.0) -> dict[str, Any]:
     """Draw `num_samples` samples into shards under `out` (the last `holdout` fraction apart).
 
-    Training samples whose caption contains any phrase of `exclude` are passed over (the next
-    index is drawn instead), so prompts with those combinations are new to a model trained on
-    the shards; the holdout keeps every combination.
+    Training samples whose full caption (every attribute named) contains any phrase of `exclude`
+    are passed over (the next index is drawn instead), so prompts with those combinations are
+    new to a model trained on the shards; the holdout keeps every combination. Training captions
+    leave out attributes with probability `drop_attributes` each (`draw_sample`); holdout
+    captions name them all.
     """
     if not 64 <= resolution <= 1024:
         raise ValueError(f"resolution must be in 64..1024, got {resolution}")
@@ -204,6 +216,8 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image format must be png or jpg, got {image_format}")
     check_sizes(sizes)
+    if not 0.0 <= drop_attributes < 1.0:
+        raise ValueError(f"drop_attributes must be a probability in [0, 1), got {drop_attributes}")
     out = Path(out)
     num_holdout = int(round(num_samples * holdout))
     holdout_dir = Path(holdout_out) if holdout_out else out / "holdout"
@@ -212,11 +226,11 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
     written, skipped, i = 0, 0, 0
     with progress(num_samples, "synthetic", progress_bar) as bar:
         while written < num_samples:
-            img, caption, meta = draw_sample(seed, i, resolution, sizes)
             in_holdout = held is not None and written >= num_samples - num_holdout
+            img, caption, meta = draw_sample(seed, i, resolution, sizes, 0.0 if in_holdout else drop_attributes)
             key = f"{i:09d}"
             i += 1
-            if not in_holdout and any(phrase in caption for phrase in exclude):
+            if not in_holdout and any(phrase in meta["full_caption"] for phrase in exclude):
                 skipped += 1
                 continue
             meta = {"key": key, "caption": caption, "width": resolution, "height": resolution, **meta}
@@ -233,6 +247,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
             "holdout_samples": num_holdout, "holdout_shards": len(held.shards) if held else 0,
             "resolution": resolution, "seed": seed, "format": image_format,
             "excluded_phrases": list(exclude), "sizes": sorted(sizes), "skipped_for_exclude": skipped,
+            "drop_attributes": drop_attributes,
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(num_samples, timer.seconds)}
 
 
@@ -255,6 +270,10 @@ def add_parser(sub: Any) -> None:
                         "e.g. 'red square', so such prompts are new at sampling")
     p.add_argument("--sizes", default=",".join(SIZES),
                    help=f"comma-separated shape sizes to draw, a subset of {','.join(SIZES)}")
+    p.add_argument("--drop-attributes", type=float, default=0.0, metavar="P",
+                   help="probability that a training caption leaves out each of colour, kind ('shape'), "
+                        "position and background, independently (holdout captions name all)")
     p.set_defaults(func=lambda a: write_synthetic(
         a.out, a.num_samples, a.resolution, a.shard_size, a.seed, a.holdout, a.holdout_out,
-        a.image_format, not a.no_progress, tuple(a.exclude), tuple(x for x in a.sizes.split(",") if x)))
+        a.image_format, not a.no_progress, tuple(a.exclude), tuple(x for x in a.sizes.split(",") if x),
+        a.drop_attributes))

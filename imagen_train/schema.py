@@ -154,6 +154,9 @@ class SamplerConfig:
     name: Literal["ddpm", "ddim", "edm_heun", "edm_stochastic", "dpmpp_2m"] = "edm_heun"
     steps: int = 30
     guidance_scale: float = 7.5
+    # [sigma_lo, sigma_hi]: guide only at noise levels sigma_lo < sigma <= sigma_hi, elsewhere the
+    # conditional prediction alone (Kynkaanniemi et al. 2024). None: guide at every level.
+    guidance_interval: Optional[list[float]] = None
     thresholding: Literal["dynamic", "static", "none"] = "dynamic"
     dynamic_quantile: float = 0.995
     s_churn: float = 0.0
@@ -164,6 +167,11 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "a positive int", self.steps)
         check(self.guidance_scale >= 0, "guidance_scale", "a non-negative float", self.guidance_scale)
+        if self.guidance_interval is not None:
+            interval = self.guidance_interval
+            check(isinstance(interval, (list, tuple)) and len(interval) == 2
+                  and all(isinstance(v, (int, float)) for v in interval) and 0 <= interval[0] < interval[1],
+                  "guidance_interval", "[sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi", interval)
         check(0.5 < self.dynamic_quantile <= 1.0, "dynamic_quantile", "a float in (0.5, 1]",
                self.dynamic_quantile)
         check(0.0 <= self.noise_aug_level <= 1.0, "noise_aug_level", "a float in [0, 1]",

@@ -261,6 +261,46 @@ def test_synthetic_exclude_leaves_phrases_out_of_training_only(tmp_path):
     assert len(held) == 50
 
 
+def test_synthetic_drop_attributes_shortens_training_captions_only(tmp_path):
+    import json
+    import tarfile
+
+    from data_tools.synthetic import draw_sample, parse_caption, write_synthetic
+
+    for i in range(40):
+        full_image, full_caption, _ = draw_sample(0, i, 64, ("large",))
+        image, caption, meta = draw_sample(0, i, 64, ("large",), drop_attributes=0.3)
+        assert np.array_equal(np.asarray(image), np.asarray(full_image))  # the image does not change
+        assert meta["full_caption"] == full_caption
+        words = caption.split()
+        assert (meta["colour"] in words) == ("colour" in meta["named"])
+        assert (meta["shape"] in words) == ("shape" in meta["named"]) != ("shape" in words)
+        assert (meta["position"] in caption) == ("position" in meta["named"])
+        assert (f"{meta['background']} background" in caption) == ("background" in meta["named"])
+    named = [len(draw_sample(0, i, 64, ("large",), drop_attributes=0.3)[2]["named"]) for i in range(400)]
+    assert 0.6 < sum(named) / (4 * len(named)) < 0.8  # each attribute named with probability 0.7
+
+    summary = write_synthetic(tmp_path / "s", 240, resolution=64, shard_size=100, holdout=0.25, progress_bar=False,
+                              exclude=("red square in the center",), sizes=("large",), drop_attributes=0.5)
+    assert summary["drop_attributes"] == 0.5
+
+    def samples(folder):
+        out = []
+        for shard in sorted(folder.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                out += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+        return out
+
+    train, held = samples(tmp_path / "s"), samples(tmp_path / "s" / "holdout")
+    # An excluded combination stays out even when its caption would not name it.
+    assert not any(m["colour"] == "red" and m["shape"] == "square" and m["position"] == "in the center"
+                   for m in train)
+    assert any(len(m["named"]) < 4 for m in train)
+    assert all(m["caption"] == m["full_caption"] and parse_caption(m["caption"]) for m in held)
+    with pytest.raises(ValueError, match="drop_attributes"):
+        write_synthetic(tmp_path / "bad", 4, drop_attributes=1.0, progress_bar=False)
+
+
 def test_synthetic_sizes_narrows_the_drawn_sizes_and_rejects_unknown_names(tmp_path, capsys):
     from data_tools.synthetic import draw_sample
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from imagen_train.config import DiffusionConfig, NoiseAugConfig, SamplerConfig
+from imagen_train.config import ConfigError, DiffusionConfig, NoiseAugConfig, SamplerConfig
 from imagen_train.diffusion import (SAMPLERS, ClassifierFreeGuidance, EDMPrecond, LogSNRSchedule,
                                     VPPrecond, build_diffusion, dynamic_threshold, eps_from_v, eps_from_x0,
                                     expected_nfe, karras_sigmas, prediction_target, prediction_to_x0,
@@ -241,6 +241,44 @@ def test_guidance_batches_cond_and_uncond_in_one_forward():
     assert torch.equal(call["lowres"], torch.cat([lowres, lowres]))
     cond = emb.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
     torch.testing.assert_close(out, (0 + 4.0 * (cond - 0)).expand_as(x))
+
+
+def test_guidance_interval_guides_only_inside_its_noise_levels():
+    emb, mask = text(3)
+    batches = []
+
+    def bare(x, sigma, text_emb, text_mask):
+        batches.append(x.shape[0])
+        return text_emb.mean(dim=(1, 2)).reshape(-1, 1, 1, 1).expand_as(x)  # 0 for the unconditional half
+
+    cond = emb.mean(dim=(1, 2)).reshape(-1, 1, 1, 1).expand(3, 3, 2, 2)
+    guided = ClassifierFreeGuidance(bare, 4.0, interval=(0.5, 3.0))
+    x = torch.randn(3, 3, 2, 2)
+    inside = guided(x, torch.full((3,), 3.0), text_emb=emb, text_mask=mask)
+    torch.testing.assert_close(inside, 4.0 * cond)
+    outside = guided(x, torch.full((3,), 0.5), text_emb=emb, text_mask=mask)  # the low end is open
+    torch.testing.assert_close(outside, cond)
+    assert batches == [6, 3]  # outside the interval: one pass of the conditional batch only
+    mixed = guided(x, torch.tensor([0.2, 1.0, 10.0]), text_emb=emb, text_mask=mask)
+    torch.testing.assert_close(mixed, torch.stack([cond[0], 4.0 * cond[1], cond[2]]))
+
+
+def test_guidance_interval_reaches_the_sampler_and_is_checked():
+    calls = []
+
+    def net(x, noise_cond, text_emb, text_mask, lowres=None, lowres_noise_cond=None):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    emb, mask = text(2)
+    diffusion = build_diffusion(DiffusionConfig())
+    sampler = SamplerConfig(name="edm_heun", steps=6, guidance_scale=3.0, guidance_interval=[0.3, 3.0])
+    diffusion.sample(net, (2, 3, 4, 4), emb, mask, sampler, generator=torch.Generator().manual_seed(0))
+    sigmas = diffusion.sigmas("edm_heun", 6, torch.device("cpu"))
+    assert 0 < sum(s > 0.3 and s <= 3.0 for s in sigmas.tolist()) < len(sigmas) - 1
+    assert set(calls) == {2, 4} and calls[0] == 2  # sigma_max 80 lies above the interval
+    with pytest.raises(ConfigError, match="guidance_interval"):
+        SamplerConfig(guidance_interval=[3.0, 0.3])
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0])

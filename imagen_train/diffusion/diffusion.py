@@ -108,7 +108,8 @@ class Diffusion:
                 lowres.to(device), level, generator)
 
         denoiser = wrap_denoiser(self.denoiser(net), sampler_cfg.guidance_scale,
-                                 sampler_cfg.thresholding, sampler_cfg.dynamic_quantile)
+                                 sampler_cfg.thresholding, sampler_cfg.dynamic_quantile,
+                                 tuple(sampler_cfg.guidance_interval) if sampler_cfg.guidance_interval else None)
         sigmas = self.sigmas(sampler_cfg.name, sampler_cfg.steps, device)
         x = torch.randn(tuple(shape), generator=generator, device=device) * self.prior_std(sigmas[0])
         options = {}

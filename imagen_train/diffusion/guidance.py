@@ -7,6 +7,8 @@ without knowing they exist. Order at sampling: threshold(guide(precond(net))), a
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -21,10 +23,17 @@ class ClassifierFreeGuidance:
     The unconditional branch sees all-zero text embeddings with the same mask, as at training
     (losses.drop_text). Guiding x0 is the same as guiding eps: at fixed x and sigma, x0 is affine
     in eps. The network runs once per call on a batch of 2B: [conditional; unconditional].
+
+    With `interval` (sigma_lo, sigma_hi) the guidance applies only at noise levels
+    sigma_lo < sigma <= sigma_hi, and elsewhere the conditional prediction is returned from one
+    pass of B (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): at low noise
+    the image is laid out already, and guiding there only scales up the network's pixel-level
+    error (docs/training.md, "Where the grain comes from").
     """
 
-    def __init__(self, denoiser: Denoiser, guidance_scale: float):
-        self.denoiser, self.guidance_scale = denoiser, guidance_scale
+    def __init__(self, denoiser: Denoiser, guidance_scale: float,
+                 interval: Optional[tuple[float, float]] = None):
+        self.denoiser, self.guidance_scale, self.interval = denoiser, guidance_scale, interval
         self._doubled: tuple[tuple, dict] = ((), {})  # (the conditioning tensors, their doubled form)
 
     def _double_conditioning(self, text_emb: Tensor, text_mask: Tensor, cond: dict) -> dict:
@@ -41,9 +50,17 @@ class ClassifierFreeGuidance:
         return doubled
 
     def __call__(self, x: Tensor, sigma: Tensor, text_emb: Tensor, text_mask: Tensor, **cond) -> Tensor:
+        inside = None
+        if self.interval is not None:
+            inside = (sigma > self.interval[0]) & (sigma <= self.interval[1])
+            if not inside.any():
+                return self.denoiser(x, sigma, text_emb=text_emb, text_mask=text_mask, **cond)
         denoised = self.denoiser(_double(x), _double(sigma), **self._double_conditioning(text_emb, text_mask, cond))
         d_cond, d_uncond = denoised.chunk(2)
-        return d_uncond + self.guidance_scale * (d_cond - d_uncond)
+        guided = d_uncond + self.guidance_scale * (d_cond - d_uncond)
+        if inside is None or bool(inside.all()):
+            return guided
+        return torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, d_cond)
 
 
 def _double(v):
@@ -103,10 +120,11 @@ class Thresholded:
 
 
 def wrap_denoiser(denoiser: Denoiser, guidance_scale: float = 1.0, thresholding: str = "none",
-                  quantile: float = 0.995) -> Denoiser:
-    """Guidance (skipped at scale 1, where it is the identity) then thresholding (skipped at 'none')."""
+                  quantile: float = 0.995, guidance_interval: Optional[tuple[float, float]] = None) -> Denoiser:
+    """Guidance (skipped at scale 1, where it is the identity; only inside `guidance_interval`, a
+    (sigma_lo, sigma_hi) range, when given) then thresholding (skipped at 'none')."""
     if guidance_scale != 1.0:
-        denoiser = ClassifierFreeGuidance(denoiser, guidance_scale)
+        denoiser = ClassifierFreeGuidance(denoiser, guidance_scale, guidance_interval)
     if thresholding != "none":
         denoiser = Thresholded(denoiser, thresholding, quantile)
     return denoiser
