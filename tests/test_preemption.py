@@ -54,9 +54,9 @@ def _train_args(sets: list[str]) -> list[str]:
     return args
 
 
-def _deepspeed(sets: list[str]) -> list[str]:
+def _deepspeed(sets: list[str], port: int = 0) -> list[str]:
     runner = Path(sys.executable).parent / "deepspeed"
-    return [sys.executable, str(runner), "--num_gpus", "2", "--master_port", str(free_port()),
+    return [sys.executable, str(runner), "--num_gpus", "2", "--master_port", str(port or free_port()),
             *_train_args(sets)]
 
 
@@ -158,6 +158,18 @@ def straight(tmp_path_factory, shards_64) -> dict[str, torch.Tensor]:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return _weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors")
+
+
+def test_cpu_run_leaves_no_shared_memory_buffers(tmp_path, shards_64):
+    """DeepSpeed's CPU all-reduce makes a ~66 MB /dev/shm buffer per rank (named after the uid,
+    master address and port, and rank) and never removes it; the trainer unlinks each once all
+    ranks have mapped them. Without that unlink this run leaves two behind."""
+    port = free_port()
+    proc = subprocess.run(_deepspeed(_sets(tmp_path / "run", shards_64, **{"training.max_steps": 2}), port),
+                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, f"shared-memory buffers left behind: {left}"
 
 
 # Through the launchers ------------------------------------------------------------------------
