@@ -1,6 +1,6 @@
 """The CPU quickstart: data, encoder, embeddings, two trained stages, cascaded samples, a report.
 
-    python launch/quickstart.py                 # ~12 minutes on a 2-core CPU, no GPU, no network
+    python launch/quickstart.py                 # ~15 minutes on a 2-core CPU, no GPU, no network
     python launch/quickstart.py --short         # a few steps of everything (what CI runs)
 
 Every step skips what is already done, so running it again resumes. Outputs go to
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default=None,
                         help="a real T5 save_pretrained folder instead of the small random one built here")
     parser.add_argument("--samples", type=int, default=6000, help="synthetic training samples")
-    parser.add_argument("--base-steps", type=int, default=1500, help="optimizer steps of the 64 px stage")
+    parser.add_argument("--base-steps", type=int, default=2400, help="optimizer steps of the 64 px stage")
     parser.add_argument("--sr-steps", type=int, default=1200, help="optimizer steps of the 64->256 stage")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (CPU processes)")
     parser.add_argument("--inception", default=None,
