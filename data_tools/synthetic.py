@@ -63,11 +63,12 @@ def draw_sample(seed: int, index: int, resolution: int, sizes: tuple[str, ...] =
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=rgb)
     else:  # apex up; the centre (cx, cy) lies inside
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
-    full_caption = f"a {size} {colour} {shape} {position} on a {background} background"
+    words = {"colour": colour, "shape": shape, "position": position, "background": f"on a {background} background"}
     named = [k for k in CAPTION_ATTRIBUTES if not (drop_attributes and rng.random() < drop_attributes)]
-    caption = " ".join(["a", size, *([colour] if "colour" in named else []), shape if "shape" in named else "shape",
-                        *([position] if "position" in named else []),
-                        *([f"on a {background} background"] if "background" in named else [])])
+    full_caption = " ".join(["a", size, *words.values()])
+    # A left-out kind still needs a noun: "a large red shape at the top left".
+    caption = " ".join(["a", size, *(words[k] if k in named else "shape" for k in CAPTION_ATTRIBUTES
+                                      if k in named or k == "shape")])
     meta = {"shape": shape, "colour": colour, "rgb": list(rgb), "size": size, "position": position,
             "background": background, "center": [round(cx, 2), round(cy, 2)], "radius": round(r, 2),
             "full_caption": full_caption, "named": named}
