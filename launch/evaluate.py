@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imagen_train.evaluation.pipeline_config import load_pipeline_config  # noqa: E402
 from imagen_train.evaluation.sweep import run_sweep  # noqa: E402
-from imagen_train.utils.dist import init_from_env, shutdown  # noqa: E402
+from imagen_train.utils.dist import exit_process, init_from_env, shutdown  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

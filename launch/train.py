@@ -71,4 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from imagen_train.utils.dist import exit_process
+    exit_process(code)  # skips the interpreter's teardown, where gloo's threads can abort a finished rank

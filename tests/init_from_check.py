@@ -74,3 +74,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from imagen_train.utils.dist import exit_process
+    exit_process(0)  # as launch/train.py: no interpreter teardown under live gloo threads

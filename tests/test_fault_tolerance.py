@@ -14,6 +14,7 @@ import pickle
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -24,11 +25,12 @@ import torch
 
 from imagen_train import artifacts
 from imagen_train.artifacts import ema_state_dict
+from imagen_train.artifacts.checkpoints import verify
 from imagen_train.config import ConfigError, load_config
 from imagen_train.data import build_train_loader, iter_raw_samples
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training.export import export_checkpoint
-from train_helpers import REPO, launch_command, run_training, tiny_overrides, train_env
+from train_helpers import REPO, launch_command, read_metrics, run_training, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -275,6 +277,30 @@ def test_no_pickle_on_the_data_path():
         text = path.read_text()
         for bad in ("import pickle", "pickle.load", "torch.load(", "allow_pickle=True", "wds.WebDataset("):
             assert bad not in text, f"{path.name} uses {bad}"
+
+
+# A finished run's exit ------------------------------------------------------------------------
+
+def test_teardown_fault_aborts_an_interpreter_that_tears_down():
+    """The injected fault is live: a process that frees its modules at exit dies of SIGABRT."""
+    code = ("import os; os.environ['IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS'] = '0'\n"
+            "from imagen_train.training import faults; faults.arm_teardown_abort(0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=train_env(), capture_output=True)
+    assert proc.returncode == -6, proc.stderr.decode()[-2000:]
+
+
+def test_finished_run_exits_0_even_if_teardown_would_abort(tmp_path, shards_64):
+    """Both ranks would abort while the interpreter frees its modules (as gloo's threads did,
+    now and then, after a finished ZeRO run): train.py leaves before that, with every record
+    written."""
+    run_dir = tmp_path / "run"
+    proc = run_training("base64-tiny.yaml", tiny_overrides(
+        run_dir, shards_64.pattern, shards_64.embed_dim, zero_stage=3, max_steps=2,
+        **{"checkpoint.every_steps": 2}), IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS="0,1")
+    assert "done at step 2" in proc.stdout
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    assert ckpt.list_complete(run_dir / "checkpoints") == [ckpt.tag_for(2)]
+    verify(run_dir / "checkpoints" / ckpt.tag_for(2))
 
 
 # Non-finite gradients -----------------------------------------------------------------------

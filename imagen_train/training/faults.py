@@ -9,6 +9,8 @@ Nothing here runs unless a variable is set. Each variable holds comma-separated 
     IMAGEN_TRAIN_FAULT_KILL_STEPS      SIGKILL the rank right after that step's optimizer update
     IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS SIGKILL the rank in the middle of writing that step's checkpoint
     IMAGEN_TRAIN_FAULT_SAVE_ERROR_STEPS raise ENOSPC while writing that step's checkpoint
+    IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS  comma-separated ranks that abort (SIGABRT) if the
+        interpreter tears down their modules at exit, as gloo's threads can after a finished run
 
 Each entry fires once per process.
 """
@@ -27,6 +29,7 @@ NAN_GRAD = "IMAGEN_TRAIN_FAULT_NAN_GRAD_STEPS"
 KILL = "IMAGEN_TRAIN_FAULT_KILL_STEPS"
 KILL_IN_SAVE = "IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS"
 SAVE_ERROR = "IMAGEN_TRAIN_FAULT_SAVE_ERROR_STEPS"
+TEARDOWN_ABORT = "IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS"
 
 
 def _parse(raw: str) -> set[tuple[int, int | None]]:
@@ -63,6 +66,25 @@ class Faults:
     def raise_if_save_error(self, step: int, rank: int, path: str) -> None:
         if self.fire(SAVE_ERROR, step, rank):
             raise OSError(errno.ENOSPC, f"No space left on device (injected) writing {path}")
+
+
+class _AbortOnTeardown:
+    """Aborts the process when it is freed: held in a module global, that is at the
+    interpreter's teardown of its modules, which runs after the atexit handlers."""
+
+    def __del__(self):
+        os.abort()
+
+
+_teardown_trap: _AbortOnTeardown | None = None
+
+
+def arm_teardown_abort(rank: int, environ=os.environ) -> None:
+    """Make this rank abort at interpreter teardown if TEARDOWN_ABORT names it."""
+    global _teardown_trap
+    ranks = {int(r) for r in environ.get(TEARDOWN_ABORT, "").split(",") if r.strip()}
+    if rank in ranks:
+        _teardown_trap = _AbortOnTeardown()
 
 
 class _NanGradient(torch.autograd.Function):

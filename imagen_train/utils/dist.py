@@ -1,8 +1,11 @@
-"""Rank helpers: who am I, print on rank 0, agree across ranks. Safe without a process group."""
+"""Rank helpers: who am I, print on rank 0, agree across ranks, leave. Safe without a process group."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -64,6 +67,26 @@ def shutdown() -> None:
     """
     if is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave with `code` after the atexit handlers, without the interpreter's teardown.
+
+    Call it once the run's own state is safe (checkpoint written, logger closed, process group
+    destroyed). Even then a DeepSpeed run keeps its gloo process groups alive: the engine, ZeRO-3
+    parameters and `torch.distributed.nn.functional`'s default arguments hold them past
+    `destroy_process_group()`, so gloo's worker threads are stopped only while the interpreter
+    frees its modules. There, now and then, a rank that had finished aborted with SIGABRT
+    ("terminate called without an active exception") and the launcher failed the whole job
+    (docs/design-notes.md). The atexit handlers still run (logging, DataLoader workers,
+    temporary folders); what is skipped is the freeing of modules and of native objects.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -126,4 +126,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(REPO)]
-    sys.exit(main())
+    code = main()
+    from imagen_train.utils.dist import exit_process
+    exit_process(code)  # as launch/train.py: no interpreter teardown under live gloo threads
