@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a real T5 save_pretrained folder instead of the small random one built here")
     parser.add_argument("--samples", type=int, default=6000, help="synthetic training samples")
     parser.add_argument("--base-steps", type=int, default=2400, help="optimizer steps of the 64 px stage")
-    parser.add_argument("--sr-steps", type=int, default=1200, help="optimizer steps of the 64->256 stage")
+    parser.add_argument("--sr-steps", type=int, default=2400, help="optimizer steps of the 64->256 stage")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (CPU processes)")
     parser.add_argument("--inception", default=None,
                         help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the FID "
