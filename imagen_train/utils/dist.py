@@ -57,12 +57,12 @@ def init_from_env() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group, if any, before the interpreter exits.
+    """Destroy the process group, if any, once the run is over.
 
-    Left to interpreter shutdown, gloo's worker threads can still be joinable when they are
-    destroyed: the rank then dies of SIGABRT ("terminate called without an active exception")
-    after a finished run, and the launcher reports the whole job as failed (pytorch/pytorch#190489;
-    docs/design-notes.md). Call it only where every rank has finished its collectives: after a
+    Torch shuts every backend down here (NCCL's communicators on GPUs), while the interpreter is
+    whole. It does not free groups that others still hold, DeepSpeed's among them, so gloo's
+    threads can outlive it; `exit_process` is what keeps them from aborting a finished rank
+    (docs/design-notes.md). Call it only where every rank has finished its collectives: after a
     run, not after a lost peer.
     """
     if is_initialized():
