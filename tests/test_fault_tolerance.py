@@ -284,7 +284,7 @@ def test_no_pickle_on_the_data_path():
 def test_teardown_fault_aborts_an_interpreter_that_tears_down():
     """The injected fault is live: a process that frees its modules at exit dies of SIGABRT."""
     code = ("import os; os.environ['IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS'] = '0'\n"
-            "from imagen_train.training import faults; faults.arm_teardown_abort(0)")
+            "from imagen_train.training import faults; faults.Faults().arm_teardown_abort(0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=train_env(), capture_output=True)
     assert proc.returncode == -6, proc.stderr.decode()[-2000:]
 

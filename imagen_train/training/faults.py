@@ -49,6 +49,7 @@ class Faults:
     def __init__(self, environ=os.environ):
         self._pending = {kind: _parse(environ.get(kind, ""))
                          for kind in (NAN_LOSS, NAN_GRAD, KILL, KILL_IN_SAVE, SAVE_ERROR)}
+        self._teardown_abort_ranks = {int(r) for r in environ.get(TEARDOWN_ABORT, "").split(",") if r.strip()}
 
     def fire(self, kind: str, step: int, rank: int) -> bool:
         for key in ((step, rank), (step, None)):
@@ -67,6 +68,12 @@ class Faults:
         if self.fire(SAVE_ERROR, step, rank):
             raise OSError(errno.ENOSPC, f"No space left on device (injected) writing {path}")
 
+    def arm_teardown_abort(self, rank: int) -> None:
+        """Make this rank abort at interpreter teardown if TEARDOWN_ABORT names it."""
+        global _teardown_trap
+        if rank in self._teardown_abort_ranks:
+            _teardown_trap = _AbortOnTeardown()
+
 
 class _AbortOnTeardown:
     """Aborts the process when it is freed: held in a module global, that is at the
@@ -77,14 +84,6 @@ class _AbortOnTeardown:
 
 
 _teardown_trap: _AbortOnTeardown | None = None
-
-
-def arm_teardown_abort(rank: int, environ=os.environ) -> None:
-    """Make this rank abort at interpreter teardown if TEARDOWN_ABORT names it."""
-    global _teardown_trap
-    ranks = {int(r) for r in environ.get(TEARDOWN_ABORT, "").split(",") if r.strip()}
-    if rank in ranks:
-        _teardown_trap = _AbortOnTeardown()
 
 
 class _NanGradient(torch.autograd.Function):

@@ -117,7 +117,7 @@ class Trainer:
         # Different noise on every rank from here on.
         _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
         self.faults = faults.Faults()
-        faults.arm_teardown_abort(dist.rank())
+        self.faults.arm_teardown_abort(dist.rank())
         if self.resume_folder is not None:
             self.load_checkpoint(self.resume_folder)
             dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
