@@ -88,11 +88,12 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     result = generate(cfg, cfg.prompts())
     rows = []
     for s in result.stats:
-        calls = (s.steady_images // batch) * s.nfe_per_image
+        calls = (s.steady_images // batch) * (s.nfe_per_image + s.final_nfe_per_image)
         rows.append({"stage": s.stage, "peak_mem_gib": s.peak_mem_gib, "mem_kind": s.mem_kind, "time_s": s.time_s,
                      "load_s": s.load_s, "first_batch_s": s.first_batch_s, "first_image_s": s.first_image_s,
                      "steady_images": s.steady_images, "steady_s": s.steady_s,
                      "steady_images_per_s": s.steady_images_per_s, "nfe_per_image": s.nfe_per_image,
+                     "final_nfe_per_image": s.final_nfe_per_image,
                      "net_batch_factor": s.net_batch_factor, "dtype": s.dtype,
                      "ms_per_call": 1e3 * s.steady_s / calls if calls else None})
     return rows

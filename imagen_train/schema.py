@@ -163,6 +163,11 @@ class SamplerConfig:
     s_noise: float = 1.0
     # SR stages: noise-augmentation level of the low-res conditioning image.
     noise_aug_level: float = 0.0
+    # > 0: the output is the mean of the conditional denoised prediction D(x + sigma n_k, sigma)
+    # over `final_denoise_draws` fresh noise fields, taken at this sigma after the sampler ends
+    # (samplers.final_denoise_average). 0: the sampler's output as it is.
+    final_denoise_sigma: float = 0.0
+    final_denoise_draws: int = 16
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "a positive int", self.steps)
@@ -176,6 +181,10 @@ class SamplerConfig:
                self.dynamic_quantile)
         check(0.0 <= self.noise_aug_level <= 1.0, "noise_aug_level", "a float in [0, 1]",
                self.noise_aug_level)
+        check(isinstance(self.final_denoise_sigma, (int, float)) and self.final_denoise_sigma >= 0,
+              "final_denoise_sigma", "a non-negative float (0: off)", self.final_denoise_sigma)
+        check(isinstance(self.final_denoise_draws, int) and self.final_denoise_draws >= 1,
+              "final_denoise_draws", "a positive int", self.final_denoise_draws)
 
 
 @dataclass

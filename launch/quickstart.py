@@ -10,6 +10,7 @@ Every step skips what is already done, so running it again resumes. Outputs go t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -51,6 +52,11 @@ EXCLUDED_COMBINATIONS = ["red square in the center", "blue circle at the top lef
                          "green triangle at the bottom right", "yellow circle at the top right"]
 BASE_GUIDANCE = 3.0
 BASE_STEPS = 30  # Heun steps of the 64 px stage at sampling
+# Both stages end on the mean of their conditional prediction over fresh noise draws at sigma 0.5
+# (SamplerConfig.final_denoise_*): it takes the per-pixel grain of one draw's error off the flat
+# backgrounds (docs/training.md, "Where the grain comes from").
+FINAL_DENOISE_SIGMA = 0.5
+FINAL_DENOISE_DRAWS = {"base64": 32, "sr256": 8}
 SAMPLES_PER_PROMPT = 4
 
 
@@ -104,9 +110,26 @@ def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(real), captions
 
 
+def final_denoise(args, stage: str) -> dict:
+    """A stage's final denoising average (two draws in a --short run)."""
+    return {"final_denoise_sigma": FINAL_DENOISE_SIGMA,
+            "final_denoise_draws": 2 if args.short else FINAL_DENOISE_DRAWS[stage]}
+
+
 def base_sampler(args) -> SamplerConfig:
     """The 64 px stage's sampler: at the end of the run and at every kept checkpoint."""
-    return SamplerConfig(name="edm_heun", steps=4 if args.short else BASE_STEPS, guidance_scale=BASE_GUIDANCE)
+    return SamplerConfig(name="edm_heun", steps=4 if args.short else BASE_STEPS, guidance_scale=BASE_GUIDANCE,
+                         **final_denoise(args, "base64"))
+
+
+def describe(sampler: SamplerConfig) -> str:
+    text = f"{sampler.name} {sampler.steps} steps, guidance {sampler.guidance_scale}"
+    if sampler.noise_aug_level > 0:
+        text += f", low-res image noise-augmented at level {sampler.noise_aug_level}"
+    if sampler.final_denoise_sigma > 0:
+        text += (f", then the mean of {sampler.final_denoise_draws} conditional predictions at sigma "
+                 f"{sampler.final_denoise_sigma}")
+    return text
 
 
 def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
@@ -131,7 +154,7 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
         points[str(step_of(tag))] = {**score, "background_std_max": max(background_std(p) for p in pixels)}
         log(f"held-out prompts at step {step_of(tag)}: all right {score['all']:.0%}")
     return {"prompts": HELD_OUT_PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT,
-            "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}, EMA weights",
+            "sampler": f"{describe(sampler)}, EMA weights",
             "by_step": points}
 
 
@@ -151,11 +174,12 @@ def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dic
         net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
         images = build_diffusion(cfg.diffusion).sample(
             net, (n, 3, 64, 64), emb, mask, sampler, generator=torch.Generator().manual_seed(args.seed)).images
-        points[str(step_of(tag))] = round(fid_from_features(real_features, extract_features(inception, to_uint8(images))), 3)
+        fid = fid_from_features(real_features, extract_features(inception, to_uint8(images)))
+        points[str(step_of(tag))] = round(fid, 3)
         log(f"FID at step {step_of(tag)}: {points[str(step_of(tag))]}")
     return {"feature_extractor": f"Inception-v3 with the weights of {Path(args.inception).name}",
             "real_images": len(real), "generated_per_point": n,
-            "sampler": f"edm_heun {sampler.steps} steps, guidance {sampler.guidance_scale}", "by_step": points}
+            "sampler": describe(sampler), "by_step": points}
 
 
 def grain(pixels_by_size: dict[str, np.ndarray], prompts: list[str]) -> dict:
@@ -222,6 +246,8 @@ Finished in {metrics['minutes']} minutes (seed {metrics['seed']}). The text enco
 64 px (base stage): ![64 px](samples/grid-64.png)
 
 256 px (64 -> 256 stage): ![256 px](samples/grid-256.png)
+
+Samplers (EMA weights): 64 px {metrics['samplers']['base64']}; 256 px {metrics['samplers']['sr256']}.
 
 Per-prompt grids and PNGs: `samples/grids/`, `samples/images/`; settings and timings: `samples/settings.json`.
 
@@ -325,15 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"exported {exports[name]}")
 
     # 7. Cascaded sampling 64 -> 256 for prompts no training caption holds word for word.
-    steps = {"base64": base_sampler(args).steps, "sr256": 2 if args.short else 12}
+    samplers = {"base64": dataclasses.asdict(base_sampler(args)),
+                "sr256": dataclasses.asdict(SamplerConfig(name="edm_heun", steps=2 if args.short else 12,
+                                                          guidance_scale=1.0, noise_aug_level=0.25,
+                                                          **final_denoise(args, "sr256")))}
     pipeline = from_dict({
         "target_resolution": 256, "encoder_path": str(encoder),
         "checkpoints": {"base64": str(exports["base64"]), "sr256": str(exports["sr256"])},
         "num_images_per_prompt": SAMPLES_PER_PROMPT, "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"),
         "batch_size": 16, "device": "cpu", "seed": args.seed,
-        "samplers": {"base64": {"name": "edm_heun", "steps": steps["base64"], "guidance_scale": BASE_GUIDANCE},
-                     "sr256": {"name": "edm_heun", "steps": steps["sr256"], "guidance_scale": 1.0,
-                               "noise_aug_level": 0.25}}}, InferencePipelineConfig, "quickstart")
+        "samplers": samplers}, InferencePipelineConfig, "quickstart")
     log(f"sampling {len(HELD_OUT_PROMPTS)} new prompts, 64 -> 256")
     result = generate(pipeline, HELD_OUT_PROMPTS, keep_stage_images=True)
     write_outputs(pipeline, result, HELD_OUT_PROMPTS)
@@ -361,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 9. The report.
     minutes = round((time.time() - start) / 60, 2)
-    metrics = {"minutes": minutes, "seed": args.seed, "prompts": HELD_OUT_PROMPTS, "prompt_following": following,
+    metrics = {"minutes": minutes, "seed": args.seed, "prompts": HELD_OUT_PROMPTS,
+               "samplers": {stage: describe(pipeline.sampler_for(stage)) for stage in samplers},
+               "prompt_following": following,
                "background_std": {"samples": samples_grain, "training_images": data_grain},
                "progress": progress, "fid_64px": fid,
                "exports": {k: str(v) for k, v in exports.items()},

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         steady = f", then {s.steady_images_per_s:.3g} img/s" if s.steady_images else ""
         load = f" (load {s.load_s:.1f} s, first batch {s.first_batch_s:.1f} s{steady})"
         load = "" if s.stage == "text_encoder" else load
-        print(f"[sample] {s.stage:>12}: {s.num_images} images in {s.time_s:.1f} s{load}, NFE {s.nfe_per_image}, "
+        print(f"[sample] {s.stage:>12}: {s.num_images} images in {s.time_s:.1f} s{load}, NFE {s.nfe_per_image}"
+              f"{f' + {s.final_nfe_per_image} final' if s.final_nfe_per_image else ''}, "
               f"peak {s.peak_mem_gib:.2f} GiB ({s.mem_kind})", flush=True)
     print(f"[sample] time to first image (one batch through every stage): "
           f"{time_to_first_image(result.stats):.1f} s", flush=True)

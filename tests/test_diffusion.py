@@ -16,9 +16,9 @@ from torch import nn
 from imagen_train.config import ConfigError, DiffusionConfig, NoiseAugConfig, SamplerConfig
 from imagen_train.diffusion import (SAMPLERS, ClassifierFreeGuidance, EDMPrecond, LogSNRSchedule,
                                     VPPrecond, build_diffusion, dynamic_threshold, eps_from_v, eps_from_x0,
-                                    expected_nfe, karras_sigmas, prediction_target, prediction_to_x0,
-                                    sample_heun, static_threshold, v_from_x0_eps, ve_noise, vp_noise,
-                                    x0_from_eps, x0_from_v)
+                                    expected_nfe, final_denoise_average, karras_sigmas, prediction_target,
+                                    prediction_to_x0, sample_heun, static_threshold, v_from_x0_eps, ve_noise,
+                                    vp_noise, x0_from_eps, x0_from_v)
 from imagen_train.diffusion.guidance import batch_quantile
 from test_diffusion_oracles import EDMOracleNet, gaussian_denoiser, text
 
@@ -304,6 +304,58 @@ def test_sampler_counts_its_own_calls():
     denoise = lambda x, sigma, **kw: calls.append(1) or torch.zeros_like(x)  # noqa: E731
     out = sample_heun(denoise, torch.randn(2, 3, 4, 4) * 80, karras_sigmas(5, 0.002, 80.0))
     assert out.nfe == len(calls) == 9
+
+
+def test_final_denoise_average_keeps_the_error_common_to_all_draws():
+    """A denoiser that leaks half of the noise it is handed: the mean over K draws keeps the
+    prediction's part that does not depend on the draw and 1/sqrt(K) of the rest."""
+    y = torch.linspace(-1, 1, 64 * 64).reshape(1, 1, 64, 64)
+    leaky = lambda x, sigma, **kw: y + 0.5 * (x - y)  # noqa: E731
+    x_hat = y + 0.1 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    common = y + 0.5 * (x_hat - y)
+    spread = {}
+    for draws in (1, 64):
+        out = final_denoise_average(leaky, x_hat, 0.5, draws, generator=torch.Generator().manual_seed(0))
+        assert out.nfe == draws
+        spread[draws] = float((out.samples - common).std())
+    assert spread[1] == pytest.approx(0.25, rel=0.05)  # 0.5 * sigma
+    assert spread[64] / spread[1] == pytest.approx(1 / 8, rel=0.2)
+    again = final_denoise_average(leaky, x_hat, 0.5, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.samples, out.samples)
+
+
+def test_final_denoise_runs_after_the_sampler_unguided_at_its_sigma():
+    """Off by default; on, it adds `draws` calls after the sampler's, each on the conditional batch
+    alone (no unconditional half) at sigma final_denoise_sigma, with the low-res image of SR stages."""
+    emb, mask = text(2)
+    lowres = torch.rand(2, 3, 2, 2)
+    diffusion = build_diffusion(DiffusionConfig(formulation="edm"))
+    plain, spy_plain = SamplerConfig(name="edm_heun", steps=4, guidance_scale=3.0), Spy()
+    base = diffusion.sample(spy_plain, (2, 3, 4, 4), emb, mask, plain, lowres=lowres,
+                            generator=torch.Generator().manual_seed(0))
+    assert base.final_nfe == 0 and len(spy_plain.calls) == base.nfe == expected_nfe("edm_heun", 4)
+
+    spy = Spy()
+    cfg = SamplerConfig(name="edm_heun", steps=4, guidance_scale=3.0, final_denoise_sigma=0.5,
+                        final_denoise_draws=3)
+    result = diffusion.sample(spy, (2, 3, 4, 4), emb, mask, cfg, lowres=lowres,
+                              generator=torch.Generator().manual_seed(0))
+    assert (result.nfe, result.final_nfe, result.net_batch_factor) == (base.nfe, 3, 2)
+    assert len(spy.calls) == base.nfe + 3
+    for before, after in zip(spy_plain.calls, spy.calls):  # the sampler's calls are unchanged
+        assert torch.equal(before["x"], after["x"])
+    for call in spy.calls[base.nfe:]:
+        assert call["x"].shape[0] == 2 and torch.equal(call["text_emb"], emb)
+        assert torch.allclose(call["noise_cond"], torch.full((2,), math.log(0.5) / 4))
+        assert call["lowres"] is not None and torch.equal(call["lowres"], spy.calls[0]["lowres"][:2])
+    assert not torch.equal(result.images, base.images)
+
+
+@pytest.mark.parametrize("field, value", [("final_denoise_sigma", -0.1), ("final_denoise_draws", 0),
+                                          ("final_denoise_draws", 2.5)])
+def test_final_denoise_settings_are_checked(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SamplerConfig(**{field: value})
 
 
 # ----------------------------------------------------------------------------------------------

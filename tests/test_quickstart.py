@@ -45,6 +45,14 @@ def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     assert "random T5" in report and "grid-256.png" in report and "| 256px | **all prompts** |" in report
     assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
+    # Both stages end on the mean of their conditional prediction over noise draws at sigma 0.5
+    # (--short: 2 draws), the progress points too, and the report says so.
+    settings = json.loads((out / "samples" / "settings.json").read_text())["settings"]["samplers"]
+    for stage in ("base64", "sr256"):
+        assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (0.5, 2)
+        assert metrics["samplers"][stage].endswith("then the mean of 2 conditional predictions at sigma 0.5")
+        assert metrics["samplers"][stage] in report
+    assert progress["sampler"].startswith(metrics["samplers"]["base64"])
 
     shard = out / "data" / "raw" / "00000.tar"
     stamp = shard.stat().st_mtime_ns

@@ -42,8 +42,9 @@ def _overrides(exports, t5, out, **extra) -> list[str]:
 
 def test_cascade_64_256_1024_writes_images_grids_and_json(tmp_path, tiny_exports, tiny_t5_dir):
     out = tmp_path / "out"
+    final = {"samplers.sr256.final_denoise_sigma": 0.5, "samplers.sr256.final_denoise_draws": 2}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "sample.py"), "--config", str(PIPELINE)]
-                          + [a for s in _overrides(tiny_exports, tiny_t5_dir, out) for a in ("--set", s)],
+                          + [a for s in _overrides(tiny_exports, tiny_t5_dir, out, **final) for a in ("--set", s)],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for p in range(2):
@@ -57,6 +58,9 @@ def test_cascade_64_256_1024_writes_images_grids_and_json(tmp_path, tiny_exports
     # Heun: 2N - 1 network calls; guided stages batch cond + uncond together.
     assert (stages["base64"]["nfe_per_image"], stages["base64"]["net_batch_factor"]) == (3, 2)
     assert (stages["sr1024"]["nfe_per_image"], stages["sr1024"]["net_batch_factor"]) == (1, 1)
+    # sr256 ends on the mean of two unguided predictions; the other stages have none.
+    assert [stages[s]["final_nfe_per_image"] for s in ("base64", "sr256", "sr1024")] == [0, 2, 0]
+    assert "NFE 1 + 2 final" in proc.stdout
     assert all(s["time_s"] > 0 and "peak_mem_gib" in s for s in summary["stages"])
     assert summary["settings"]["samplers"]["sr256"]["guidance_scale"] == 2.0
     assert summary["prompts"] == ["a red circle", "a blue square"]

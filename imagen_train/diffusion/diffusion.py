@@ -20,7 +20,7 @@ from .augment import NoiseConditioningAugmentation
 from .guidance import guidance_batch_factor, wrap_denoiser
 from .losses import ContinuousLoss, EDMLoss, drop_text
 from .precond import Denoiser, EDMPrecond, VPPrecond
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, final_denoise_average
 from .schedules import LogSNRSchedule, karras_interp, karras_sigmas, time_uniform_sigmas
 
 
@@ -31,12 +31,14 @@ class SampleResult:
     nfe: network forward passes made (Heun: 2N - 1, others: N), the same with or without guidance
     because the conditional and unconditional passes share one forward; net_batch_factor: images the
     network processed per output image in each pass (2 when guided), so nfe * net_batch_factor is
-    the per-image count NeMo reports.
+    the per-image count NeMo reports. final_nfe: the unguided passes (one image each) of the final
+    denoising average, when the sampler settings ask for one; not in nfe.
     """
 
     images: Tensor
     nfe: int
     net_batch_factor: int = 1
+    final_nfe: int = 0
 
 
 class Diffusion:
@@ -117,7 +119,15 @@ class Diffusion:
             options = {"s_churn": sampler_cfg.s_churn, "s_noise": sampler_cfg.s_noise}
         out = SAMPLERS[sampler_cfg.name](denoiser, x, sigmas, extra_args=extra_args,
                                          generator=generator, **options)
-        return SampleResult(out.samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale))
+        samples, final_nfe = out.samples, 0
+        if sampler_cfg.final_denoise_sigma > 0:
+            # The conditional prediction alone: at low noise guidance adds the unconditional
+            # prediction's error with a negative weight and changes nothing the prompt decides.
+            conditional = wrap_denoiser(self.denoiser(net), 1.0, sampler_cfg.thresholding,
+                                        sampler_cfg.dynamic_quantile)
+            samples, final_nfe = final_denoise_average(conditional, samples, sampler_cfg.final_denoise_sigma,
+                                                       sampler_cfg.final_denoise_draws, extra_args, generator)
+        return SampleResult(samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale), final_nfe)
 
 
 def build_diffusion(cfg: DiffusionConfig) -> Diffusion:

@@ -57,6 +57,7 @@ class StageStats:
     first_batch_s: float = 0.0
     steady_images: int = 0
     steady_s: float = 0.0
+    final_nfe_per_image: int = 0  # unguided calls of the final denoising average, if any
 
     @property
     def images_per_s(self) -> float:
@@ -161,7 +162,7 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
     sampler = cfg.sampler_for(stage)
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    out, nfe, factor, batch_s = [], 0, 1, []
+    out, nfe, factor, final_nfe, batch_s = [], 0, 1, 0, []
     with PeakMemory(device) as mem:
         net, stage_cfg = load_stage(path, cfg.run_ema_model, device, precision.weight_dtype)
         synchronize(device)
@@ -180,14 +181,15 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
             result = diffusion.sample(caller, (e.shape[0], 3, res, res), e, m, sampler, lowres=low,
                                       generator=generator)
             out.append(result.images.float().cpu())  # waits for the device
-            nfe, factor = result.nfe, result.net_batch_factor
+            nfe, factor, final_nfe = result.nfe, result.net_batch_factor, result.final_nfe
             batch_s.append(time.perf_counter() - batch_start)
         del net, caller, diffusion
         release(device)
     stats = StageStats(stage, res, emb.shape[0], time.perf_counter() - start, mem.peak_gib, mem.kind,
                        nfe, factor, str(path), "ema" if cfg.run_ema_model else "raw", precision.name,
                        load_s=load_s, first_batch_s=batch_s[0] if batch_s else 0.0,
-                       steady_images=emb.shape[0] - (out[0].shape[0] if out else 0), steady_s=sum(batch_s[1:]))
+                       steady_images=emb.shape[0] - (out[0].shape[0] if out else 0), steady_s=sum(batch_s[1:]),
+                       final_nfe_per_image=final_nfe)
     return torch.cat(out), stats
 
 
