@@ -1,6 +1,6 @@
 """The CPU quickstart: data, encoder, embeddings, two trained stages, cascaded samples, a report.
 
-    python launch/quickstart.py                 # ~16 minutes on a 2-core CPU, no GPU, no network
+    python launch/quickstart.py                 # ~18 minutes on a 2-core CPU, no GPU, no network
     python launch/quickstart.py --short         # a few steps of everything (what CI runs)
 
 Every step skips what is already done, so running it again resumes. Outputs go to
