@@ -2,7 +2,8 @@
 
 Each check raises `ConfigError` naming the key relative to its section; the loader
 (`imagen_train.config`) prefixes the section and the file. No YAML here: models/ and diffusion/
-import their sections from this module without loading the YAML machinery.
+import their sections from this module without loading the YAML machinery. The diffusion and
+sampler sections live in `schema_diffusion` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,24 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
+from imagen_train.config_errors import ConfigError, check  # noqa: F401 (ConfigError is re-exported)
+from imagen_train.schema_diffusion import DiffusionConfig, NoiseAugConfig, SamplerConfig  # noqa: F401
 from imagen_train.stages import STAGE_NAMES, StageName, get_stage
 from imagen_train.utils.signals import is_stop_signal_name
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible; the message names file and key."""
-
-    def __init__(self, key: str, expected: str, found: Any, source: str | None = None):
-        self.key, self.expected, self.found, self.source = key, expected, found, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}config key '{key}': expected {expected}, found {found!r}")
-
-
-def check(ok: bool, key: str, expected: str, found: Any) -> None:
-    """Raise ConfigError for `key` (relative to the section) unless `ok`."""
-    if not ok:
-        raise ConfigError(key, expected, found)
-
 
 # ----------------------------------------------------------------------------------------------
 # Sections.
@@ -104,87 +91,6 @@ class TextConfig:
     def __post_init__(self) -> None:
         check(self.embed_dim > 0, "embed_dim", "a positive int", self.embed_dim)
         check(self.max_length > 0, "max_length", "a positive int", self.max_length)
-
-
-@dataclass
-class NoiseAugConfig:
-    """Noise-conditioning augmentation of the SR stages' low-res image (paper section 2.5)."""
-
-    # Training: the augmentation level is drawn uniformly from [0, max_level] as a fraction of
-    # the diffusion time (continuous) or mapped to sigma (EDM, see diffusion.augment).
-    # At sampling the level is each stage's `SamplerConfig.noise_aug_level`.
-    max_level: float = 0.5
-
-    def __post_init__(self) -> None:
-        check(0.0 <= self.max_level <= 1.0, "max_level", "a float in [0, 1]", self.max_level)
-
-
-@dataclass
-class DiffusionConfig:
-    """Parameterization, schedule and loss (continuous-time Gaussian diffusion or EDM)."""
-
-    formulation: Literal["edm", "continuous"] = "edm"
-    # Continuous-time model.
-    schedule: Literal["cosine", "linear"] = "cosine"
-    cosine_s: float = 0.008
-    prediction: Literal["eps", "v", "x0"] = "eps"
-    # EDM (Karras et al. 2022, table 1).
-    sigma_data: float = 0.5
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    # Classifier-free guidance: probability of dropping a sample's text at training.
-    cond_drop_prob: float = 0.1
-    noise_aug: NoiseAugConfig = field(default_factory=NoiseAugConfig)
-
-    def __post_init__(self) -> None:
-        check(0.0 <= self.cond_drop_prob <= 1.0, "cond_drop_prob", "a float in [0, 1]", self.cond_drop_prob)
-        check(self.sigma_data > 0, "sigma_data", "a positive float", self.sigma_data)
-        check(self.p_std > 0, "p_std", "a positive float", self.p_std)
-        check(0 < self.sigma_min < self.sigma_max, "sigma_min",
-               f"a positive float below sigma_max ({self.sigma_max})", self.sigma_min)
-        check(0 < self.cosine_s < 1, "cosine_s", "a float in (0, 1)", self.cosine_s)
-
-
-@dataclass
-class SamplerConfig:
-    """One stage's sampler settings."""
-
-    name: Literal["ddpm", "ddim", "edm_heun", "edm_stochastic", "dpmpp_2m"] = "edm_heun"
-    steps: int = 30
-    guidance_scale: float = 7.5
-    # [sigma_lo, sigma_hi]: guide only at noise levels sigma_lo < sigma <= sigma_hi, elsewhere the
-    # conditional prediction alone (Kynkaanniemi et al. 2024). None: guide at every level.
-    guidance_interval: Optional[list[float]] = None
-    thresholding: Literal["dynamic", "static", "none"] = "dynamic"
-    dynamic_quantile: float = 0.995
-    s_churn: float = 0.0
-    s_noise: float = 1.0
-    # SR stages: noise-augmentation level of the low-res conditioning image.
-    noise_aug_level: float = 0.0
-    # > 0: the output is the mean of the conditional denoised prediction D(x + sigma n_k, sigma)
-    # over `final_denoise_draws` fresh noise fields, taken at this sigma after the sampler ends
-    # (samplers.final_denoise_average). 0: the sampler's output as it is.
-    final_denoise_sigma: float = 0.0
-    final_denoise_draws: int = 16
-
-    def __post_init__(self) -> None:
-        check(self.steps >= 1, "steps", "a positive int", self.steps)
-        check(self.guidance_scale >= 0, "guidance_scale", "a non-negative float", self.guidance_scale)
-        if self.guidance_interval is not None:
-            interval = self.guidance_interval
-            check(isinstance(interval, (list, tuple)) and len(interval) == 2
-                  and all(isinstance(v, (int, float)) for v in interval) and 0 <= interval[0] < interval[1],
-                  "guidance_interval", "[sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi", interval)
-        check(0.5 < self.dynamic_quantile <= 1.0, "dynamic_quantile", "a float in (0.5, 1]",
-               self.dynamic_quantile)
-        check(0.0 <= self.noise_aug_level <= 1.0, "noise_aug_level", "a float in [0, 1]",
-               self.noise_aug_level)
-        check(isinstance(self.final_denoise_sigma, (int, float)) and self.final_denoise_sigma >= 0,
-              "final_denoise_sigma", "a non-negative float (0: off)", self.final_denoise_sigma)
-        check(isinstance(self.final_denoise_draws, int) and self.final_denoise_draws >= 1,
-              "final_denoise_draws", "a positive int", self.final_denoise_draws)
 
 
 @dataclass
