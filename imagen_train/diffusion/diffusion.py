@@ -109,7 +109,8 @@ class Diffusion:
             extra_args["lowres"], extra_args["lowres_noise_cond"] = self.noise_aug.corrupt(
                 lowres.to(device), level, generator)
 
-        denoiser = wrap_denoiser(self.denoiser(net), sampler_cfg.guidance_scale,
+        bare = self.denoiser(net)
+        denoiser = wrap_denoiser(bare, sampler_cfg.guidance_scale,
                                  sampler_cfg.thresholding, sampler_cfg.dynamic_quantile,
                                  tuple(sampler_cfg.guidance_interval) if sampler_cfg.guidance_interval else None)
         sigmas = self.sigmas(sampler_cfg.name, sampler_cfg.steps, device)
@@ -123,8 +124,7 @@ class Diffusion:
         if sampler_cfg.final_denoise_sigma > 0:
             # The conditional prediction alone: at low noise guidance adds the unconditional
             # prediction's error with a negative weight and changes nothing the prompt decides.
-            conditional = wrap_denoiser(self.denoiser(net), 1.0, sampler_cfg.thresholding,
-                                        sampler_cfg.dynamic_quantile)
+            conditional = wrap_denoiser(bare, 1.0, sampler_cfg.thresholding, sampler_cfg.dynamic_quantile)
             samples, final_nfe = final_denoise_average(conditional, samples, sampler_cfg.final_denoise_sigma,
                                                        sampler_cfg.final_denoise_draws, extra_args, generator)
         return SampleResult(samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale), final_nfe)
