@@ -98,6 +98,19 @@ def _clean(mask: np.ndarray) -> np.ndarray:
     return votes >= 5
 
 
+def shape_mask(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(background RGB (3,) float, shape mask (H, W) bool) of a (H, W, 3) uint8 image.
+
+    The background is the median border colour; the shape is every pixel whose RGB distance from
+    it is over 100, speckles voted out (`_clean`). Shared by `read_shape`, `background_std` and
+    the edge measures (`data_tools.shape_edges`), so they all see the same shape.
+    """
+    pixels = np.asarray(image).astype(np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    bg = np.median(border, axis=0)
+    return bg, _clean(np.linalg.norm(pixels - bg, axis=2) > 100.0)
+
+
 def read_shape(image: np.ndarray) -> dict[str, Any]:
     """What a (H, W, 3) uint8 image of this dataset shows, read back from its pixels.
 
@@ -115,10 +128,8 @@ def read_shape(image: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
     h, w, _ = img.shape
     pixels = img.astype(np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    bg = np.median(border, axis=0)
+    bg, mask = shape_mask(img)
     background = min(BACKGROUNDS, key=lambda b: np.linalg.norm(np.array(BACKGROUNDS[b]) - bg))
-    mask = _clean(np.linalg.norm(pixels - bg, axis=2) > 100.0)
     result: dict[str, Any] = {"background": background, "area": round(float(mask.mean()), 4),
                               "shape": None, "colour": None, "position": None}
     if mask.mean() < 0.02:
@@ -164,9 +175,7 @@ def background_std(image: np.ndarray) -> float:
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
     pixels = img.astype(np.float64)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    bg = np.median(border, axis=0)
-    shape = _dilate(_clean(np.linalg.norm(pixels - bg, axis=2) > 100.0), max(1, round(0.06 * img.shape[0])))
+    shape = _dilate(shape_mask(img)[1], max(1, round(0.06 * img.shape[0])))
     if shape.all():
         return float("nan")
     return round(float(pixels[~shape].std(axis=0).max()), 3)
@@ -188,12 +197,31 @@ def prompt_following(images: np.ndarray, prompts: list[str]) -> dict[str, float]
     return {k: round(v / len(prompts), 3) for k, v in hits.items()}
 
 
-def _encode(img: Image.Image, image_format: str) -> bytes:
+def palette_image(img: Image.Image) -> Image.Image:
+    """The same pixels as a palette ("P") image when `img` holds at most 256 colours, else `img`.
+
+    A drawn sample holds two colours, so its PNG stores one byte a pixel instead of three and
+    decodes ~10x faster (1024 px: ~7 ms against ~75 ms on the development VM), losslessly.
+    """
+    colours = img.getcolors(maxcolors=256)
+    if colours is None:
+        return img
+    rgb = np.asarray(img, dtype=np.uint32)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W) one int per colour
+    index = np.zeros(code.shape, np.uint8)
+    for k, (_, (r, g, b)) in enumerate(colours):
+        index[code == ((r << 16) | (g << 8) | b)] = k
+    out = Image.fromarray(index, "P")
+    out.putpalette([c for _, colour in colours for c in colour])
+    return out
+
+
+def _encode(img: Image.Image, image_format: str, palette: bool = False) -> bytes:
     buf = io.BytesIO()
     if image_format == "jpg":
         img.save(buf, format="JPEG", quality=95)
     else:
-        img.save(buf, format="PNG", compress_level=1)
+        (palette_image(img) if palette else img).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -201,14 +229,15 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
                     seed: int = 0, holdout: float = 0.0, holdout_out: Optional[str | Path] = None,
                     image_format: str = "png", progress_bar: bool = True,
                     exclude: tuple[str, ...] = (), sizes: tuple[str, ...] = tuple(SIZES),
-                    drop_attributes: float = 0.0) -> dict[str, Any]:
+                    drop_attributes: float = 0.0, palette: bool = False) -> dict[str, Any]:
     """Draw `num_samples` samples into shards under `out` (the last `holdout` fraction apart).
 
     Training samples whose full caption (every attribute named) contains any phrase of `exclude`
     are passed over (the next index is drawn instead), so prompts with those combinations are
     new to a model trained on the shards; the holdout keeps every combination. Training captions
     leave out attributes with probability `drop_attributes` each (`draw_sample`); holdout
-    captions name them all.
+    captions name them all. `palette` stores PNGs as palette images (`palette_image`: the same
+    pixels, a ~10x cheaper decode for the loader).
     """
     if not 64 <= resolution <= 1024:
         raise ValueError(f"resolution must be in 64..1024, got {resolution}")
@@ -235,7 +264,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
                 skipped += 1
                 continue
             meta = {"key": key, "caption": caption, "width": resolution, "height": resolution, **meta}
-            entries = {image_format: _encode(img, image_format), "txt": caption.encode(),
+            entries = {image_format: _encode(img, image_format, palette), "txt": caption.encode(),
                        "json": json.dumps(meta).encode()}
             (held if in_holdout else train).write(key, entries)
             written += 1
@@ -248,7 +277,7 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
             "holdout_samples": num_holdout, "holdout_shards": len(held.shards) if held else 0,
             "resolution": resolution, "seed": seed, "format": image_format,
             "excluded_phrases": list(exclude), "sizes": sorted(sizes), "skipped_for_exclude": skipped,
-            "drop_attributes": drop_attributes,
+            "drop_attributes": drop_attributes, "palette": palette,
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(num_samples, timer.seconds)}
 
 
@@ -274,7 +303,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--drop-attributes", type=float, default=0.0, metavar="P",
                    help="probability that a training caption leaves out each of colour, kind ('shape'), "
                         "position and background, independently (holdout captions name all)")
+    p.add_argument("--palette", action="store_true",
+                   help="store PNGs as palette images: the same pixels, a ~10x cheaper decode")
     p.set_defaults(func=lambda a: write_synthetic(
         a.out, a.num_samples, a.resolution, a.shard_size, a.seed, a.holdout, a.holdout_out,
         a.image_format, not a.no_progress, tuple(a.exclude), tuple(x for x in a.sizes.split(",") if x),
-        a.drop_attributes))
+        a.drop_attributes, a.palette))
