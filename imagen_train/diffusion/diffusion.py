@@ -32,13 +32,16 @@ class SampleResult:
     because the conditional and unconditional passes share one forward; net_batch_factor: images the
     network processed per output image in each pass (2 when guided), so nfe * net_batch_factor is
     the per-image count NeMo reports. final_nfe: the unguided passes (one image each) of the final
-    denoising average, when the sampler settings ask for one; not in nfe.
+    denoising average, when the sampler settings ask for one; not in nfe. before_final: the
+    sampler's own output when a final average followed it (None otherwise), to measure what the
+    average changed.
     """
 
     images: Tensor
     nfe: int
     net_batch_factor: int = 1
     final_nfe: int = 0
+    before_final: Optional[Tensor] = None
 
 
 class Diffusion:
@@ -120,14 +123,16 @@ class Diffusion:
             options = {"s_churn": sampler_cfg.s_churn, "s_noise": sampler_cfg.s_noise}
         out = SAMPLERS[sampler_cfg.name](denoiser, x, sigmas, extra_args=extra_args,
                                          generator=generator, **options)
-        samples, final_nfe = out.samples, 0
+        samples, final_nfe, before_final = out.samples, 0, None
         if sampler_cfg.final_denoise_sigma > 0:
+            before_final = samples
             # The conditional prediction alone: at low noise guidance adds the unconditional
             # prediction's error with a negative weight and changes nothing the prompt decides.
             conditional = wrap_denoiser(bare, 1.0, sampler_cfg.thresholding, sampler_cfg.dynamic_quantile)
             samples, final_nfe = final_denoise_average(conditional, samples, sampler_cfg.final_denoise_sigma,
                                                        sampler_cfg.final_denoise_draws, extra_args, generator)
-        return SampleResult(samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale), final_nfe)
+        return SampleResult(samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale), final_nfe,
+                            before_final)
 
 
 def build_diffusion(cfg: DiffusionConfig) -> Diffusion:

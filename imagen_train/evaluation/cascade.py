@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from imagen_train.artifacts import load_network, stage_config
-from imagen_train.config import Config, ConfigError
-from imagen_train.diffusion import build_diffusion
+from imagen_train.config import Config, ConfigError, SamplerConfig
+from imagen_train.diffusion import SampleResult, build_diffusion
 from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.text import load_text_encoder
 from .grids import make_grid, save_png, to_pil
@@ -84,12 +84,15 @@ def time_to_first_image(stats: Sequence[StageStats]) -> float:
 
 @dataclass
 class CascadeResult:
-    """Final images (N, 3, H, W) float32 on CPU, unclamped; prompt of each image; costs."""
+    """Final images (N, 3, H, W) float32 on CPU, unclamped; prompt of each image; costs. With
+    keep_stage_images: each stage's output, and (for stages whose sampler ends on the final
+    denoising average) the same before that average."""
 
     images: Tensor
     prompts: list[str]
     stats: list[StageStats] = field(default_factory=list)
     stage_images: dict[str, Tensor] = field(default_factory=dict)
+    stage_images_before_final: dict[str, Tensor] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,46 +154,69 @@ def encode_prompts(encoder_path: Optional[str], texts: Sequence[str], device: to
     return emb, mask, stats
 
 
-def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tensor, device: torch.device,
-              precision: Precision, lowres: Optional[Tensor], seed: int) -> tuple[Tensor, StageStats]:
-    """Load one stage, sample every image (in batches of cfg.batch_size), release it.
+def sample_in_batches(diffusion, caller, sampler: SamplerConfig, resolution: int, emb: Tensor, mask: Tensor,
+                      lowres: Optional[Tensor], batch_size: int, generator: torch.Generator,
+                      device: torch.device) -> tuple[Tensor, Optional[Tensor], Optional[SampleResult], list[float]]:
+    """Sample one image per row of emb (N, L, D) / mask (N, L) [/ lowres (N, 3, h, w)], `batch_size`
+    rows per call, each batch moved to `device`: the one batched sampling loop of evaluation.
 
-    emb (N, L, D) / mask (N, L): one row per output image. lowres: (N, 3, h, w) or None.
-    Returns the images (N, 3, H, W) float32 on CPU, unclamped.
+    Returns the images (N, 3, R, R) float32 on CPU, unclamped; the same before the sampler's final
+    denoising average (None without one); the last batch's SampleResult (its NFE counts); each
+    batch's seconds.
     """
-    path = getattr(cfg.checkpoints, stage)
-    sampler = cfg.sampler_for(stage)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    out, before, result, batch_s = [torch.zeros(0, 3, resolution, resolution)], [], None, []
+    for i in range(0, emb.shape[0], batch_size):
+        batch_start = time.perf_counter()
+        e, m = emb[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)
+        low = None if lowres is None else lowres[i:i + batch_size].to(device)
+        result = diffusion.sample(caller, (e.shape[0], 3, resolution, resolution), e, m, sampler, lowres=low,
+                                  generator=generator)
+        out.append(result.images.float().cpu())  # waits for the device
+        if result.before_final is not None:
+            before.append(result.before_final.float().cpu())
+        batch_s.append(time.perf_counter() - batch_start)
+    return torch.cat(out), torch.cat(before) if before else None, result, batch_s
+
+
+def draw_stage(path: str, sampler: SamplerConfig, emb: Tensor, mask: Tensor, device: torch.device,
+               precision: Precision, lowres: Optional[Tensor], generator: torch.Generator, batch_size: int,
+               ema: bool = True, stage: Optional[str] = None) -> tuple[Tensor, StageStats, Optional[Tensor]]:
+    """Load the stage at `path`, sample one image per row (in batches), release it.
+
+    emb (N, L, D) / mask (N, L): one row per output image. lowres: (N, 3, h, w) or None. `stage`,
+    when given, must be the checkpoint's stage. Returns the images (N, 3, H, W) float32 on CPU,
+    unclamped, what the stage cost, and the images before the final denoising average (or None).
+    """
     start = time.perf_counter()
-    out, nfe, factor, final_nfe, batch_s = [], 0, 1, 0, []
     with PeakMemory(device) as mem:
-        net, stage_cfg = load_stage(path, cfg.run_ema_model, device, precision.weight_dtype)
+        net, stage_cfg = load_stage(path, ema, device, precision.weight_dtype)
         synchronize(device)
         load_s = time.perf_counter() - start
-        if stage_cfg.stage != stage:
+        if stage is not None and stage_cfg.stage != stage:
             raise ValueError(f"checkpoints.{stage}={path} holds a {stage_cfg.stage} model")
-        diffusion = build_diffusion(stage_cfg.diffusion)
         caller = precision.caller(net)
-        res = stage_cfg.output_resolution
         L = stage_cfg.text.max_length
-        for i in range(0, emb.shape[0], cfg.batch_size):
-            batch_start = time.perf_counter()
-            e = emb[i:i + cfg.batch_size, :L].to(device)
-            m = mask[i:i + cfg.batch_size, :L].to(device)
-            low = None if lowres is None else lowres[i:i + cfg.batch_size].to(device)
-            result = diffusion.sample(caller, (e.shape[0], 3, res, res), e, m, sampler, lowres=low,
-                                      generator=generator)
-            out.append(result.images.float().cpu())  # waits for the device
-            nfe, factor, final_nfe = result.nfe, result.net_batch_factor, result.final_nfe
-            batch_s.append(time.perf_counter() - batch_start)
-        del net, caller, diffusion
+        images, before_final, result, batch_s = sample_in_batches(
+            build_diffusion(stage_cfg.diffusion), caller, sampler, stage_cfg.output_resolution, emb[:, :L],
+            mask[:, :L], lowres, batch_size, generator, device)
+        del net, caller
         release(device)
-    stats = StageStats(stage, res, emb.shape[0], time.perf_counter() - start, mem.peak_gib, mem.kind,
-                       nfe, factor, str(path), "ema" if cfg.run_ema_model else "raw", precision.name,
+    nfe, factor, final_nfe = (result.nfe, result.net_batch_factor, result.final_nfe) if result else (0, 1, 0)
+    stats = StageStats(stage_cfg.stage, stage_cfg.output_resolution, emb.shape[0], time.perf_counter() - start,
+                       mem.peak_gib, mem.kind, nfe, factor, str(path), "ema" if ema else "raw", precision.name,
                        load_s=load_s, first_batch_s=batch_s[0] if batch_s else 0.0,
-                       steady_images=emb.shape[0] - (out[0].shape[0] if out else 0), steady_s=sum(batch_s[1:]),
+                       steady_images=emb.shape[0] - min(batch_size, emb.shape[0]), steady_s=sum(batch_s[1:]),
                        final_nfe_per_image=final_nfe)
-    return torch.cat(out), stats
+    return images, stats, before_final
+
+
+def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tensor, device: torch.device,
+              precision: Precision, lowres: Optional[Tensor], seed: int
+              ) -> tuple[Tensor, StageStats, Optional[Tensor]]:
+    """One stage of the pipeline `cfg` (its checkpoint, sampler and batch size): `draw_stage`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return draw_stage(getattr(cfg.checkpoints, stage), cfg.sampler_for(stage), emb, mask, device, precision,
+                      lowres, generator, cfg.batch_size, cfg.run_ema_model, stage)
 
 
 def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optional[torch.device] = None,
@@ -217,14 +243,16 @@ def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optio
                              f"the encoder gives {emb.shape[-1]} (encoder_path={cfg.encoder_path})")
     k = cfg.num_images_per_prompt
     emb, mask = emb.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (P*K, L, D), prompt-major
-    images, stage_images = None, {}
+    images, stage_images, before = None, {}, {}
     for index, stage in enumerate(cfg.stages):
-        images, s = run_stage(cfg, stage, emb, mask, device, precision, images,
-                              seed=cfg.seed * 1000 + index * 100 + seed_offset)
+        images, s, before_final = run_stage(cfg, stage, emb, mask, device, precision, images,
+                                            seed=cfg.seed * 1000 + index * 100 + seed_offset)
         stats.append(s)
         if keep_stage_images:
             stage_images[stage] = images
-    return CascadeResult(images, [p for p in prompts for _ in range(k)], stats, stage_images)
+            if before_final is not None:
+                before[stage] = before_final
+    return CascadeResult(images, [p for p in prompts for _ in range(k)], stats, stage_images, before)
 
 
 def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: Sequence[str]) -> Path:
@@ -251,5 +279,6 @@ def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: 
     return path
 
 
-__all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "load_stage", "stage_config",
+__all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "draw_stage", "sample_in_batches",
+           "load_stage", "stage_config",
            "CascadeResult", "StageStats", "Precision", "resolve_device", "time_to_first_image"]
