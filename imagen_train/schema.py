@@ -275,6 +275,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class CascadeSourceConfig:
+    """An earlier stage of the cascade, which draws an SR stage's low-res input at evaluation."""
+
+    path: str = ""  # an export (.safetensors), a checkpoint folder or a checkpoints root
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.path, str) and bool(self.path), "path", "an export or checkpoint path", self.path)
+
+
+@dataclass
 class EvaluationConfig:
     """Periodic evaluation during training with the EMA weights."""
 
@@ -291,8 +302,13 @@ class EvaluationConfig:
     batch_size: int = 8
     # Sampling noise seed (fixed, so grids of successive evaluations are comparable).
     seed: int = 0
+    # SR stages: the earlier stages, in cascade order from base64 (a path, or {path, sampler}).
+    # The evaluation then also lifts their samples of the same captions or prompts with the stage
+    # under training (evaluation.cascade_conditioning), logged under eval/cascade/.
+    cascade_from: list[Union[str, CascadeSourceConfig]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.cascade_from = [CascadeSourceConfig(path=s) if isinstance(s, str) else s for s in self.cascade_from]
         check(self.eval_every_steps >= 0, "eval_every_steps", "a non-negative int", self.eval_every_steps)
         check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
         check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
@@ -345,6 +361,10 @@ class Config:
                self.model.kind)
         check(res <= spec.output_resolution, "train_resolution",
                f"at most {spec.output_resolution} for stage {self.stage}", res)
+        earlier = STAGE_NAMES[:STAGE_NAMES.index(self.stage)]
+        check(not self.evaluation.cascade_from or len(self.evaluation.cascade_from) == len(earlier),
+              "evaluation.cascade_from", f"one entry per earlier stage of {self.stage}: {list(earlier)}",
+              [s.path for s in self.evaluation.cascade_from])
 
     @property
     def output_resolution(self) -> int:

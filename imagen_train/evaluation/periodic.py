@@ -52,6 +52,8 @@ from imagen_train.text import load_text_encoder
 from imagen_train.utils import dist
 from imagen_train.utils.rng import preserved_rng
 
+from .cascade import sample_in_batches
+from .cascade_conditioning import CascadeConditioning
 from .clip_score import CLIP_HOW_TO, ClipScorer
 from .fid import FeatureStats, extract_features, fid_from_stats, require_fid_stats, to_uint8
 from .grids import make_grid, save_png
@@ -180,7 +182,11 @@ class PeriodicEvaluator:
                         "evaluation.clip_path is set: sample grids only")
         self._grid_cond: Optional[dict[str, Any]] = None
         self._metric_cond: Optional[dict[str, Any]] = None
-        self._inception = self._clip = self._real_stats = None
+        self._inception = self._clip = None
+        self._real_stats: dict[str, FeatureStats] = {}
+        # SR stages with evaluation.cascade_from: also lift the earlier stages' samples.
+        self.cascade = CascadeConditioning(cfg) if self.ev.cascade_from else None
+        self._cascade_rows: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, *, step: int, ema_layout: dict[str, dict], ema_shadow: dict[str, Tensor],
@@ -196,17 +202,19 @@ class PeriodicEvaluator:
         with preserved_rng(), torch.no_grad():
             self.evaluate(step, ema_layout, ema_shadow, device, log, log_image, Path(out_dir))
 
+    def _prompt_conditioning(self) -> dict[str, Any]:
+        """`evaluation.prompts`, encoded with `text.encoder_path`, each num_images_per_prompt times."""
+        enc = load_text_encoder(self.cfg.text.encoder_path, "cpu", torch.float32, self.cfg.text.max_length)
+        emb, mask = enc.encode(self.ev.prompts, pad_to_max_length=True)
+        del enc
+        k = self.ev.num_images_per_prompt
+        return {"text_emb": emb.float().repeat_interleave(k, 0), "text_mask": mask.repeat_interleave(k, 0),
+                "caption": [p for p in self.ev.prompts for _ in range(k)]}
+
     def _grid_conditioning(self) -> dict[str, Any]:
         if self._grid_cond is None:
             if self.use_prompts:
-                enc = load_text_encoder(self.cfg.text.encoder_path, "cpu", torch.float32,
-                                        self.cfg.text.max_length)
-                emb, mask = enc.encode(self.ev.prompts, pad_to_max_length=True)
-                del enc
-                k = self.ev.num_images_per_prompt
-                self._grid_cond = {"text_emb": emb.float().repeat_interleave(k, 0),
-                                   "text_mask": mask.repeat_interleave(k, 0),
-                                   "caption": [p for p in self.ev.prompts for _ in range(k)]}
+                self._grid_cond = self._prompt_conditioning()
             else:
                 n = len(self.ev.prompts) or DEFAULT_GRID_SAMPLES
                 k = self.ev.num_images_per_prompt
@@ -215,28 +223,21 @@ class PeriodicEvaluator:
                 self._grid_cond = _take(batch, index)
         return self._grid_cond
 
-    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device) -> Tensor:
+    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device,
+                resolution: Optional[int] = None) -> Tensor:
         """Samples for this rank's share (rows rank::world) of `cond`, gathered in rank order.
 
-        Returns (N, 3, T, T) on every rank, ordered by rank then row (see `_order`).
+        Returns (N, 3, R, R) on every rank (R: `resolution`, default train_resolution), ordered by
+        rank then row (see `_order`).
         """
-        diffusion = build_diffusion(self.cfg.diffusion)
         rank, world = dist.rank(), dist.world_size()
-        mine = list(range(rank, len(cond["caption"]), world))
-        part = _take(cond, mine)
-        res = self.cfg.train_resolution
+        part = _take(cond, list(range(rank, len(cond["caption"]), world)))
         gen = torch.Generator(device=device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
-        caller = NetworkCaller(net)  # in the EMA network's dtype
-        out = [torch.zeros(0, 3, res, res)]
-        for i in range(0, len(mine), self.ev.batch_size):
-            emb = part["text_emb"][i:i + self.ev.batch_size].to(device)
-            mask = part["text_mask"][i:i + self.ev.batch_size].to(device)
-            low = part["lowres"][i:i + self.ev.batch_size].to(device) if "lowres" in part else None
-            result = diffusion.sample(caller, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
-                                      lowres=low, generator=gen)
-            out.append(result.images.float().cpu())
-        local = torch.cat(out).to(device)
-        return dist.all_gather_tensor(local).cpu()
+        local, _, _, _ = sample_in_batches(build_diffusion(self.cfg.diffusion), NetworkCaller(net),  # the EMA net's dtype
+                                        self.ev.sampler, resolution or self.cfg.train_resolution,
+                                        part["text_emb"], part["text_mask"], part.get("lowres"),
+                                        self.ev.batch_size, gen, device)
+        return dist.all_gather_tensor(local.to(device)).cpu()
 
     @staticmethod
     def _order(n: int) -> list[int]:
@@ -260,7 +261,11 @@ class PeriodicEvaluator:
             save_png(make_grid(images, ncols=k if k > 1 else None), path)  # a row per prompt
             log_image("eval/samples", path, step, caption=" | ".join(dict.fromkeys(cond["caption"])))
         if self.fid_on or self.clip_on:
-            metrics.update(self._metrics(net, device))
+            if self._metric_cond is None:
+                self._metric_cond = read_eval_samples(self.cfg, self.ev.num_fid_samples)
+            metrics.update(self._metrics(net, device, self._metric_cond, "eval/"))
+        if self.cascade is not None:
+            metrics.update(self._evaluate_cascade(net, step, device, log_image, out_dir))
         del net  # the only reference: its storage goes here
         free_memory()
         metrics["eval/time_s"] = time.perf_counter() - start
@@ -269,12 +274,47 @@ class PeriodicEvaluator:
                     + f"; grid {path}")
         dist.barrier()
 
-    def _metrics(self, net, device: torch.device) -> dict[str, float]:
-        if self._metric_cond is None:
-            self._metric_cond = read_eval_samples(self.cfg, self.ev.num_fid_samples)
-        cond = self._metric_cond
+    def _evaluate_cascade(self, net, step: int, device: torch.device, log_image: LogImageFn,
+                          out_dir: Path) -> dict[str, float]:
+        """The grid (and FID/CLIP) of the stage lifting the earlier stages' samples, at its output
+        resolution (cascade_conditioning.py), logged under eval/cascade/."""
+        assert self.cascade is not None
+        dtype = next(net.parameters()).dtype
+        sets = {"grid": self._cascade_grid_rows()}
+        if self.fid_on or self.clip_on:
+            # Whole images at the output resolution: what the cascade's samples are compared with.
+            full = replace(self.cfg, train_resolution=self.cfg.output_resolution)
+            sets["metrics"] = read_eval_samples(full, self.ev.num_fid_samples)
+        self.cascade.prepare(sets, device, dtype)  # once per run: each earlier stage loaded once
+        cond = self.cascade.lift("grid", sets["grid"], device, dtype)
+        res = self.cfg.output_resolution
+        images = self._sample(net, cond, seed=2, device=device, resolution=res)
+        images = images[torch.argsort(torch.tensor(self._order(len(cond["caption"]))))]  # prompt order
+        path = out_dir / f"cascade_step_{step}.png"
+        if dist.is_main():
+            k = self.ev.num_images_per_prompt
+            save_png(make_grid(images, ncols=k if k > 1 else None), path)
+            log_image("eval/cascade/samples", path, step, caption=" | ".join(dict.fromkeys(cond["caption"])))
+        if "metrics" not in sets:
+            return {}
+        return self._metrics(net, device, self.cascade.lift("metrics", sets["metrics"], device, dtype),
+                             "eval/cascade/", resolution=res)
+
+    def _cascade_grid_rows(self) -> dict[str, Any]:
+        """The cascade grid's rows: `evaluation.prompts` when `text.encoder_path` can encode them,
+        else the eval-shard captions of the ground-truth grid."""
+        if not (self.ev.prompts and self.cfg.text.encoder_path):
+            return self._grid_conditioning()
+        if self._cascade_rows is None:
+            self._cascade_rows = self._prompt_conditioning()
+        return self._cascade_rows
+
+    def _metrics(self, net, device: torch.device, cond: dict[str, Any], prefix: str,
+                 resolution: Optional[int] = None) -> dict[str, float]:
+        """FID and CLIP score (`prefix`fid, `prefix`clip_score) of samples for the rows of `cond`,
+        FID against `cond["image"]` (or evaluation.fid_stats_path)."""
         n = len(cond["caption"])
-        fake = to_uint8(self._sample(net, cond, seed=1, device=device))  # (n, 3, T, T) rank-major
+        fake = to_uint8(self._sample(net, cond, seed=1, device=device, resolution=resolution))  # rank-major
         captions = [cond["caption"][i] for i in self._order(n)]
         out: dict[str, float] = {}
         # Features are computed on each rank for its share, then gathered.
@@ -285,21 +325,21 @@ class PeriodicEvaluator:
                 self._inception = load_fid_inception(self.ev.inception_path, device)
             feats = dist.all_gather_tensor(extract_features(self._inception, fake[share], 32, device)
                                            .to(device)).cpu()
-            if self._real_stats is None:
+            if prefix not in self._real_stats:  # per prefix: the cascade's reals are whole images
                 if self.ev.fid_stats_path:
-                    self._real_stats = FeatureStats.load(self.ev.fid_stats_path)
+                    self._real_stats[prefix] = FeatureStats.load(self.ev.fid_stats_path)
                 else:
                     real = to_uint8(cond["image"])
                     real_feats = dist.all_gather_tensor(
                         extract_features(self._inception, real[share], 32, device).to(device)).cpu()
-                    self._real_stats = FeatureStats.from_features(real_feats)
-            out["eval/fid"] = fid_from_stats(self._real_stats, FeatureStats.from_features(feats))
+                    self._real_stats[prefix] = FeatureStats.from_features(real_feats)
+            out[f"{prefix}fid"] = fid_from_stats(self._real_stats[prefix], FeatureStats.from_features(feats))
         if self.clip_on:
             if self._clip is None:
                 self._clip = ClipScorer(self.ev.clip_path, device)
             cos = self._clip.cosine(fake[share], captions[share]).to(device)
-            out["eval/clip_score"] = float(dist.all_gather_tensor(cos).mean())
-        out["eval/num_samples"] = float(n)
+            out[f"{prefix}clip_score"] = float(dist.all_gather_tensor(cos).mean())
+        out[f"{prefix}num_samples"] = float(n)
         return out
 
 
