@@ -23,6 +23,12 @@ embeddings and, for SR stages, their ground-truth low-res images. FID/CLIP alway
 the first `num_fid_samples` eval-shard samples; FID compares with those samples' images unless
 `evaluation.fid_stats_path` names cached statistics.
 
+Through the cascade. An SR stage with `evaluation.cascade_from` (the earlier stages' exports, each
+with its sampler) also lifts what those stages draw for the prompts (or the eval captions), at its
+output resolution: grid `cascade_step_N.png` logged as eval/cascade/samples, and FID / CLIP score
+against whole eval images as eval/cascade/fid and eval/cascade/clip_score. The earlier stages
+draw once per run (cascade_conditioning.py says what that costs).
+
 The training run is unchanged by it: the torch/numpy/python (and CUDA) RNG states are saved
 and restored around it, sampling draws from its own seeded generator, and the training loader
 and engine are never touched (eval shards are read directly with the data layer).
