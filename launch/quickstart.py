@@ -1,17 +1,18 @@
-"""The CPU quickstart: data, encoder, embeddings, two trained stages, cascaded samples, a report.
+"""The CPU quickstart: data, encoder, embeddings, the three stages of the cascade trained, cascaded
+samples at 64, 256 and 1024 px, and a report of what they show.
 
-    python launch/quickstart.py                 # ~18 minutes on a 2-core CPU, no GPU, no network
+    python launch/quickstart.py                 # the whole cascade, 64 -> 256 -> 1024 px, on a 2-core CPU
+    python launch/quickstart.py --to 256        # stop after the 64 -> 256 stage (--to 64: the base stage)
     python launch/quickstart.py --short         # a few steps of everything (what CI runs)
 
 Every step skips what is already done, so running it again resumes. Outputs go to
-`runs/quickstart/` (see the report it writes there).
+`runs/quickstart/` (see the report it writes there; launch/quickstart_report.py measures it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import socket
@@ -22,23 +23,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data_tools.shape_edges import summarize  # noqa: E402
 from data_tools.synthetic import background_std, prompt_following  # noqa: E402
 from imagen_train.artifacts import find_checkpoint, list_complete, step_of  # noqa: E402
 from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
-from imagen_train.data import expand_shards, iter_raw_samples  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
-from imagen_train.evaluation.cascade import generate, load_stage, write_outputs  # noqa: E402
+from imagen_train.evaluation.cascade import (Precision, encode_prompts, generate, load_stage, run_stage,  # noqa: E402
+                                             write_outputs)
 from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8  # noqa: E402
-from imagen_train.evaluation.grids import make_grid, save_png  # noqa: E402
+from imagen_train.evaluation.grids import make_grid, save_png, to_pil  # noqa: E402
 from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
 from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
 from imagen_train.text import load_text_encoder  # noqa: E402
 from imagen_train.training.export import export_checkpoint  # noqa: E402
+from quickstart_report import (SIZES, bicubic, edges, grain, read_holdout, score_prompt_following,  # noqa: E402
+                               split_grid, to_pixels, write_report)
 
 # Prompts whose combination of colour, shape and position no training caption holds word for
 # word: the synthetic data is drawn without these combinations (see --exclude of `synthetic`).
@@ -50,14 +54,21 @@ HELD_OUT_PROMPTS = [
 ]
 EXCLUDED_COMBINATIONS = ["red square in the center", "blue circle at the top left",
                          "green triangle at the bottom right", "yellow circle at the top right"]
-BASE_GUIDANCE = 3.0
-BASE_STEPS = 30  # Heun steps of the 64 px stage at sampling
-# Both stages end on the mean of their conditional prediction over fresh noise draws at sigma 0.5
-# (SamplerConfig.final_denoise_*): it takes the per-pixel grain of one draw's error off the flat
-# backgrounds (docs/training.md, "Where the grain comes from").
-FINAL_DENOISE_SIGMA = 0.5
-FINAL_DENOISE_DRAWS = {"base64": 32, "sr256": 8}
-SAMPLES_PER_PROMPT = 4
+STAGES = ("base64", "sr256", "sr1024")
+RESOLUTION = {"base64": 64, "sr256": 256, "sr1024": 1024}
+# Each stage's sampler (EMA weights). Every stage ends on the mean of its conditional prediction
+# over fresh noise draws at sigma 0.5 (SamplerConfig.final_denoise_*): it takes the per-pixel
+# grain of one draw's error off the flat backgrounds (docs/training.md, "Where the grain comes
+# from"). --short: a few steps and two draws.
+SAMPLERS = {
+    "base64": dict(name="edm_heun", steps=30, guidance_scale=3.0, final_denoise_sigma=0.5, final_denoise_draws=32),
+    "sr256": dict(name="edm_heun", steps=12, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=0.5,
+                  final_denoise_draws=8),
+    "sr1024": dict(name="edm_heun", steps=8, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=0.5,
+                   final_denoise_draws=4),
+}
+SAMPLES_PER_PROMPT = {"base64": 4, "sr256": 4, "sr1024": 1}   # final samples per held-out prompt
+EVAL_PER_PROMPT = {"sr256": 2, "sr1024": 1}                    # per prompt at each SR periodic evaluation
 
 
 def log(msg: str) -> None:
@@ -79,6 +90,10 @@ def data_tools(*args: str) -> None:
     run([sys.executable, "-m", "data_tools", *args])
 
 
+def shard_list(folder: Path, sep: str = "::") -> str:
+    return sep.join(sorted(str(p) for p in folder.glob("*.tar")))
+
+
 def train(stage_config: str, run_dir: Path, overrides: list[str], nproc: int) -> None:
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()),
@@ -92,45 +107,201 @@ def train(stage_config: str, run_dir: Path, overrides: list[str], nproc: int) ->
 
 def last_loss(run_dir: Path) -> float | None:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-    return json.loads(lines[-1])["train/loss"] if lines else None
+    losses = [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
+    return losses[-1] if losses else None
 
 
-def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
-    """The held-out images (uint8, (N, 3, size, size), bicubic from 256 px) and their captions."""
+def sampler(args, stage: str) -> SamplerConfig:
+    """The stage's sampler: for its final samples, its periodic evaluation and its progress points."""
+    settings = dict(SAMPLERS[stage])
+    if args.short:
+        settings.update(steps=2 if stage != "base64" else 4, final_denoise_draws=2)
+    return SamplerConfig(**settings)
 
 
-    real, captions = [], []
-    for url in expand_shards("::".join(sorted(str(p) for p in holdout.glob("*.tar")))):
-        for sample in iter_raw_samples(url):
-            image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC)
-            real.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
-            captions.append(sample["txt"].decode())
-    return torch.stack(real), captions
-
-
-def final_denoise(args, stage: str) -> dict:
-    """A stage's final denoising average (two draws in a --short run)."""
-    return {"final_denoise_sigma": FINAL_DENOISE_SIGMA,
-            "final_denoise_draws": 2 if args.short else FINAL_DENOISE_DRAWS[stage]}
-
-
-def base_sampler(args) -> SamplerConfig:
-    """The 64 px stage's sampler: at the end of the run and at every kept checkpoint."""
-    return SamplerConfig(name="edm_heun", steps=4 if args.short else BASE_STEPS, guidance_scale=BASE_GUIDANCE,
-                         **final_denoise(args, "base64"))
-
-
-def describe(sampler: SamplerConfig) -> str:
-    text = f"{sampler.name} {sampler.steps} steps, guidance {sampler.guidance_scale}"
-    if sampler.noise_aug_level > 0:
-        text += f", low-res image noise-augmented at level {sampler.noise_aug_level}"
-    if sampler.final_denoise_sigma > 0:
-        text += (f", then the mean of {sampler.final_denoise_draws} conditional predictions at sigma "
-                 f"{sampler.final_denoise_sigma}")
+def describe(s: SamplerConfig) -> str:
+    text = f"{s.name} {s.steps} steps, guidance {s.guidance_scale}"
+    if s.noise_aug_level > 0:
+        text += f", low-res image noise-augmented at level {s.noise_aug_level}"
+    if s.final_denoise_sigma > 0:
+        text += f", then the mean of {s.final_denoise_draws} conditional predictions at sigma {s.final_denoise_sigma}"
     return text
 
+
+class Timer:
+    """Seconds per named phase of this invocation, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start = time.time()
+
+            def __exit__(self, *exc):
+                timer.seconds[phase] = round(timer.seconds.get(phase, 0.0) + time.time() - self.start, 1)
+        return _Phase()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, encoder, embeddings.
+
+def draw_data(args, out: Path, timer: Timer) -> dict[str, Path]:
+    """The 256 px dataset (the base stage reads it at 64 px) and, through 1024 px, a 1024 px one
+    drawn from the same seed (the same first shapes), both with embeddings; returns the folders."""
+    excludes = [arg for combo in EXCLUDED_COMBINATIONS for arg in ("--exclude", combo)]
+    sets = [("256", args.samples, 500)] + ([("1024", args.hires_samples, 100)] if args.to == 1024 else [])
+    folders: dict[str, Path] = {}
+    for size, n, shard_size in sets:
+        raw = out / "data" / ("raw" if size == "256" else f"raw{size}")
+        if not (raw / "holdout").is_dir():
+            with timer(f"data: draw {n} images at {size} px"):
+                # --palette: the drawings hold two colours; palette PNGs decode ~10x faster, same pixels.
+                data_tools("synthetic", "--out", str(raw), "--num-samples", str(n), "--resolution", size,
+                           "--shard-size", str(shard_size), "--holdout", "0.05", "--seed", str(args.seed),
+                           "--sizes", "large", "--palette", "--no-progress", *excludes)
+        folders[f"raw{size}"] = raw
+    encoder = Path(args.encoder) if args.encoder else out / "encoder"
+    if not args.encoder and not (encoder / "config.json").is_file():
+        with timer("data: text encoder"):
+            data_tools("make-encoder", "--shards", str(folders["raw256"] / "00000.tar"), "--out", str(encoder))
+    folders["encoder"] = encoder
+    for size, _, _ in sets:
+        raw = folders[f"raw{size}"]
+        # The 256 px set keeps the folder names of the two-stage quickstart, so its runs resume.
+        emb = "emb" if size == "256" else f"emb{size}"
+        for src, name in ((raw, emb), (raw / "holdout", f"{emb}-holdout")):
+            dst = out / "data" / name
+            if len(list(dst.glob("*.tar"))) < len(list(src.glob("*.tar"))):  # else done: no process to start
+                with timer(f"data: embeddings ({size} px)"):
+                    data_tools("precompute-embeddings", "--shards", shard_list(src), "--encoder", str(encoder),
+                               "--out", str(dst), "--max-length", "32", "--no-progress")
+            folders[f"emb{size}" + name[len(emb):]] = dst
+    return folders
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, each stage exported as soon as it is trained.
+
+def cascade_eval_overrides(args, stage: str, exports: dict[str, Path], folders: dict[str, Path],
+                           every: int) -> list[str]:
+    """The SR stage's periodic evaluation through the cascade: the held-out prompts drawn by the
+    earlier stages' exports with their own samplers, lifted by the stage (evaluation.cascade_from)."""
+    earlier = STAGES[:STAGES.index(stage)]
+    sources = [{"path": str(exports[s]), "sampler": dataclasses.asdict(sampler(args, s))} for s in earlier]
+    size = "1024" if stage == "sr1024" else "256"
+    return [f"evaluation.eval_every_steps={every}", f"evaluation.prompts={json.dumps(HELD_OUT_PROMPTS)}",
+            f"evaluation.num_images_per_prompt={EVAL_PER_PROMPT[stage]}",
+            f"evaluation.sampler={json.dumps(dataclasses.asdict(sampler(args, stage)))}",
+            f"evaluation.cascade_from={json.dumps(sources)}", f"evaluation.seed={args.seed}",
+            f"text.encoder_path={folders['encoder']}", f"data.eval_shards={shard_list(folders[f'emb{size}-holdout'])}"]
+
+
+def train_stages(args, out: Path, folders: dict[str, Path], timer: Timer) -> dict[str, Path]:
+    """Train (or resume) each stage up to --to on 2 CPU ranks (ZeRO-2, fp32) and export its EMA."""
+    common = [f"training.seed={args.seed}", f"data.seed={args.seed}"]
+    steps = {"base64": args.base_steps, "sr256": args.sr_steps, "sr1024": args.sr1024_steps}
+    exports: dict[str, Path] = {}
+    for stage in STAGES[:STAGES.index(STAGE_FOR[args.to]) + 1]:
+        n = steps[stage]
+        keep = 4 if stage == "base64" else 2
+        every = max(1, n // keep)
+        overrides = common + [f"data.train_shards={shard_list(folders['emb1024' if stage == 'sr1024' else 'emb256'])}",
+                              f"training.max_steps={n}", f"checkpoint.every_steps={every}",
+                              f"checkpoint.keep_last={keep}"]
+        if stage != "base64":
+            overrides += cascade_eval_overrides(args, stage, exports, folders, every)
+        with timer(f"train: {stage} ({n} steps)"):
+            train(f"quickstart-{stage}.yaml", out / stage, overrides, args.nproc)
+        with timer(f"train: export {stage}"):
+            exports[stage] = export_checkpoint(find_checkpoint(out / stage / "checkpoints"),
+                                               out / f"{stage}-ema.safetensors")
+        log(f"exported {exports[stage]}")
+    return exports
+
+
+STAGE_FOR = {64: "base64", 256: "sr256", 1024: "sr1024"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+def sample_cascade(args, out: Path, folders: dict[str, Path], exports: dict[str, Path], timer: Timer) -> dict:
+    """The held-out prompts through every trained stage: 4 per prompt at 64 and 256 px, the first
+    SAMPLES_PER_PROMPT['sr1024'] of each lifted to 1024 px. Returns each stage's images, before
+    its final average too, its inputs and prompts (prompt-major rows)."""
+    stages = STAGES[:STAGES.index(STAGE_FOR[args.to]) + 1]
+    low_stages = stages[:2]
+    samplers = {s: dataclasses.asdict(sampler(args, s)) for s in stages}
+    pipeline = from_dict({
+        "target_resolution": RESOLUTION[low_stages[-1]], "encoder_path": str(folders["encoder"]),
+        "checkpoints": {s: str(exports[s]) for s in stages}, "num_images_per_prompt": SAMPLES_PER_PROMPT["base64"],
+        "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"), "batch_size": 16, "device": "cpu",
+        "seed": args.seed, "samplers": samplers}, InferencePipelineConfig, "quickstart")
+    log(f"sampling {len(HELD_OUT_PROMPTS)} new prompts through {' -> '.join(stages)}")
+    with timer("sample: " + " + ".join(low_stages)):
+        result = generate(pipeline, HELD_OUT_PROMPTS, keep_stage_images=True)
+        write_outputs(pipeline, result, HELD_OUT_PROMPTS)
+    samples = {s: {"images": result.stage_images[s], "before_final": result.stage_images_before_final.get(s),
+                   "inputs": result.stage_images[stages[i - 1]] if i else None, "prompts": result.prompts}
+               for i, s in enumerate(low_stages)}
+    stats = list(result.stats)
+    if "sr1024" in stages:
+        k, per = SAMPLES_PER_PROMPT["base64"], SAMPLES_PER_PROMPT["sr1024"]
+        rows = [p * k + i for p in range(len(HELD_OUT_PROMPTS)) for i in range(per)]
+        with timer("sample: sr1024"):
+            device = torch.device("cpu")
+            emb, mask, _ = encode_prompts(str(folders["encoder"]), HELD_OUT_PROMPTS, device, 32, Precision(32, device))
+            emb, mask = emb.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
+            lowres = result.stage_images["sr256"][rows]
+            images, s, before = run_stage(dataclasses.replace(pipeline, target_resolution=1024, batch_size=2),
+                                          "sr1024", emb, mask, device, Precision(32, device), lowres,
+                                          seed=args.seed * 1000 + 200)
+        stats.append(s)
+        for row, image in enumerate(images):
+            save_png(to_pil(image), out / "samples" / "images-1024" / f"p{row // per:03d}_i{row % per:02d}.png")
+        samples["sr1024"] = {"images": images, "before_final": before, "inputs": lowres,
+                             "prompts": [p for p in HELD_OUT_PROMPTS for _ in range(per)]}
+    settings = out / "samples" / "settings.json"
+    summary = json.loads(settings.read_text())
+    summary["stages"] = [{**dataclasses.asdict(s), "images_per_s": s.images_per_s} for s in stats]
+    summary["settings"]["samplers"] = samplers
+    settings.write_text(json.dumps(summary, indent=2))
+    return {"samples": samples, "samplers": {s: describe(sampler(args, s)) for s in stages}, "stats": stats}
+
+
+def write_grids(out: Path, samples: dict) -> tuple[list[dict], str]:
+    """One grid per size (a row per prompt; JPEG at 1024 px) and the bicubic baselines of the SR stages."""
+    grids, baselines = [], []
+    titles = {"base64": "64 px (base stage)", "sr256": "256 px (64 -> 256 stage)", "sr1024": "1024 px (256 -> 1024 stage)"}
+    for stage, s in samples.items():
+        size = RESOLUTION[stage]
+        ncols = len(s["prompts"]) // len(HELD_OUT_PROMPTS)
+        name = f"grid-{size}." + ("jpg" if size == 1024 else "png")
+        grid = make_grid(s["images"], ncols=ncols)
+        path = out / "samples" / name
+        if size == 1024:
+            grid.save(path, format="JPEG", quality=90)
+        else:
+            save_png(grid, path)
+        grids.append({"title": titles[stage], "path": f"samples/{name}"})
+        if s["inputs"] is not None:
+            base = torch.from_numpy(bicubic(to_pixels(s["inputs"]), size)).permute(0, 3, 1, 2)
+            bname = f"bicubic-{size}." + ("jpg" if size == 1024 else "png")
+            bgrid = make_grid(base, ncols=ncols)
+            if size == 1024:
+                bgrid.save(out / "samples" / bname, format="JPEG", quality=90)
+            else:
+                save_png(bgrid, out / "samples" / bname)
+            baselines.append(f"![bicubic {size} px](samples/{bname})")
+    return grids, " ".join(baselines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measures over training.
 
 def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
     """The read-back score of the held-out prompts (4 samples each) at every kept base checkpoint.
@@ -138,159 +309,81 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
     Each checkpoint's EMA weights draw the same samples (same noise, the final sampler's settings);
     the score is the fraction whose colour, kind and place `read_shape` reads as the prompt's.
     """
-
-    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
+    per = SAMPLES_PER_PROMPT["base64"]
+    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(per)]
     text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
     emb, mask = text.encode(prompts, max_length=32, pad_to_max_length=True)
-    sampler = base_sampler(args)
+    s = sampler(args, "base64")
     points = {}
     for tag in list_complete(base_dir / "checkpoints"):
         net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
         images = build_diffusion(cfg.diffusion).sample(
-            net, (len(prompts), 3, 64, 64), emb, mask, sampler,
-            generator=torch.Generator().manual_seed(args.seed)).images
-        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+            net, (len(prompts), 3, 64, 64), emb, mask, s, generator=torch.Generator().manual_seed(args.seed)).images
+        pixels = to_pixels(images)
         score = prompt_following(pixels, prompts)
         points[str(step_of(tag))] = {**score, "background_std_max": max(background_std(p) for p in pixels)}
         log(f"held-out prompts at step {step_of(tag)}: all right {score['all']:.0%}")
-    return {"prompts": HELD_OUT_PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT,
-            "sampler": f"{describe(sampler)}, EMA weights",
+    return {"prompts": HELD_OUT_PROMPTS, "samples_per_prompt": per, "sampler": f"{describe(s)}, EMA weights",
             "by_step": points}
+
+
+def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path]) -> dict:
+    """The read-back score of the SR stage's periodic cascade grids (samples/cascade_step_N.png)."""
+    per = EVAL_PER_PROMPT[stage]
+    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(per)]
+    points = {}
+    grids = sorted((run_dir / "samples").glob("cascade_step_*.png"), key=lambda p: int(p.stem.split("_")[-1]))
+    for path in grids:
+        tiles = split_grid(Image.open(path), RESOLUTION[stage], len(prompts), ncols=per if per > 1 else None)
+        score = prompt_following(tiles, prompts)
+        points[path.stem.split("_")[-1]] = {**score, "background_std_max": max(background_std(t) for t in tiles),
+                                            "edge_width_px": summarize(tiles)["edge_width_px"]}
+    earlier = STAGES[:STAGES.index(stage)]
+    return {"samples_per_prompt": per, "cascade_from": ", ".join(str(exports[s].name) for s in earlier),
+            "grids": f"{run_dir.name}/samples/cascade_step_N.png", "by_step": points}
 
 
 def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dict:
     """FID (64 px) of samples from each kept base checkpoint against the held-out images, with
     the pre-trained FID Inception weights given by --inception."""
-
     inception = load_fid_inception(args.inception)
     real, captions = read_holdout(holdout, 64)
     real_features = extract_features(inception, real)
     text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
     n = min(args.fid_samples, len(captions))
     emb, mask = text.encode(captions[:n], max_length=32, pad_to_max_length=True)
-    sampler = base_sampler(args)
+    s = sampler(args, "base64")
     points = {}
     for tag in list_complete(base_dir / "checkpoints"):
         net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
         images = build_diffusion(cfg.diffusion).sample(
-            net, (n, 3, 64, 64), emb, mask, sampler, generator=torch.Generator().manual_seed(args.seed)).images
+            net, (n, 3, 64, 64), emb, mask, s, generator=torch.Generator().manual_seed(args.seed)).images
         fid = fid_from_features(real_features, extract_features(inception, to_uint8(images)))
         points[str(step_of(tag))] = round(fid, 3)
         log(f"FID at step {step_of(tag)}: {points[str(step_of(tag))]}")
     return {"feature_extractor": f"Inception-v3 with the weights of {Path(args.inception).name}",
-            "real_images": len(real), "generated_per_point": n,
-            "sampler": describe(sampler), "by_step": points}
+            "real_images": len(real), "generated_per_point": n, "sampler": describe(s), "by_step": points}
 
 
-def grain(pixels_by_size: dict[str, np.ndarray], prompts: list[str]) -> dict:
-    """Per size: `background_std` (0-255) of every image (N, H, W, 3) uint8, their largest and
-    median value, and the largest per prompt."""
+# ----------------------------------------------------------------------------------------------
 
-    out = {}
-    for size, pixels in pixels_by_size.items():
-        stds = [background_std(p) for p in pixels]
-        out[size] = {"max": max(stds), "median": sorted(stds)[len(stds) // 2],
-                     "by_prompt": {p: max(v for v, q in zip(stds, prompts) if q == p) for p in dict.fromkeys(prompts)}}
-    return out
-
-
-def score_prompt_following(images_by_size: dict[str, "torch.Tensor"], prompts: list[str]) -> dict:
-    """Per size: the fractions of samples whose colour, kind, position and background, read back
-    from their pixels (`data_tools.synthetic.read_shape`), match their prompt; overall and per prompt."""
-
-    scores = {}
-    for size, images in images_by_size.items():
-        pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-        by_prompt = {}
-        for prompt in dict.fromkeys(prompts):
-            rows = [i for i, q in enumerate(prompts) if q == prompt]
-            by_prompt[prompt] = prompt_following(pixels[rows], [prompt] * len(rows))
-        scores[size] = {"all_prompts": prompt_following(pixels, prompts), "by_prompt": by_prompt}
-    return scores
-
-
-def write_report(out: Path, metrics: dict) -> None:
-    following, grains, progress = metrics["prompt_following"], metrics["background_std"], metrics["progress"]
-    follow_rows = "\n".join(
-        f"| {size} | {prompt} | " + " | ".join(str(s[k]) for k in ("colour", "shape", "position", "background", "all"))
-        + f" | {grains['samples'][size]['by_prompt'].get(prompt, grains['samples'][size]['max'])} |"
-        for size, by_size in following.items()
-        for prompt, s in [*by_size["by_prompt"].items(), ("**all prompts**", by_size["all_prompts"])])
-    progress_rows = "\n".join(
-        f"| {step} | {p['colour']} | {p['shape']} | {p['position']} | {p['all']} | {p['background_std_max']} |"
-        for step, p in progress["by_step"].items())
-    data_grain = ", ".join(f"{size} {g['max']}" for size, g in grains["training_images"].items())
-    prompts = "\n".join(f"{i}. {p}" for i, p in enumerate(metrics["prompts"]))
-    fid = metrics["fid_64px"]
-    if fid:
-        fid_rows = "\n".join(f"| {step} | {value} |" for step, value in fid["by_step"].items())
-        fid_part = f"""## FID of the 64 px stage against {fid['real_images']} held-out images, over training
-Feature extractor: {fid['feature_extractor']}.
-{fid['generated_per_point']} generated images per point, {fid['sampler']}.
-
-| step | FID |
-|---|---|
-{fid_rows}
-"""
-    else:
-        fid_part = """No FID: it needs the pre-trained FID Inception weights (`--inception`), which are not
-downloaded here; with random weights its value did not follow training (docs/training.md).
-"""
-    (out / "report.md").write_text(f"""# Quickstart report
-
-Finished in {metrics['minutes']} minutes (seed {metrics['seed']}). The text encoder is a small random T5 (not pre-trained).
-
-## Samples for prompts no training caption holds word for word (4 per prompt, one row each)
-{prompts}
-
-64 px (base stage): ![64 px](samples/grid-64.png)
-
-256 px (64 -> 256 stage): ![256 px](samples/grid-256.png)
-
-Samplers (EMA weights): 64 px {metrics['samplers']['base64']}; 256 px {metrics['samplers']['sr256']}.
-
-Per-prompt grids and PNGs: `samples/grids/`, `samples/images/`; settings and timings: `samples/settings.json`.
-
-## Do the samples follow their prompts?
-Each sample's shape is read back from its pixels (`data_tools.synthetic.read_shape`: background
-from the border, the shape's colour, its kind from how it fills its bounding box, its position
-from the box's centre); the table gives the fraction of samples whose attribute matches the
-prompt ("all": colour, kind and position at once). Chance is 1/4 for colour, 1/3 for kind, 1/5 for
-position. "grain" is the largest background std of the prompt's samples
-(`data_tools.synthetic.background_std`, 0-255: the standard deviation of the pixels away from
-the shape; the held-out training images measure {data_grain}).
-
-| size | prompt | colour | kind | position | background | all | grain |
-|---|---|---|---|---|---|---|---|
-{follow_rows}
-
-## Progress over training: the held-out prompts at every kept 64 px checkpoint
-{progress['samples_per_prompt']} samples per prompt, {progress['sampler']}, the same noise at every
-checkpoint; fractions read back as above, grain the largest background std.
-
-| step | colour | kind | position | all | grain |
-|---|---|---|---|---|---|
-{progress_rows}
-
-{fid_part}
-Last logged training loss: {metrics['train_loss_last']}.
-Exported EMA weights: {metrics['exports']}.
-""")
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
                         help="output folder (default runs/quickstart, runs/quickstart-seedN for --seed N > 0)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="draws the dataset (data_tools synthetic --seed), seeds both stages' training "
+                        help="draws the datasets (data_tools synthetic --seed), seeds every stage's training "
                              "(weights, noise, data order: training.seed and data.seed) and the sampling noise")
+    parser.add_argument("--to", type=int, choices=(64, 256, 1024), default=1024,
+                        help="the last stage: 64 (base), 256 (64 -> 256) or 1024 (256 -> 1024)")
     parser.add_argument("--short", action="store_true", help="a few steps of everything (smoke test)")
     parser.add_argument("--encoder", default=None,
                         help="a real T5 save_pretrained folder instead of the small random one built here")
-    parser.add_argument("--samples", type=int, default=6000, help="synthetic training samples")
+    parser.add_argument("--samples", type=int, default=6000, help="synthetic training samples at 256 px")
+    parser.add_argument("--hires-samples", type=int, default=1000, help="synthetic training samples at 1024 px")
     parser.add_argument("--base-steps", type=int, default=2400, help="optimizer steps of the 64 px stage")
     parser.add_argument("--sr-steps", type=int, default=2400, help="optimizer steps of the 64->256 stage")
+    parser.add_argument("--sr1024-steps", type=int, default=1200, help="optimizer steps of the 256->1024 stage")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (CPU processes)")
     parser.add_argument("--inception", default=None,
                         help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the FID "
@@ -298,107 +391,72 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid-samples", type=int, default=64, help="generated images per FID point")
     args = parser.parse_args(argv)
     if args.short:
-        args.samples, args.base_steps, args.sr_steps, args.fid_samples = 96, 4, 2, 8
-
-    out = Path(args.out or REPO / "runs" / ("quickstart" if args.seed == 0 else f"quickstart-seed{args.seed}"))
-    out.mkdir(parents=True, exist_ok=True)
-    drawn = out / "seed.json"
+        args.samples, args.hires_samples, args.base_steps, args.sr_steps, args.sr1024_steps, args.fid_samples = \
+            96, 40, 4, 2, 2, 8
+    args.out = Path(args.out or REPO / "runs" / ("quickstart" if args.seed == 0 else f"quickstart-seed{args.seed}"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    drawn = args.out / "seed.json"
     if drawn.is_file() and json.loads(drawn.read_text())["seed"] != args.seed:
-        parser.error(f"{out} holds a run of --seed {json.loads(drawn.read_text())['seed']}; "
+        parser.error(f"{args.out} holds a run of --seed {json.loads(drawn.read_text())['seed']}; "
                      f"give another --out for --seed {args.seed}")
     drawn.write_text(json.dumps({"seed": args.seed}))
-    start = time.time()
+    return args
 
-    # 1. Draw the dataset (256 px: the base stage reads it at 64 px), with a held-out part.
-    raw = out / "data" / "raw"
-    if not (raw / "holdout").is_dir():
-        data_tools("synthetic", "--out", str(raw), "--num-samples", str(args.samples), "--resolution", "256",
-                   "--shard-size", "500", "--holdout", "0.05", "--seed", str(args.seed), "--sizes", "large",
-                   *[arg for combo in EXCLUDED_COMBINATIONS for arg in ("--exclude", combo)])
-    train_raw = ",".join(sorted(str(p) for p in raw.glob("*.tar")))
 
-    # 2. A text encoder: a small random T5 with a tokenizer trained on the captions, unless a
-    #    real one is given.
-    encoder = Path(args.encoder) if args.encoder else out / "encoder"
-    if not args.encoder and not (encoder / "config.json").is_file():
-        data_tools("make-encoder", "--shards", str(raw / "00000.tar"), "--out", str(encoder))
+def measure(args, folders: dict[str, Path], drawn: dict, timer: Timer) -> dict:
+    """Read-back score, grain and edges of the samples at every size, against the training images."""
+    samples = drawn["samples"]
+    following = score_prompt_following({SIZES[s]: v["images"] for s, v in samples.items()},
+                                       {SIZES[s]: v["prompts"] for s, v in samples.items()})
+    for size, score in following.items():
+        log(f"{size}: {score['all_prompts']['all_right']}/{score['all_prompts']['n']} all right")
+    training = {64: read_holdout(folders["raw256"] / "holdout", 64)[0], 256: read_holdout(folders["raw256"] / "holdout", 256)[0]}
+    if "raw1024" in folders:
+        training[1024] = read_holdout(folders["raw1024"] / "holdout", 1024)[0]
+    grains = {"samples": {}, "samples_without_final_average": {}, "training_images": {}}
+    edge = {}
+    with timer("report: grain and edges"):
+        for stage, s in samples.items():
+            size, px = SIZES[stage], RESOLUTION[stage]
+            pixels = to_pixels(s["images"])
+            before = to_pixels(s["before_final"]) if s["before_final"] is not None else None
+            grains["samples"][size] = grain(pixels, s["prompts"])
+            if before is not None:
+                grains["samples_without_final_average"][size] = grain(before)
+            train_pixels = to_pixels(training[px][:8 if px == 1024 else 16])  # drawn: all alike
+            grains["training_images"][size] = grain(train_pixels)
+            edge[size] = edges(pixels, before, to_pixels(s["inputs"]) if s["inputs"] is not None else None,
+                               train_pixels)
+            log(f"{size}: grain {grains['samples'][size]['max']} (largest); edge width {edge[size]['samples']['edge_width_px']} px"
+                + (f", bicubic {edge[size]['bicubic']['edge_width_px']} px" if "bicubic" in edge[size] else ""))
+    return {"prompt_following": following, "background_std": grains, "edges": edge}
 
-    # 3. Embeddings of every caption, stored beside the samples.
-    emb, emb_holdout = out / "data" / "emb", out / "data" / "emb-holdout"
-    for src, dst in ((raw, emb), (raw / "holdout", emb_holdout)):
-        shards = "::".join(sorted(str(p) for p in src.glob("*.tar")))
-        data_tools("precompute-embeddings", "--shards", shards, "--encoder", str(encoder), "--out", str(dst),
-                   "--max-length", "32", "--no-progress")
-    train_shards = "::".join(sorted(str(p) for p in emb.glob("*.tar")))
-    del train_raw
 
-    # 4-5. Train the 64 px base stage and the 64 -> 256 stage on 2 CPU ranks (ZeRO-2, fp32).
-    common = [f"data.train_shards={train_shards}", "checkpoint.keep_last=2", f"training.seed={args.seed}",
-              f"data.seed={args.seed}"]
-    base_dir, sr_dir = out / "base64", out / "sr256"
-    train("quickstart-base64.yaml", base_dir, common + [f"training.max_steps={args.base_steps}",
-                                                       f"checkpoint.every_steps={max(1, args.base_steps // 4)}",
-                                                       "checkpoint.keep_last=4"],
-          args.nproc)
-    train("quickstart-sr256.yaml", sr_dir, common + [f"training.max_steps={args.sr_steps}",
-                                              f"checkpoint.every_steps={max(1, args.sr_steps // 2)}"],
-          args.nproc)
-
-    # 6. Export the EMA weights of both stages.
-    exports = {}
-    for name, run_dir in (("base64", base_dir), ("sr256", sr_dir)):
-        exports[name] = export_checkpoint(find_checkpoint(run_dir / "checkpoints"), out / f"{name}-ema.safetensors")
-        log(f"exported {exports[name]}")
-
-    # 7. Cascaded sampling 64 -> 256 for prompts no training caption holds word for word.
-    samplers = {"base64": dataclasses.asdict(base_sampler(args)),
-                "sr256": dataclasses.asdict(SamplerConfig(name="edm_heun", steps=2 if args.short else 12,
-                                                          guidance_scale=1.0, noise_aug_level=0.25,
-                                                          **final_denoise(args, "sr256")))}
-    pipeline = from_dict({
-        "target_resolution": 256, "encoder_path": str(encoder),
-        "checkpoints": {"base64": str(exports["base64"]), "sr256": str(exports["sr256"])},
-        "num_images_per_prompt": SAMPLES_PER_PROMPT, "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"),
-        "batch_size": 16, "device": "cpu", "seed": args.seed,
-        "samplers": samplers}, InferencePipelineConfig, "quickstart")
-    log(f"sampling {len(HELD_OUT_PROMPTS)} new prompts, 64 -> 256")
-    result = generate(pipeline, HELD_OUT_PROMPTS, keep_stage_images=True)
-    write_outputs(pipeline, result, HELD_OUT_PROMPTS)
-    save_png(make_grid(result.stage_images["base64"], ncols=4), out / "samples" / "grid-64.png")
-    save_png(make_grid(result.images, ncols=4), out / "samples" / "grid-256.png")
-    following = score_prompt_following({"64px": result.stage_images["base64"], "256px": result.images},
-                                       result.prompts)
-    log("prompt following (colour, kind, position all right): "
-        + ", ".join(f"{size} {s['all_prompts']['all']:.0%}" for size, s in following.items()))
-    samples_grain = grain({size: to_uint8(x).permute(0, 2, 3, 1).numpy()
-                           for size, x in (("64px", result.stage_images["base64"]), ("256px", result.images))},
-                          result.prompts)
-    holdout = raw / "holdout"
-    data_grain = {}
-    for size in (64, 256):
-        real, captions = read_holdout(holdout, size)
-        data_grain[f"{size}px"] = grain({"x": real.permute(0, 2, 3, 1).numpy()}, captions)["x"]
-        del data_grain[f"{size}px"]["by_prompt"]
-    log("background std (0-255, largest): samples " + ", ".join(f"{k} {v['max']}" for k, v in samples_grain.items())
-        + "; training images " + ", ".join(f"{k} {v['max']}" for k, v in data_grain.items()))
-
-    # 8. The held-out prompts' score at every kept base checkpoint (and FID, given real Inception weights).
-    progress = progress_over_training(args, encoder, base_dir)
-    fid = fid_over_training(args, encoder, base_dir, holdout) if args.inception else None
-
-    # 9. The report.
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out, timer, start = args.out, Timer(), time.time()
+    folders = draw_data(args, out, timer)
+    exports = train_stages(args, out, folders, timer)
+    drawn = sample_cascade(args, out, folders, exports, timer)
+    grids, bicubic_grids = write_grids(out, drawn["samples"])
+    metrics = measure(args, folders, drawn, timer)
+    with timer("report: progress over training"):
+        progress = progress_over_training(args, folders["encoder"], out / "base64")
+        sr = {s: sr_progress(s, out / s, exports) for s in ("sr256", "sr1024") if s in exports}
+    fid = fid_over_training(args, folders["encoder"], out / "base64", folders["raw256"] / "holdout") \
+        if args.inception else None
     minutes = round((time.time() - start) / 60, 2)
-    metrics = {"minutes": minutes, "seed": args.seed, "prompts": HELD_OUT_PROMPTS,
-               "samplers": {stage: describe(pipeline.sampler_for(stage)) for stage in samplers},
-               "prompt_following": following,
-               "background_std": {"samples": samples_grain, "training_images": data_grain},
-               "progress": progress, "fid_64px": fid,
-               "exports": {k: str(v) for k, v in exports.items()},
-               "train_loss_last": {name: last_loss(d) for name, d in (("base64", base_dir), ("sr256", sr_dir))}}
+    metrics.update({
+        "minutes": minutes, "seed": args.seed, "target_px": args.to, "prompts": HELD_OUT_PROMPTS,
+        "samplers": drawn["samplers"], "grids": grids, "bicubic_grids": bicubic_grids or "-",
+        "progress": progress, "sr_progress": sr, "fid_64px": fid, "timings_s": timer.seconds,
+        "sampling_s": {s.stage: round(s.time_s, 1) for s in drawn["stats"]},
+        "exports": {k: str(v) for k, v in exports.items()},
+        "train_loss_last": {s: last_loss(out / s) for s in exports}})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, metrics)
     log(f"done in {minutes} min: report {out / 'report.md'}, grids {out / 'samples'}, "
-        f"W&B offline runs under {base_dir / 'wandb'} and {sr_dir / 'wandb'}")
+        f"W&B offline runs under {', '.join(str(out / s / 'wandb') for s in exports)}")
     return 0
 
 

@@ -12,56 +12,88 @@ from train_helpers import REPO, train_env
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
+def _run(cmd):
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quickstart_short_stops_at_256_then_resumes_through_1024(tmp_path):
+    """--to 256 trains and samples two stages; the default run then skips what is done and adds the
+    256 -> 1024 stage; every size is read back, and each SR stage is measured against bicubic."""
     out = tmp_path / "quickstart"
     cmd = [sys.executable, str(REPO / "launch" / "quickstart.py"), "--short", "--out", str(out)]
-    first = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    _run([*cmd, "--to", "256"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["seed"] == 0 and json.loads((out / "seed.json").read_text()) == {"seed": 0}
-    for name in ("grid-64.png", "grid-256.png"):
-        assert Image.open(out / "samples" / name).size[0] > 0
-    assert Image.open(out / "samples" / "images" / "p000_i00.png").size == (256, 256)
-    assert (out / "base64-ema.safetensors").is_file() and (out / "sr256-ema.safetensors").is_file()
-    assert list((out / "base64" / "wandb").glob("offline-run-*")), "no offline W&B run"
-    following = metrics["prompt_following"]
-    for size in ("64px", "256px"):
-        overall = following[size]["all_prompts"]
-        assert set(overall) == {"colour", "shape", "position", "background", "all"}
-        assert all(0.0 <= v <= 1.0 for v in overall.values())
-        assert list(following[size]["by_prompt"]) == metrics["prompts"]
-    # The progress score: one point per kept base checkpoint (--short: 4 steps, one kept each step).
-    progress = metrics["progress"]
-    assert list(progress["by_step"]) == ["1", "2", "3", "4"], progress
-    for point in progress["by_step"].values():
-        assert set(point) == {"colour", "shape", "position", "background", "all", "background_std_max"}
-    # Grain: the drawn training images are flat; 4-step models leave their samples noisy.
-    grain = metrics["background_std"]
-    assert grain["training_images"]["64px"]["max"] == 0.0 and grain["training_images"]["256px"]["max"] == 0.0
-    for size in ("64px", "256px"):
-        assert grain["samples"][size]["max"] > 10, grain
-        assert list(grain["samples"][size]["by_prompt"]) == metrics["prompts"]
-    assert metrics["fid_64px"] is None  # no pre-trained Inception weights given
-    report = (out / "report.md").read_text()
-    assert "random T5" in report and "grid-256.png" in report and "| 256px | **all prompts** |" in report
-    assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
-    # Both stages end on the mean of their conditional prediction over noise draws at sigma 0.5
-    # (--short: 2 draws), the progress points too, and the report says so.
-    settings = json.loads((out / "samples" / "settings.json").read_text())["settings"]["samplers"]
-    for stage in ("base64", "sr256"):
-        assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (0.5, 2)
-        assert metrics["samplers"][stage].endswith("then the mean of 2 conditional predictions at sigma 0.5")
-        assert metrics["samplers"][stage] in report
-    assert progress["sampler"].startswith(metrics["samplers"]["base64"])
+    assert metrics["seed"] == 0 and metrics["target_px"] == 256 and json.loads((out / "seed.json").read_text()) == {"seed": 0}
+    assert list(metrics["prompt_following"]) == ["64px", "256px"]
+    assert not (out / "sr1024").exists() and not (out / "data" / "raw1024").exists()
+    assert not (out / "samples" / "grid-1024.jpg").exists()
 
     shard = out / "data" / "raw" / "00000.tar"
     stamp = shard.stat().st_mtime_ns
-    logged = (out / "base64" / "metrics.jsonl").read_text()
-    again = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    logged = {s: (out / s / "metrics.jsonl").read_text() for s in ("base64", "sr256")}
+    again = _run(cmd)
     assert shard.stat().st_mtime_ns == stamp  # the data was not drawn again
     assert "resumed from" in again.stdout + again.stderr  # training picked up its checkpoints
-    assert (out / "base64" / "metrics.jsonl").read_text() == logged  # and trained no step again
+    assert {s: (out / s / "metrics.jsonl").read_text() for s in logged} == logged  # and trained no step again
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["target_px"] == 1024
+
+    for name, size in (("grid-64.png", 4 * 64), ("grid-256.png", 4 * 256), ("grid-1024.jpg", 1024),
+                       ("bicubic-256.png", 4 * 256), ("bicubic-1024.jpg", 1024)):
+        assert Image.open(out / "samples" / name).size[0] > size, name
+    assert Image.open(out / "samples" / "images" / "p000_i00.png").size == (256, 256)
+    for stage in ("base64", "sr256", "sr1024"):
+        assert (out / f"{stage}-ema.safetensors").is_file()
+        assert list((out / stage / "wandb").glob("offline-run-*")), f"no offline W&B run of {stage}"
+    following = metrics["prompt_following"]
+    assert list(following) == ["64px", "256px", "1024px"]
+    for size, n in (("64px", 16), ("256px", 16), ("1024px", 4)):
+        overall = following[size]["all_prompts"]
+        assert set(overall) == {"colour", "shape", "position", "background", "all", "n", "all_right"}
+        assert overall["n"] == n and all(0.0 <= overall[k] <= 1.0 for k in ("colour", "shape", "position", "all"))
+        assert list(following[size]["by_prompt"]) == metrics["prompts"]
+    # The progress score: one point per kept base checkpoint (--short: 4 steps, one kept each step),
+    # and the read-back of each SR stage's periodic cascade grids (2 steps: one per step).
+    assert list(metrics["progress"]["by_step"]) == ["1", "2", "3", "4"]
+    for stage, per in (("sr256", 2), ("sr1024", 1)):
+        sr = metrics["sr_progress"][stage]
+        assert list(sr["by_step"]) == ["1", "2"] and sr["samples_per_prompt"] == per, sr
+        assert set(sr["by_step"]["2"]) == {"colour", "shape", "position", "background", "all", "background_std_max",
+                                           "edge_width_px"}
+        assert (out / stage / "samples" / "cascade_step_2.png").is_file()
+    # Grain at every size, with and without the final average; the drawn training images are flat,
+    # 2-4-step models leave their samples noisy.
+    grain = metrics["background_std"]
+    for size in ("64px", "256px", "1024px"):
+        assert grain["training_images"][size]["max"] == 0.0
+        assert grain["samples"][size]["max"] > 10 and size in grain["samples_without_final_average"], grain
+    # Edges: every size against its training images; the SR stages against bicubic of their input.
+    edges = metrics["edges"]
+    for size in ("64px", "256px", "1024px"):
+        assert 0.7 < edges[size]["training_images"]["edge_width_px"] < 1.6, edges[size]
+        assert {"samples", "samples_without_final_average"} <= set(edges[size])
+    for size in ("256px", "1024px"):
+        assert {"bicubic", "check", "check_without_final_average"} <= set(edges[size])
+        assert set(edges[size]["check"]) == {"edge_width_ratio", "margin", "sharper_than_bicubic"}
+    assert "bicubic" not in edges["64px"]
+    assert metrics["fid_64px"] is None  # no pre-trained Inception weights given
+    assert any(k.startswith("train: sr1024") for k in metrics["timings_s"])
+    assert any(k.startswith("sample: sr1024") for k in metrics["timings_s"])
+    assert not any(k.startswith("data: draw") and "256" in k for k in metrics["timings_s"])  # skipped this time
+    report = (out / "report.md").read_text()
+    assert "random T5" in report and "grid-1024.jpg" in report and "| 1024px | **all prompts** | 4 |" in report
+    assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
+    assert "bicubic-1024.jpg" in report and "against bicubic" in report and "sr1024 stage" in report
+    # Every stage ends on the mean of its conditional prediction over noise draws at sigma 0.5
+    # (--short: 2 draws), the progress points too, and the report says so.
+    settings = json.loads((out / "samples" / "settings.json").read_text())["settings"]["samplers"]
+    for stage in ("base64", "sr256", "sr1024"):
+        assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (0.5, 2)
+        assert metrics["samplers"][stage].endswith("then the mean of 2 conditional predictions at sigma 0.5")
+        assert metrics["samplers"][stage] in report
+    assert metrics["progress"]["sampler"].startswith(metrics["samplers"]["base64"])
 
     other_seed = subprocess.run([*cmd, "--seed", "1"], cwd=REPO, env=train_env(), capture_output=True, text=True,
                                 timeout=120)
@@ -92,12 +124,13 @@ def test_background_std_sees_noise_on_the_background_only():
 
 
 def test_prompt_following_scores_drawn_images_as_right_and_swapped_prompts_as_wrong():
-    """The quickstart's scoring, fed the dataset's own images in the network's [-1, 1] range."""
+    """The quickstart's scoring, fed the dataset's own images in the network's [-1, 1] range, at
+    64 px and (as uint8 pixels) at 1024 px."""
     import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO / "launch"))
-    from quickstart import score_prompt_following
+    from quickstart_report import score_prompt_following
 
     from data_tools.synthetic import draw_sample
 
@@ -105,9 +138,29 @@ def test_prompt_following_scores_drawn_images_as_right_and_swapped_prompts_as_wr
     images = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
                           for img, _, _ in drawn])
     captions = [caption for _, caption, _ in drawn]
-    right = score_prompt_following({"64px": images}, captions)["64px"]
-    assert right["all_prompts"] == {"colour": 1.0, "shape": 1.0, "position": 1.0, "background": 1.0, "all": 1.0}
-    assert set(right["by_prompt"]) == set(captions)
+    kinds = (0, 1, 5)  # a triangle, a square and a circle
+    large = np.stack([np.asarray(draw_sample(0, i, 1024, ("large",))[0]) for i in kinds])
+    right = score_prompt_following({"64px": images, "1024px": large},
+                                   {"64px": captions, "1024px": [captions[i] for i in kinds]})
+    for size, n in (("64px", 24), ("1024px", 3)):
+        assert right[size]["all_prompts"] == {"colour": 1.0, "shape": 1.0, "position": 1.0, "background": 1.0,
+                                              "all": 1.0, "n": n, "all_right": n}
+    assert set(right["64px"]["by_prompt"]) == set(captions)
     shifted = captions[1:] + captions[:1]  # every image judged against another sample's caption
     wrong = score_prompt_following({"64px": images}, shifted)["64px"]["all_prompts"]
-    assert wrong["all"] < 0.5
+    assert wrong["all"] < 0.5 and wrong["all_right"] == round(wrong["all"] * 24)
+
+
+def test_split_grid_gives_back_the_images_of_a_grid():
+    """The SR stages' progress reads their periodic grids back tile by tile."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "launch"))
+    from quickstart_report import split_grid, to_pixels
+
+    from imagen_train.evaluation.grids import make_grid
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    for ncols in (None, 2, 3):
+        tiles = split_grid(make_grid(images, ncols=ncols), 32, 6, ncols=ncols)
+        assert (tiles == to_pixels(images)).all()
