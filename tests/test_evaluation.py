@@ -251,13 +251,14 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ema_network_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
-    """One process (one slice per parameter; tests/dist_ema_check.py covers 2 ranks with uneven
-    ZeRO-2 bounds): each parameter is placed from its slice, cast to the sampling dtype, and no
-    parameter is left on the meta device."""
+def test_materialize_ema_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
+    """One process (one slice per parameter; tests/dist_ema_check.py covers real ZeRO layouts at
+    2 ranks): each parameter is placed from its slice, cast to the sampling dtype, in windows
+    far smaller than a parameter, and no parameter is left on the meta device."""
     from imagen_train.config import load_preset
-    from imagen_train.evaluation.periodic import ema_network, sampling_dtype
+    from imagen_train.evaluation.periodic import sampling_dtype
     from imagen_train.models import build_model
+    from imagen_train.training.ema_network import EMANetwork
 
     cfg = load_preset("base64-tiny", [])
     torch.manual_seed(3)
@@ -265,17 +266,52 @@ def test_ema_network_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
              .state_dict().items()}
     layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
               for k, v in state.items()}
-    net = ema_network(cfg, layout, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
-    assert not net.training and not any(p.requires_grad for p in net.parameters())
-    for name, p in net.named_parameters():
-        assert p.device.type == "cpu" and p.dtype == dtype
-        assert torch.equal(p, state[name].to(dtype)), name
+    shadow = {k: v.reshape(-1) for k, v in state.items()}
+    for window_bytes in (100_000, 64 * 2**20):  # ~30 windows that cut parameters apart; one window
+        net = EMANetwork(cfg, layout, shadow, window_bytes=window_bytes)(dtype, torch.device("cpu"))
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+        for name, p in net.named_parameters():
+            assert p.device.type == "cpu" and p.dtype == dtype
+            assert torch.equal(p, state[name].to(dtype)), name
     assert sampling_dtype(torch.device("cpu")) == torch.float32
     # A layout that does not cover a parameter is refused, not sampled with garbage.
+    from imagen_train.artifacts import CheckpointError
     name = next(iter(layout))
     short = {**layout, name: {**layout[name], "end": layout[name]["end"] - 1}}
-    with pytest.raises(ValueError, match=f"EMA slices of '{name}' cover"):
-        ema_network(cfg, short, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
+    with pytest.raises(CheckpointError, match=f"EMA slices of '{name}' cover"):
+        EMANetwork(cfg, short, shadow)(dtype, torch.device("cpu"))
+
+
+def test_flat_ema_windows_place_every_ranks_slices_exactly():
+    """Three simulated ranks with uneven bounds (a parameter whole on one rank as under ZeRO-1/2,
+    parameters cut over several ranks as under ZeRO-3, empty slices): each rank's flat EMA, cut
+    into windows that split slices and parameters, lands exactly where its bounds say."""
+    from imagen_train.training.ema_network import FlatLayout, fill_window, place_window
+
+    numels = [7, 1, 12, 5, 9]
+    full = [torch.arange(n, dtype=torch.float32) + 100 * i for i, n in enumerate(numels)]
+    cuts = [[(0, 7), (0, 1), (0, 0), (0, 0), (0, 3)],      # rank 0: two whole parameters, a slice
+            [(0, 0), (1, 1), (0, 12), (0, 2), (3, 9)],     # rank 1
+            [(7, 7), (1, 1), (12, 12), (2, 5), (9, 9)]]    # rank 2: one slice only
+    flats = [FlatLayout.from_bounds(bounds) for bounds in cuts]
+    assert [f.length for f in flats] == [11, 20, 3]
+    for width in (1, 3, 4, 20):
+        longest = max(f.length for f in flats)
+        out = [torch.full((n,), -1.0) for n in numels]
+        for begin in range(0, longest, width):
+            rows = []
+            for bounds, flat in zip(cuts, flats):  # what each rank sends
+                window = torch.zeros(min(width, longest - begin))
+                fill_window(window, flat, begin, [t[s:e] for t, (s, e) in zip(full, bounds)])
+                rows.append(window)
+            for row, flat in zip(rows, flats):  # what every rank places from the gathered rows
+                place_window(row, flat, begin, out)
+        for i, (got, want) in enumerate(zip(out, full)):
+            assert torch.equal(got, want), (width, i, got)
+    # The flat EMA of rank 1 is its slices in parameter order.
+    window = torch.zeros(20)
+    fill_window(window, flats[1], 0, [t[s:e] for t, (s, e) in zip(full, cuts[1])])
+    assert torch.equal(window, torch.cat([full[2], full[3][:2], full[4][3:]]))
 
 
 def test_eval_memory_benchmark_measures_both_paths(tmp_path):
@@ -297,7 +333,7 @@ def test_eval_memory_benchmark_measures_both_paths(tmp_path):
     with torch.device("meta"):
         numel = count_parameters(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution))
     assert row["parameters"] == numel and row["net_bytes"] == 4 * numel and row["dtype"] == "float32"
-    for method in ("ema_network", "before"):
+    for method in ("materialize_ema", "before"):
         for part in ("build", "build+sample"):
             m = row[f"{method}/{part}"]
             assert m["peak_added_bytes"] >= 0 and m["kind"] in ("cpu_vmhwm", "cpu_maxrss")
