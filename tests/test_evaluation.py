@@ -339,6 +339,82 @@ def test_eval_memory_benchmark_measures_both_paths(tmp_path):
             assert m["peak_added_bytes"] >= 0 and m["kind"] in ("cpu_vmhwm", "cpu_maxrss")
 
 
+@pytest.fixture(scope="module")
+def eval_traffic(tmp_path_factory, tiny_t5_dir) -> dict[int, list[dict]]:
+    """bench/eval_traffic.py at 1, 2 and 4 CPU ranks of base64-tiny: ZeRO 2 and 3 everywhere, and
+    0 and 1 at 4 ranks. {world size: one row per rank and stage}."""
+    import json
+    import subprocess
+    import sys
+
+    from train_helpers import free_port, train_env
+
+    repo = Path(__file__).resolve().parent.parent
+    out = {}
+    for world, stages in ((1, ["2", "3"]), (2, ["2", "3"]), (4, ["0", "1", "2", "3"])):
+        folder = tmp_path_factory.mktemp(f"traffic{world}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               f"--master_port={free_port()}", str(repo / "bench" / "eval_traffic.py"), "--t5", str(tiny_t5_dir),
+               "--stages", *stages, "--run-dir", str(folder / "run"), "--json", str(folder / "out.json")]
+        proc = subprocess.run(cmd, cwd=repo, env=train_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        out[world] = json.loads((folder / "out.json").read_text())["rows"]
+    return out
+
+
+def test_each_rank_receives_about_one_model_per_evaluation_at_any_world_size(eval_traffic):
+    """The bytes a rank receives in one periodic evaluation stay within one model in the sampling
+    dtype (fp32 on a CPU) plus the stated small terms, at 1, 2 and 4 ranks and ZeRO 0-3; the
+    per-parameter gather this replaced would break that bound under ZeRO-1/2 at 4 ranks."""
+    from imagen_train.config import load_preset
+    from imagen_train.models import build_model
+
+    cfg = load_preset("base64-tiny", ["text.max_length=16"])
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    numel, tensors = sum(p.numel() for p in net.parameters()), len(list(net.parameters()))
+    model_bytes = 4 * numel                                       # fp32: the CPU sampling dtype
+    prompts, length, width, res = 2, 16, 64, cfg.train_resolution  # bench/eval_traffic.py's grid
+    for world, rows in eval_traffic.items():
+        stages = {r["zero_stage"] for r in rows}
+        assert sorted((r["rank"], r["zero_stage"]) for r in rows) == sorted(
+            (rank, stage) for rank in range(world) for stage in stages)
+        # The bound, term by term: the model; the flat EMAs' padding to the longest rank (at most
+        # one element per tensor per rank where ZeRO cuts each tensor evenly, or DeepSpeed's
+        # alignment of 2 x world elements); every rank's slice bounds (int64 pairs, first call
+        # only); the prompt embeddings (fp32) and masks; the grid's images gathered from the
+        # other ranks (fp32, ceil(prompts / world) rows each, with their row count); 4 KiB for
+        # the pickled metadata of the broadcasts.
+        padding = (world - 1) * (tensors + 2 * world) * 4
+        bounds = (world - 1) * tensors * 16
+        embeddings = prompts * length * (width * 4 + 1)
+        grid = (world - 1) * (8 + -(-prompts // world) * 3 * res * res * 4)
+        bound = model_bytes + padding + bounds + embeddings + grid + 4096
+        for r in rows:
+            assert r["parameters"] == numel and r["matches_initial_weights"], r
+            assert r["counter_check_bytes"] == (world - 1) * 4000
+            for call in ("first", "again", "resumed"):
+                got = r[call]["received_bytes"]
+                assert r[call]["logged_received_bytes"] == got
+                assert got <= bound, (world, r["zero_stage"], r["rank"], call, got, bound)
+                # Everything this rank does not hold must arrive: the counter sees the gather.
+                assert got >= 4 * (numel - r["own_elements"]), (world, r["zero_stage"], call, got)
+            if world == 4 and r["zero_stage"] in (1, 2):
+                assert r["old_per_parameter_gather_bytes"] > 2 * bound  # ~3 models: the bound tells them apart
+    assert all(r[c]["received_bytes"] == 0 for r in eval_traffic[1] for c in ("first", "again", "resumed"))
+
+
+def test_only_rank_0_loads_the_text_encoder_once(eval_traffic):
+    """evaluation.prompts are encoded once, on rank 0; the other ranks never load a text encoder
+    (nor import transformers), and a new evaluator over the same run folder (a resumed run)
+    reads the embeddings back instead of loading the encoder again."""
+    for world, rows in eval_traffic.items():
+        for r in rows:
+            first = 1 if r["rank"] == 0 else 0
+            assert [r[c]["encoder_loads"] for c in ("first", "again", "resumed")] == [first, 0, 0], (world, r)
+            assert r["transformers_imported"] == (r["rank"] == 0), (world, r["rank"])
+
+
 def test_random_inception_tells_images_apart():
     """The offline stand-in must not collapse every image to the same features (FID ~0)."""
     import torch
