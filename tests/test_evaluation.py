@@ -252,9 +252,10 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_materialize_ema_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
-    """One process (one slice per parameter; tests/dist_ema_check.py covers real ZeRO layouts at
-    2 ranks): each parameter is placed from its slice, cast to the sampling dtype, in windows
-    far smaller than a parameter, and no parameter is left on the meta device."""
+    """One process (one slice per parameter, placed without a gather; the windows of the gather are
+    tested below with simulated ranks, and at 2 and 4 ranks by tests/dist_ema_check.py and
+    bench/eval_traffic.py): each parameter is placed from its slice, cast to the sampling
+    dtype, and no parameter is left on the meta device."""
     from imagen_train.config import load_preset
     from imagen_train.evaluation.periodic import sampling_dtype
     from imagen_train.models import build_model
@@ -267,12 +268,11 @@ def test_materialize_ema_fills_a_meta_built_network_in_the_sampling_dtype(dtype)
     layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
               for k, v in state.items()}
     shadow = {k: v.reshape(-1) for k, v in state.items()}
-    for window_bytes in (100_000, 64 * 2**20):  # ~30 windows that cut parameters apart; one window
-        net = EMANetwork(cfg, layout, shadow, window_bytes=window_bytes)(dtype, torch.device("cpu"))
-        assert not net.training and not any(p.requires_grad for p in net.parameters())
-        for name, p in net.named_parameters():
-            assert p.device.type == "cpu" and p.dtype == dtype
-            assert torch.equal(p, state[name].to(dtype)), name
+    net = EMANetwork(cfg, layout, shadow)(dtype, torch.device("cpu"))
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    for name, p in net.named_parameters():
+        assert p.device.type == "cpu" and p.dtype == dtype
+        assert torch.equal(p, state[name].to(dtype)), name
     assert sampling_dtype(torch.device("cpu")) == torch.float32
     # A layout that does not cover a parameter is refused, not sampled with garbage.
     from imagen_train.artifacts import CheckpointError

@@ -219,10 +219,11 @@ class PeriodicEvaluator:
                 self._grid_cond = _take(batch, index)
         return self._grid_cond
 
-    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device) -> Tensor:
-        """Samples for this rank's share (rows rank::world) of `cond`, gathered in rank order.
+    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device, gather: bool = True) -> Tensor:
+        """Samples for this rank's share (rows rank::world) of `cond`.
 
-        Returns (N, 3, T, T) on every rank, ordered by rank then row (see `_order`).
+        Returns this rank's (rows, 3, T, T) on the CPU, or with `gather` every rank's (N, 3, T, T)
+        on every rank, ordered by rank then row (see `_order`).
         """
         diffusion = build_diffusion(self.cfg.diffusion)
         rank, world = dist.rank(), dist.world_size()
@@ -239,8 +240,8 @@ class PeriodicEvaluator:
             result = diffusion.sample(caller, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
                                       lowres=low, generator=gen)
             out.append(result.images.float().cpu())
-        local = torch.cat(out).to(device)
-        return dist.all_gather_tensor(local).cpu()
+        local = torch.cat(out)
+        return dist.all_gather_tensor(local.to(device)).cpu() if gather else local
 
     @staticmethod
     def _order(n: int) -> list[int]:
@@ -279,30 +280,28 @@ class PeriodicEvaluator:
             self._metric_cond = read_eval_samples(self.cfg, self.ev.num_fid_samples)
         cond = self._metric_cond
         n = len(cond["caption"])
-        fake = to_uint8(self._sample(net, cond, seed=1, device=device))  # (n, 3, T, T) rank-major
-        captions = [cond["caption"][i] for i in self._order(n)]
+        # Each rank scores the samples it drew (rows rank::world): only their features and cosines
+        # are gathered, never the images (2048 floats per image, not 3 x T x T).
+        mine = list(range(dist.rank(), n, dist.world_size()))
+        fake = to_uint8(self._sample(net, cond, seed=1, device=device, gather=False))  # (len(mine), 3, T, T)
         out: dict[str, float] = {}
-        # Features are computed on each rank for its share, then gathered.
-        rank, world = dist.rank(), dist.world_size()
-        share = slice(rank * -(-n // world), (rank + 1) * -(-n // world))
         if self.fid_on:
             if self._inception is None:
                 self._inception = load_fid_inception(self.ev.inception_path, device)
-            feats = dist.all_gather_tensor(extract_features(self._inception, fake[share], 32, device)
-                                           .to(device)).cpu()
+            feats = dist.all_gather_tensor(extract_features(self._inception, fake, 32, device).to(device)).cpu()
             if self._real_stats is None:
                 if self.ev.fid_stats_path:
                     self._real_stats = FeatureStats.load(self.ev.fid_stats_path)
                 else:
-                    real = to_uint8(cond["image"])
+                    real = to_uint8(cond["image"][mine])
                     real_feats = dist.all_gather_tensor(
-                        extract_features(self._inception, real[share], 32, device).to(device)).cpu()
+                        extract_features(self._inception, real, 32, device).to(device)).cpu()
                     self._real_stats = FeatureStats.from_features(real_feats)
             out["eval/fid"] = fid_from_stats(self._real_stats, FeatureStats.from_features(feats))
         if self.clip_on:
             if self._clip is None:
                 self._clip = ClipScorer(self.ev.clip_path, device)
-            cos = self._clip.cosine(fake[share], captions[share]).to(device)
+            cos = self._clip.cosine(fake, [cond["caption"][i] for i in mine]).to(device)
             out["eval/clip_score"] = float(dist.all_gather_tensor(cos).mean())
         out["eval/num_samples"] = float(n)
         return out

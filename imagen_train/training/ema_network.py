@@ -19,7 +19,8 @@ parameter usually sits whole on one rank, each rank received about world x model
 No full fp32 copy. The network is built on the meta device, given storage once in the sampling
 dtype and filled in place from the gathered windows (the slices are cast while the send
 buffer is filled), so building it adds one copy of the network in that dtype plus the window.
-Every rank's slice bounds are gathered once, checked to tile every parameter
+A rank places its own slices straight from its EMA (one process: no gather at all). Every
+rank's slice bounds are gathered once, checked to tile every parameter
 (`artifacts.ema.check_tiling`) and kept for the later evaluations.
 """
 
@@ -40,6 +41,7 @@ from imagen_train.utils import dist
 # The receive buffer of one window (all ranks' parts together). 64 MiB keeps a 2B-parameter
 # network in bf16 to ~64 collectives per evaluation at any world size.
 DEFAULT_WINDOW_BYTES = 64 * 2**20
+
 
 @dataclass
 class FlatLayout:
@@ -129,17 +131,22 @@ class EMANetwork:
         if set(self.names) != set(named):
             raise ValueError(f"EMA layout and network differ: {sorted(set(self.names) ^ set(named))[:5]}")
         params = [named[n].view(-1) for n in self.names]
-        flats = self.flat_layouts(device)
+        flats, me = self.flat_layouts(device), dist.rank()
         slices = [self.shadow[n].reshape(-1) for n in self.names]
+        for index, start, end in flats[me].entries:  # this rank's own slices need no gather
+            params[index][start:end] = slices[index][:end - start]
+        if len(flats) == 1:
+            return net
         longest = max(f.length for f in flats)                            # L: every rank sends L
         elem_bytes = torch.finfo(dtype).bits // 8
         width = max(1, min(longest, self.window_bytes // (len(flats) * elem_bytes)))
         for begin in range(0, longest, width):
             window = torch.zeros(min(width, longest - begin), dtype=dtype, device=device)
-            fill_window(window, flats[dist.rank()], begin, slices)
+            fill_window(window, flats[me], begin, slices)
             rows = dist.all_gather_equal(window)                           # (world, w)
             for rank, flat in enumerate(flats):
-                place_window(rows[rank], flat, begin, params)
+                if rank != me:
+                    place_window(rows[rank], flat, begin, params)
             del window, rows
         return net
 
