@@ -179,6 +179,10 @@ class TrainingConfig:
     # None: derived as global / (micro * world size); given: must agree with them.
     grad_accum_steps: Optional[int] = None
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # The dtype the micro batches' gradients are summed in (DeepSpeed's grad_accum_dtype, whose
+    # own default is the model's dtype). "auto": fp32 under bf16 at ZeRO 1-3; the model's
+    # dtype otherwise (DeepSpeed 0.19.8 has no fp32 accumulation without ZeRO).
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     zero_stage: int = 2
     offload_optimizer: bool = False
     grad_clip: float = 1.0
@@ -219,6 +223,11 @@ class TrainingConfig:
         check(self.grad_accum_steps is None or self.grad_accum_steps >= 1, "grad_accum_steps",
                "a positive int or null", self.grad_accum_steps)
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "one of 0, 1, 2, 3", self.zero_stage)
+        check(self.grad_accum_dtype != "bf16" or self.precision == "bf16", "grad_accum_dtype",
+              f"'auto' or 'fp32' with precision={self.precision} (bf16 only for a bf16 run)", "bf16")
+        check(self.grad_accum_dtype != "fp32" or self.zero_stage >= 1 or self.precision == "fp32",
+              "grad_accum_dtype", f"'auto' or '{self.precision}' at zero_stage=0 (DeepSpeed accumulates "
+              f"in fp32 under {self.precision} only at ZeRO 1-3)", "fp32")
         check(self.grad_clip >= 0, "grad_clip", "a non-negative float", self.grad_clip)
         check(self.max_bad_steps >= 1, "max_bad_steps", "a positive int", self.max_bad_steps)
         check(self.dist_timeout_s >= 1, "dist_timeout_s", "a positive int", self.dist_timeout_s)

@@ -134,28 +134,33 @@ def test_rng_state_round_trips_through_a_checkpoint_file_and_preserves_cached_ga
 
 
 def test_periodic_evaluation_needs_no_trainer(tmp_path, shards_64):
-    """The evaluator is driven with the step, EMA slices, a device, log functions and a folder."""
+    """The evaluator is driven with the step, a callable that builds the EMA network, a device, log
+    functions and a folder; it calls the builder only when a step is due."""
     from imagen_train.evaluation.periodic import make_periodic_evaluator
 
     cfg = load_preset("base64-tiny", [f"data.eval_shards={shards_64.pattern}", "evaluation.eval_every_steps=2",
                                       f"text.embed_dim={shards_64.embed_dim}", "text.max_length=16",
                                       "evaluation.sampler.steps=2", "evaluation.num_images_per_prompt=1"])
     torch.manual_seed(0)
-    weights = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).state_dict()
-    layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
-              for k, v in weights.items()}
-    shadow = {k: v.reshape(-1).clone() for k, v in weights.items()}
+    built = []
+
+    def materialize_ema(dtype, device):
+        built.append((dtype, device))
+        return build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).to(device, dtype)
+
     metrics, images = [], []
     evaluator = make_periodic_evaluator(cfg)
-    call = dict(ema_layout=layout, ema_shadow=shadow, device=torch.device("cpu"),
+    call = dict(materialize_ema=materialize_ema, device=torch.device("cpu"),
                 log=lambda m, step: metrics.append((step, m)),
                 log_image=lambda key, path, step, caption="": images.append((key, Path(path), step)),
                 out_dir=tmp_path / "samples")
     before = torch.get_rng_state()
     evaluator(step=1, **call)  # not due
-    assert metrics == [] and images == [] and not (tmp_path / "samples").exists()
+    assert metrics == [] and images == [] and built == [] and not (tmp_path / "samples").exists()
     evaluator(step=2, **call)
+    assert built == [(torch.float32, torch.device("cpu"))]
     assert images == [("eval/samples", tmp_path / "samples" / "step_2.png", 2)]
     assert images[0][1].is_file()
     assert [step for step, _ in metrics] == [2] and metrics[0][1]["eval/time_s"] > 0
+    assert metrics[0][1]["eval/received_bytes"] == 0  # one process: nothing comes from another rank
     assert torch.equal(torch.get_rng_state(), before)  # the training RNG is left as it was

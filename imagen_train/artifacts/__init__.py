@@ -2,7 +2,8 @@
 
 - `checkpoints`: checkpoint folder names, manifests, `latest`, verification, per-rank state
   files, the saved config, and the refusal of a checkpoint of another run;
-- `ema`: stitching the full EMA weights from the ranks' slices (one function, `stitch`);
+- `ema`: stitching the full EMA weights from the ranks' slices (`stitch`, which checks that the
+  slices tile each parameter with `check_tiling`);
 - `exports`: the exported .safetensors format, and loading a stage's network for inference
   from an export or a checkpoint folder.
 

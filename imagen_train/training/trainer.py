@@ -26,6 +26,7 @@ from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine
 from imagen_train.training import export, faults, preemption, speed
 from imagen_train.training.ema import EMA
+from imagen_train.training.ema_network import EMANetwork
 from imagen_train.training.preflight import checkpoint_root, preflight
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
@@ -54,8 +55,9 @@ class Trainer:
 
     `callbacks` are called as `callback(trainer)` after every optimizer step and EMA update, on
     every rank. `evaluator` (periodic evaluation) is called after them, on every rank, with
-    only what it needs: `evaluator(step=, ema_layout=, ema_shadow=, device=, log=, log_image=,
-    out_dir=)` (see evaluation/periodic.py); it decides itself whether the step is due. `stop`:
+    only what it needs: `evaluator(step=, materialize_ema=, device=, log=, log_image=, out_dir=)`,
+    where `materialize_ema(dtype, device)` builds the EMA network (training/ema_network.py; see
+    evaluation/periodic.py); it decides itself whether the step is due. `stop`:
     a StopRequest installed by the caller for the whole process (launch/train.py); None: `run()`
     installs one for its own duration.
     """
@@ -108,6 +110,7 @@ class Trainer:
         self.ema = EMA(engine.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
                        cfg.ema.update_every_steps)
         self.layout = engine.partition_layout(self.engine)
+        self.materialize_ema = EMANetwork(cfg, self.layout, self.ema.shadow)  # for the evaluator
         self.accum = self.engine.gradient_accumulation_steps()  # from our config (engine.build_deepspeed_config)
         self.step = 0
         self.bad_steps = 0
@@ -268,8 +271,8 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self)
                 if self.evaluator is not None:
-                    self.evaluator(step=self.step, ema_layout=self.layout, ema_shadow=self.ema.shadow,
-                                   device=self.device, log=self.logger.log, log_image=self.logger.log_image,
+                    self.evaluator(step=self.step, materialize_ema=self.materialize_ema, device=self.device,
+                                   log=self.logger.log, log_image=self.logger.log_image,
                                    out_dir=self.run_dir / "samples")
 
                 # Log.
