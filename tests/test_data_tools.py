@@ -221,13 +221,82 @@ def test_precompute_skips_and_names_bad_samples(tmp_path, capsys, shards_64, tin
     src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
     corrupt_shards(src, tmp_path / "bad")
     code, summary = run_cli(capsys, "precompute-embeddings", "--shards", str(tmp_path / "bad" / "{00000..00001}.tar"),
-                            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"))
-    assert code == 0 and summary["shards_written"] == 2
-    assert summary["skipped"]["bad_image"] == 1 and summary["skipped"]["no_caption"] == 1
-    assert summary["skipped"]["bad_shard"] == 1
+                            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"), "--read-retries", "0")
+    # 00000.tar: bad samples skipped and named; 00001.tar is cut short: no output, exit 1, named.
+    assert code == 1 and not summary["ok"] and summary["shards_written"] == 1
+    assert summary["skipped"] == {"bad_image": 1, "no_caption": 1}
     assert summary["skipped_samples"]["bad_image"][0].endswith(":badjpeg")
-    assert summary["samples_written"] == 4  # good0, wrongwidth (re-embedded), t0 and t1 before the cut
-    assert tarfile.is_tarfile(tmp_path / "emb" / "00001.tar")
+    assert summary["samples_written"] == 2  # good0, wrongwidth (re-embedded)
+    assert [f["shard"] for f in summary["failed_shards"]] == [str(tmp_path / "bad" / "00001.tar")]
+    assert "truncated" in summary["failed_shards"][0]["problem"]
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["00000.tar", "00000.tar.json"]
+    record = json.loads((tmp_path / "emb" / "00000.tar.json").read_text())
+    assert record["input_samples"] == 4 and record["output_samples"] == 2
+    assert record["skipped_keys"] == {"bad_image": ["badjpeg"], "no_caption": ["nocaption"]}
+
+
+def _raw_shards(capsys, folder: Path, n_shards: int = 3, per_shard: int = 2) -> str:
+    run_cli(capsys, "synthetic", "--out", str(folder), "--num-samples", str(n_shards * per_shard),
+            "--shard-size", str(per_shard))
+    return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def test_precompute_makes_no_output_for_a_missing_shard_and_a_rerun_retries_it(tmp_path, capsys, tiny_t5_dir):
+    """Issue 27: a missing input shard once became an empty output shard, exit 0, and was never
+    retried. Now: no output, exit 1 naming it; once it is back, a rerun writes exactly it."""
+    pattern = _raw_shards(capsys, tmp_path / "raw")
+    held = tmp_path / "raw" / "00001.tar.away"
+    (tmp_path / "raw" / "00001.tar").rename(held)
+    args = ["precompute-embeddings", "--shards", pattern, "--encoder", str(tiny_t5_dir),
+            "--out", str(tmp_path / "emb"), "--read-retries", "0"]
+    code = main([*args, "--no-progress"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out[captured.out.index("{\n"):])
+    assert code == 1 and not summary["ok"] and summary["shards_written"] == 2
+    assert "raw/00001.tar could not be read" in captured.err
+    assert summary["failed_shards"][0]["shard"].endswith("raw/00001.tar")
+    assert not (tmp_path / "emb" / "00001.tar").exists()
+    # verify against the inputs fails while the shard is missing
+    code, check = run_cli(capsys, "verify", "--shards", str(tmp_path / "emb" / "{00000..00002}.tar"),
+                          "--inputs", pattern)
+    assert code == 1 and any("00001.tar" in b["sample"] for b in check["bad"])
+    held.rename(tmp_path / "raw" / "00001.tar")
+    code, rerun = run_cli(capsys, *args)
+    assert code == 0 and rerun["ok"] and rerun["shards_written"] == 1 and rerun["shards_skipped_existing"] == 2
+    assert rerun["samples_written"] == 2
+    code, check = run_cli(capsys, "verify", "--shards", str(tmp_path / "emb" / "{00000..00002}.tar"),
+                          "--inputs", pattern, "--require-embeddings")
+    assert code == 0 and check["ok"] and check["samples"] == 6 and check["inputs_checked"] == 3
+
+
+def test_verify_fails_on_an_empty_shard_a_count_off_its_record_and_a_shortfall(tmp_path, capsys, tiny_t5_dir):
+    """What the old precompute left behind (an empty output shard) and a shard that lost samples
+    after it was written are both caught, with and without the inputs."""
+    from data_tools.common import write_tar_atomic
+
+    pattern = _raw_shards(capsys, tmp_path / "raw")
+    out = tmp_path / "emb"
+    code, _ = run_cli(capsys, "precompute-embeddings", "--shards", pattern, "--encoder", str(tiny_t5_dir),
+                      "--out", str(out))
+    assert code == 0
+    outputs = str(out / "{00000..00002}.tar")
+    write_tar_atomic(out / "00001.tar", [])  # the old bug's 10 KiB empty tar
+    one = list(iter_raw_samples(str(out / "00002.tar")))[:1]
+    write_tar_atomic(out / "00002.tar", [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+                                        for s in one])  # a sample lost after writing
+    code, plain = run_cli(capsys, "verify", "--shards", outputs)
+    problems = {b["sample"].rsplit("/", 1)[-1]: b["problem"] for b in plain["bad"]}
+    assert code == 1 and problems["00001.tar"] == "shard holds no samples"
+    assert "holds 1 samples, its record 00002.tar.json says 2" in problems["00002.tar"]
+    (out / "00002.tar.json").unlink()  # without a record, only the inputs can tell
+    code, against = run_cli(capsys, "verify", "--shards", outputs, "--inputs", pattern)
+    problems = {b["sample"].rsplit("/", 1)[-1]: b["problem"] for b in against["bad"]}
+    assert code == 1 and "no precompute record" in problems["00002.tar"]
+    record = json.loads((out / "00000.tar.json").read_text())
+    (out / "00002.tar.json").write_text(json.dumps({**record, "input": "raw/00002.tar"}))
+    code, against = run_cli(capsys, "verify", "--shards", outputs, "--inputs", pattern)
+    problems = {b["sample"].rsplit("/", 1)[-1]: b["problem"] for b in against["bad"]}
+    assert code == 1 and problems["00002.tar"].startswith("shortfall: 1 samples; input")
 
 
 def test_cli_entry_point_help():
