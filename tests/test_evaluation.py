@@ -335,11 +335,11 @@ def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_di
     net = load_fid_inception(str(inception_file))
     gen = torch.Generator().manual_seed(1)
     real = torch.randint(0, 255, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
-    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz")
+    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz", resolution="64")
     from launch.evaluate import main
 
-    sets = {"checkpoints.base64": base, "target_resolution": 64, "encoder_path": tiny_t5_dir,
-            "device": "cpu", "num_images_per_prompt": 2, "samplers.base64.steps": 2,
+    sets = {"checkpoints.base64": base, "evaluation.resolution": 64, "encoder_path": tiny_t5_dir,
+            "device": "cpu", "evaluation.images_per_caption": 2, "samplers.base64.steps": 2,
             "evaluation.captions_file": captions, "evaluation.guidance_scales": "[1.0, 5.0]",
             "evaluation.fid_stats_path": stats, "evaluation.inception_path": inception_file,
             "evaluation.clip_path": clip_dir}
