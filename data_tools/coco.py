@@ -67,4 +67,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder for captions.txt and reference.jsonl")
     p.add_argument("--num", type=int, default=30_000, help="images (one caption each) to draw; 0: all")
     p.add_argument("--seed", type=int, default=0, help="the draw is a pure function of this")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; it shows no bar")
     p.set_defaults(func=lambda a: write_coco(a.annotations, a.images, a.out, a.num, a.seed))
