@@ -19,13 +19,12 @@ import yaml
 
 from imagen_train import artifacts
 from imagen_train.artifacts import checkpoints
-from imagen_train.config import ConfigError, load_config, load_preset, save_config
+from imagen_train.config import ConfigError, LoggingConfig, load_config, load_preset, save_config
 from imagen_train.evaluation.fid import FeatureStats, require_fid_stats
 from imagen_train.evaluation.pipeline_config import load_pipeline_config
 from imagen_train.evaluation.sweep import check_sweep_inputs, sweep_pipeline
 from imagen_train.training import engine, trainer as trainer_module
 from imagen_train.utils.logging import MetricLogger
-from imagen_train.config import LoggingConfig
 from sampling_helpers import export_tiny
 from train_helpers import REPO, train_env
 
