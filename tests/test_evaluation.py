@@ -448,14 +448,14 @@ def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_di
     net = load_fid_inception(str(inception_file))
     gen = torch.Generator().manual_seed(1)
     real = torch.randint(0, 255, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
-    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz")
+    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz", resolution="64")
     from launch.evaluate import main
 
-    sets = {"checkpoints.base64": base, "target_resolution": 64, "encoder_path": tiny_t5_dir,
-            "device": "cpu", "num_images_per_prompt": 2, "samplers.base64.steps": 2,
+    sets = {"checkpoints.base64": base, "evaluation.resolution": 64, "encoder_path": tiny_t5_dir,
+            "device": "cpu", "evaluation.images_per_caption": 2, "samplers.base64.steps": 2,
             "evaluation.captions_file": captions, "evaluation.guidance_scales": "[1.0, 5.0]",
             "evaluation.fid_stats_path": stats, "evaluation.inception_path": inception_file,
-            "evaluation.clip_path": clip_dir}
+            "evaluation.clip_path": clip_dir, "evaluation.save_images": True}
     argv = ["--config", str(REPO / "configs" / "inference_pipeline.yaml"), "--out", str(tmp_path / "sweep")]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
@@ -464,6 +464,9 @@ def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_di
     assert [float(r["guidance_scale"]) for r in rows] == [1.0, 5.0]
     assert all(float(r["fid"]) >= 0 and -1 <= float(r["clip_score"]) <= 1 for r in rows)
     assert all(int(r["num_images"]) == 6 for r in rows)  # 3 captions x 2 images
+    for scale in ("1", "5"):  # evaluation.save_images: every sampled image, per guidance scale
+        saved = sorted((tmp_path / "sweep" / "images" / f"g{scale}").glob("*.png"))
+        assert len(saved) == 6 and Image.open(saved[0]).size == (64, 64)
     assert all(float(r["fid"]) > 0 for r in rows)
     assert rows[0]["clip_score"] != rows[1]["clip_score"]  # the guidance scale reaches the sampler
     assert "| guidance | FID | CLIP score |" in (tmp_path / "sweep" / "sweep.md").read_text()

@@ -201,10 +201,20 @@ def find_resume_tag(root: Path, log: Callable[[str], None] = print, checksums: b
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself or from a checkpoints root (its `latest`)."""
+    """A checkpoint folder from itself or from a checkpoints root (its `latest`); CheckpointError
+    for a path that does not exist or a root that holds no checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (a run writes its checkpoints to "
+                              f"<run_dir>/checkpoints; run_dir defaults to runs/<config name>)")
     if (path / LATEST).is_file():
         return path / (path / LATEST).read_text().strip()
+    if path.is_dir() and not (path / MANIFEST).is_file() and not _TAG_RE.match(path.name):
+        complete = list_complete(path)
+        if not complete:
+            raise CheckpointError(f"{path} holds no complete checkpoint (no {LATEST}, no step_NNNNNNNN "
+                                  f"folder with a {MANIFEST})")
+        return path / complete[-1]
     return path
 
 

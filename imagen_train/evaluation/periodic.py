@@ -136,7 +136,8 @@ class PeriodicEvaluator:
         if self.fid_on:
             require_file(self.ev.inception_path, "evaluation.inception_path", "the FID Inception weights")
             if self.ev.fid_stats_path:
-                require_fid_stats(self.ev.fid_stats_path, "evaluation.fid_stats_path")  # exists, our pipeline
+                # exists, our pipeline, and of the size this evaluation samples
+                require_fid_stats(self.ev.fid_stats_path, "evaluation.fid_stats_path", cfg.train_resolution)
         if self.clip_on:
             require_file(self.ev.clip_path, "evaluation.clip_path", CLIP_HOW_TO, folder=True)
         if not self.use_prompts or self.fid_on or self.clip_on:
@@ -291,7 +292,7 @@ class PeriodicEvaluator:
             feats = dist.all_gather_tensor(extract_features(self._inception, fake, 32, device).to(device)).cpu()
             if self._real_stats is None:
                 if self.ev.fid_stats_path:
-                    self._real_stats = FeatureStats.load(self.ev.fid_stats_path)
+                    self._real_stats = FeatureStats.load(self.ev.fid_stats_path, resolution=self.cfg.train_resolution)
                 else:
                     real = to_uint8(cond["image"][mine])
                     real_feats = dist.all_gather_tensor(

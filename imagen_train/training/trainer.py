@@ -5,6 +5,7 @@ config -> data loader -> network -> diffusion loss -> DeepSpeed engine -> EMA ->
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -78,6 +79,7 @@ class Trainer:
         candidates = self._resume_candidates(resume)
         if candidates:
             artifacts.check_resume_target(candidates[0], cfg.stage, dist.world_size())
+            artifacts.refuse_other_model(candidates[0], cfg)  # names every setting that differs
         engine.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
@@ -126,6 +128,8 @@ class Trainer:
             dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
         if dist.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
+            ds_config = engine.build_deepspeed_config(cfg, dist.world_size(), engine.device_type() == "cpu")
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
         self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id,
                                    fresh=resume == "none")
         self.wandb_id = self.logger.run_id
