@@ -59,10 +59,12 @@ def test_hostfile_run_stops_on_sigterm_with_one_checkpoint(hosts, tmp_path, shar
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{host} slots=1\n" for host in SSH_HOSTS))
     # What the remote shells must see besides PYTHON*, which the runner exports itself: read by
-    # the runner from DS_ENV_FILE (a `.deepspeed_env` file), as on a real cluster.
+    # the runner from DS_ENV_FILE (a `.deepspeed_env` file), as on a real cluster. PATH too: an
+    # ssh session's PATH finds another `ninja` than the venv's, and DeepSpeed's JIT comm op,
+    # built by one ninja, is rebuilt by the other (minutes on this machine).
     ds_env = tmp_path / "deepspeed_env"
     ds_env.write_text("DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\n" + "".join(
-        f"{key}={os.environ[key]}\n" for key in ("TORCH_EXTENSIONS_DIR",) if key in os.environ))
+        f"{key}={os.environ[key]}\n" for key in ("PATH", "TORCH_EXTENSIONS_DIR") if key in os.environ))
     # The runner passes the arguments through each host's shell: a brace pattern would be
     # expanded there, so the shards are listed with '::'.
     sets = tiny_overrides(run_dir, "::".join(shards_64.urls), shards_64.embed_dim, max_steps=MAX_STEPS, **{

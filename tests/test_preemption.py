@@ -2,10 +2,12 @@
 
 A stop signal sent to the `deepspeed` command, to DeepSpeed's `launch.py` or to a rank ends in one
 complete checkpoint from every rank, no process left behind, and a resume that ends where an
-uninterrupted run does. Each test goes through the real processes: `deepspeed --num_gpus 2` on
-2 CPU ranks (gloo), the tiny base64 preset, one DataLoader worker per rank. The shipped SLURM
-script is run with stand-ins for `srun` and `scontrol`, and the hostfile example is read by
-DeepSpeed's own parser.
+uninterrupted run does; a stop before the first step ends every process at once. Each test goes
+through the real processes: `deepspeed --num_gpus 2` on 2 CPU ranks (gloo), the tiny base64
+preset, one DataLoader worker per rank. The start-up and loop phases where a stop may land are
+reached on purpose by tests/stop_phases/sitecustomize.py. The shipped SLURM script's dry run is
+checked here (tests/test_slurm.py runs it on a real cluster), and the hostfile example is read
+by DeepSpeed's own parser (tests/test_hostfile.py runs a hostfile launch over ssh).
 """
 
 from __future__ import annotations
@@ -442,48 +444,54 @@ def test_stop_request_catches_signals_and_restores(tmp_path):
 
 
 EXIT_BEFORE_START = textwrap.dedent("""
-    import os, signal, sys, time
+    import os, signal, subprocess, sys, time
     sys.path.insert(0, sys.argv[1])
     from imagen_train.training.preemption import StopRequest
     stop = StopRequest(["SIGUSR1"], exit_before_start=6, poll_s=0.1).install()
     if sys.argv[2] == "started":
         stop.started()
-    child = os.fork()
-    if child == 0:  # a child process of the rank (a DataLoader worker, a compiler)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        time.sleep(60)
-        os._exit(0)
-    print(child, flush=True)
+    # As torch builds an op at run time: the build folder's lock held, `ninja` running in it.
+    build = sys.argv[3]
+    open(os.path.join(build, "lock"), "w").close()
+    ninja = subprocess.Popen([os.path.join(build, "ninja")], cwd=build, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.3)
+    print(ninja.pid, flush=True)
     os.kill(os.getpid(), signal.SIGUSR1)
     time.sleep(0.5)
     print("requested", stop.requested, stop.reason, flush=True)
+    os.killpg(ninja.pid, signal.SIGKILL)
 """)
 
 
 @pytest.mark.parametrize("when", ["starting", "started"])
 def test_stop_before_start_exits_with_children_and_after_start_only_asks(tmp_path, when):
     """With `exit_before_start`, a stop signal before `started()` ends the process at once with
-    that code, its children SIGKILLed; after `started()` the same signal only sets the request."""
-    script = tmp_path / "stop.py"
+    that code, its children SIGKILLed (a run-time op build's `ninja` among them, whose build
+    folder lock is removed, or every later run would wait on it); after `started()` the same
+    signal only sets the request."""
+    script, build = tmp_path / "stop.py", tmp_path / "build"
     script.write_text(EXIT_BEFORE_START)
-    proc = subprocess.run([sys.executable, str(script), str(REPO), when], capture_output=True, text=True,
-                          timeout=60)
+    build.mkdir()
+    (build / "ninja").write_text("#!/bin/sh\nsleep 60\n")
+    (build / "ninja").chmod(0o755)
+    proc = subprocess.run([sys.executable, str(script), str(REPO), when, str(build)], capture_output=True,
+                          text=True, timeout=60)
     child = int(proc.stdout.split()[0])
     deadline = time.monotonic() + 10
-    while when == "starting" and _alive([psutil.Process(child)] if psutil.pid_exists(child) else []) \
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE \
             and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     if when == "starting":
         assert proc.returncode == 6, proc.stderr
         assert "stop before the first step (SIGUSR1 received): nothing to save" in proc.stderr
         assert "requested" not in proc.stdout
-        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        assert not (build / "lock").exists()  # the killed build's lock is given back
     else:
         assert proc.returncode == 0, proc.stderr
         assert "requested True SIGUSR1 received" in proc.stdout
-        os.kill(child, signal.SIGKILL)
+        assert (build / "lock").exists()
 
 
 CLOSED_OUTPUT = textwrap.dedent("""
@@ -590,3 +598,5 @@ def test_save_time_fit_separates_fixed_cost_and_rate():
     fixed, rate = checkpoint_save.fit(rows)
     assert fixed == pytest.approx(0.5) and rate == pytest.approx(100e6)
     assert checkpoint_save.fit(rows[:1]) == (0.0, pytest.approx(1e6 / rows[0]["median_s"]))
+    # The advance warning: twice the slowest node save, in whole minutes.
+    assert [checkpoint_save.usr1_lead_s(s) for s in (10, 30, 123, 150, 151)] == [60, 60, 300, 300, 360]

@@ -86,15 +86,32 @@ def _gone(proc: psutil.Process) -> bool:
 
 
 def kill_children() -> None:
-    """SIGKILL every descendant of this process (before an exit that leaves nothing to save)."""
+    """SIGKILL every descendant of this process (before an exit that leaves nothing to save).
+
+    A run-time build of a C++ op (DeepSpeed's CPU comm op: torch runs `ninja` in the build
+    folder, holding that folder's `lock` file) would leave the lock behind, and every later
+    run would wait on it for ever: the lock of a killed build is removed.
+    """
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
+    locks = []
+    for child in children:
+        try:
+            if child.name() == "ninja":
+                locks.append(os.path.join(child.cwd(), "lock"))
+        except psutil.Error:
+            pass
     for child in children:
         try:
             child.kill()
         except psutil.Error:
+            pass
+    for lock in locks:
+        try:
+            os.unlink(lock)
+        except OSError:
             pass
 
 
