@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster_helpers import slurm_service, wait_none_left
+from cluster_helpers import missing_or_skip, slurm_service, wait_none_left
 from imagen_train import artifacts
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training.export import export_checkpoint
@@ -239,3 +239,17 @@ def test_signal_during_startup_leaves_nothing_running(slurm, tmp_path, shards_64
             _wait_job(slurm, job, run_dir, _requeued(1), "requeued after a warning in start-up", timeout_s=60)
     finally:
         subprocess.run(["scancel", str(job)], env={**os.environ, **slurm}, capture_output=True)
+
+
+def test_missing_daemons_skip_with_how_to_and_fail_in_ci(monkeypatch):
+    """Without the packages the launcher tests skip with one line naming what to install; with
+    IMAGEN_TRAIN_REQUIRE_CLUSTER=1 (.ci/run) the same is a failure."""
+    needs = {"slurmctld": "no-such-slurmctld-binary"}
+    monkeypatch.delenv("IMAGEN_TRAIN_REQUIRE_CLUSTER", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        missing_or_skip("SLURM", needs, "slurmctld slurmd slurm-client munge")
+    assert "apt-get install -y slurmctld slurmd slurm-client munge" in str(skipped.value)
+    assert "\n" not in str(skipped.value)
+    monkeypatch.setenv("IMAGEN_TRAIN_REQUIRE_CLUSTER", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI never skips them"):
+        missing_or_skip("SLURM", needs, "slurmctld slurmd slurm-client munge")
