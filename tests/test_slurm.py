@@ -6,8 +6,10 @@ What SLURM does here is SLURM's own: srun's signal forwarding, `scancel` and its
 SIGKILL, the time limit and its `--signal=B:USR1@N` warning, `scontrol requeue`.
 
 The one thing the tests change is the wait of a requeued job: SLURM holds it about 2 minutes
-(its BeginTime) before it may start again; the tests release it at once with
-`scontrol update JobId=N StartTime=now`, as an administrator may.
+(its BeginTime, the credential lifetime `cred_expire`) before it may start again; the tests
+release it with `scontrol update JobId=N StartTime=now`, as an administrator may, 2 s after the
+requeue: a node refuses a batch launch whose credential is not newer, to the second, than the
+requeue's revocation of the old one ("Job credential revoked").
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ def _wait_file(path: Path, slurm: dict, job: int, run_dir: Path, lines: int = 1,
         time.sleep(0.3)
 
 
+def _release(slurm: dict, job: int, *updates: str) -> None:
+    """Start a requeued job now rather than after its BeginTime (see the module doc)."""
+    time.sleep(2)  # a credential of a later second than the requeue's revocation
+    _slurm(slurm, "scontrol", "update", f"JobId={job}", *updates, "StartTime=now")
+
+
 def _requeued(restarts: int):
     return lambda info: info["JobState"] == "PENDING" and int(info["Restarts"]) >= restarts
 
@@ -176,7 +184,7 @@ def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_pa
         assert "stop before the first step" in _output(run_dir, job)
         for stale in markers.glob("stop-rank*"):
             stale.unlink()
-        _slurm(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now")
+        _release(slurm, job)
     assert _complete(root) == [1], _output(run_dir, job)[-4000:]
     assert "[sbatch] SIGUSR1 received" in _output(run_dir, job)
     _gone(job, run_dir)
@@ -186,7 +194,7 @@ def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_pa
     held = len((markers / "step-rank0").read_text().splitlines())
     for stale in markers.glob("stop-rank*"):
         stale.unlink()
-    _slurm(slurm, "scontrol", "update", f"JobId={job}", "TimeLimit=UNLIMITED", "StartTime=now")
+    _release(slurm, job, "TimeLimit=UNLIMITED")
     _wait_file(markers / "step-rank0", slurm, job, run_dir, lines=held + 1)
     _slurm(slurm, "scancel", "--signal=USR1", "--batch", str(job))
     _wait_job(slurm, job, run_dir, _requeued(restarts + 1), "requeued after scancel --signal=USR1 --batch")
@@ -195,7 +203,7 @@ def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_pa
 
     # 3. To the end.
     (markers / "hold").unlink()
-    _slurm(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    _release(slurm, job)
     info = _wait_job(slurm, job, run_dir, lambda i: i["JobState"] in FINAL, "finished")
     text = _output(run_dir, job)
     assert info["JobState"] == "COMPLETED", text[-4000:]
