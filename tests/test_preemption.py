@@ -153,23 +153,27 @@ def _resume_matches(run_dir: Path, shards, straight, tmp_path: Path, step: int) 
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, shards_64) -> dict[str, torch.Tensor]:
-    """The exported weights of an uninterrupted run to MAX_STEPS."""
+def straight_run(tmp_path_factory, shards_64) -> tuple[dict[str, torch.Tensor], int]:
+    """An uninterrupted run to MAX_STEPS: its exported weights and its master port."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    proc = subprocess.run(_deepspeed(_sets(run_dir, shards_64)), cwd=REPO, env=train_env(),
+    port = free_port()
+    proc = subprocess.run(_deepspeed(_sets(run_dir, shards_64), port), cwd=REPO, env=train_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return _weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors")
+    return _weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors"), port
 
 
-def test_cpu_run_leaves_no_shared_memory_buffers(tmp_path, shards_64):
+@pytest.fixture(scope="module")
+def straight(straight_run) -> dict[str, torch.Tensor]:
+    """The exported weights of an uninterrupted run to MAX_STEPS."""
+    return straight_run[0]
+
+
+def test_cpu_run_leaves_no_shared_memory_buffers(straight_run):
     """DeepSpeed's CPU all-reduce makes a ~66 MB /dev/shm buffer per rank (named after the uid,
     master address and port, and rank) and never removes it; the trainer unlinks each once all
-    ranks have mapped them. Without that unlink this run leaves two behind."""
-    port = free_port()
-    proc = subprocess.run(_deepspeed(_sets(tmp_path / "run", shards_64, **{"training.max_steps": 2}), port),
-                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks have mapped them. Without that unlink the uninterrupted run leaves two behind."""
+    port = straight_run[1]
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     assert not left, f"shared-memory buffers left behind: {left}"
 
