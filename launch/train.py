@@ -19,6 +19,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 from imagen_train.config import Config, ConfigError, load_config  # noqa: E402
 from imagen_train.utils.dist import rank as process_rank  # noqa: E402
+from imagen_train.training.preemption import STOPPED_BEFORE_START, StopRequest  # noqa: E402
+from imagen_train.utils.signals import survive_closed_output  # noqa: E402
 
 
 def _is_lost_peer(err: BaseException) -> bool:
@@ -86,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(render_config(cfg, args.config), flush=True)
         return 0
-    # Catch stop signals and watch the launchers from the start, before the slow imports and
-    # the engine build: a stop asked for then is honoured at the first step boundary.
-    from imagen_train.training.preemption import StopRequest
-    stop = StopRequest(cfg.training.stop_signals).install()
+    # A stop through DeepSpeed's multi-node runner closes the ssh sessions that carry this
+    # rank's output: keep printing (to run_dir/output-rankR.log) rather than die mid-save.
+    survive_closed_output(lambda: os.path.join(cfg.run_dir, f"output-rank{os.environ.get('RANK', '0')}.log"))
+    # Catch stop signals and watch the launchers from the start, before the slow imports, the
+    # rendezvous and the engine build: a stop then ends the process at once (nothing to save,
+    # exit code STOPPED_BEFORE_START); from the first step on it is saved at a step boundary.
+    stop = StopRequest(cfg.training.stop_signals, exit_before_start=STOPPED_BEFORE_START).install()
 
     from imagen_train.evaluation.periodic import make_periodic_evaluator
     from imagen_train.training.checkpoint import CheckpointError, CheckpointWriteError

@@ -116,6 +116,14 @@ def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
     return out
 
 
+class EvaluationStopped(Exception):
+    """`should_stop()` answered yes between two sampling batches (every rank alike)."""
+
+
+def _never() -> bool:
+    return False
+
+
 def _take(batch: dict[str, Any], index: list[int]) -> dict[str, Any]:
     return {k: ([v[i] for i in index] if isinstance(v, list) else v[index]) for k, v in batch.items()}
 
@@ -150,20 +158,32 @@ class PeriodicEvaluator:
         self._grid_cond: Optional[dict[str, Any]] = None
         self._metric_cond: Optional[dict[str, Any]] = None
         self._inception = self._clip = self._real_stats = None
+        self._should_stop: Callable[[], bool] = _never
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, *, step: int, materialize_ema: MaterializeFn, device: torch.device, log: LogFn,
-                 log_image: LogImageFn, out_dir: Path) -> None:
+                 log_image: LogImageFn, out_dir: Path, should_stop: Callable[[], bool] = _never) -> None:
         """Evaluate when `step` is due (on every rank: it enters collectives).
 
         `materialize_ema(dtype, device)` returns the EMA network (called on every rank at once,
         only when a step is due); `log(metrics, step)` and `log_image(key, path, step,
-        caption=)` record results; grids go to `out_dir`.
+        caption=)` record results; grids go to `out_dir`. `should_stop()` is asked before every
+        sampling batch, on every rank (a collective answer: the trainer's agreed stop request);
+        yes ends the evaluation there, unlogged.
         """
         if self.every <= 0 or step % self.every:
             return
-        with preserved_rng(), torch.no_grad():
-            self.evaluate(step, materialize_ema, device, log, log_image, Path(out_dir))
+        self._should_stop, stopped = should_stop, None
+        try:
+            with preserved_rng(), torch.no_grad():
+                self.evaluate(step, materialize_ema, device, log, log_image, Path(out_dir))
+        except EvaluationStopped as err:
+            stopped = str(err)
+        finally:
+            self._should_stop = _never
+        if stopped is not None:  # out of the except block: its traceback held the EMA network
+            free_memory()
+            dist.print0(f"[eval] step {step}: {stopped}; the evaluation is not logged")
 
     def _prompt_embeddings(self, device: torch.device, out_dir: Path) -> tuple[Tensor, Tensor]:
         """`evaluation.prompts` encoded on rank 0 only (or read from its cache file) and
@@ -234,7 +254,14 @@ class PeriodicEvaluator:
         gen = torch.Generator(device=device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
         caller = NetworkCaller(net)  # in the EMA network's dtype
         out = [torch.zeros(0, 3, res, res)]
-        for i in range(0, len(mine), self.ev.batch_size):
+        # As many batches on every rank (rank 0 has the most rows), so the stop question, a
+        # collective, is asked the same number of times everywhere.
+        most_rows = -(-len(cond["caption"]) // world)
+        for batch, i in enumerate(range(0, most_rows, self.ev.batch_size)):
+            if self._should_stop():
+                raise EvaluationStopped(f"a stop was requested after {batch} sampling batches")
+            if i >= len(mine):
+                continue
             emb = part["text_emb"][i:i + self.ev.batch_size].to(device)
             mask = part["text_mask"][i:i + self.ev.batch_size].to(device)
             low = part["lowres"][i:i + self.ev.batch_size].to(device) if "lowres" in part else None

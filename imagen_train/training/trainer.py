@@ -56,9 +56,10 @@ class Trainer:
 
     `callbacks` are called as `callback(trainer)` after every optimizer step and EMA update, on
     every rank. `evaluator` (periodic evaluation) is called after them, on every rank, with
-    only what it needs: `evaluator(step=, materialize_ema=, device=, log=, log_image=, out_dir=)`,
-    where `materialize_ema(dtype, device)` builds the EMA network (training/ema_network.py; see
-    evaluation/periodic.py); it decides itself whether the step is due. `stop`:
+    only what it needs: `evaluator(step=, materialize_ema=, device=, log=, log_image=, out_dir=,
+    should_stop=)`, where `materialize_ema(dtype, device)` builds the EMA network
+    (training/ema_network.py; see evaluation/periodic.py); it decides itself whether the step is
+    due, and asks `should_stop()` (the ranks' agreed stop request) between its batches. `stop`:
     a StopRequest installed by the caller for the whole process (launch/train.py); None: `run()`
     installs one for its own duration.
     """
@@ -227,6 +228,7 @@ class Trainer:
                             unit="step", dynamic_ncols=True)
         window = self._new_window()
         stopped_by_signal = False
+        stop.started()  # a stop from here on is saved at a step boundary
         try:
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
@@ -261,6 +263,9 @@ class Trainer:
                     cause = "loss" if dist.any_true(bool(nonfinite_losses > 0), self.device) else "gradient"
                     self._bad_step(f"non-finite {cause} at step {self.step + 1}; the update was skipped "
                                    f"on every rank")
+                    stopped_by_signal = self._checkpoint(stop, due=False)
+                    if stopped_by_signal:
+                        break
                     continue
                 window["loss"] += step_loss
                 window["micro"] += self.accum
@@ -277,7 +282,8 @@ class Trainer:
                 if self.evaluator is not None:
                     self.evaluator(step=self.step, materialize_ema=self.materialize_ema, device=self.device,
                                    log=self.logger.log, log_image=self.logger.log_image,
-                                   out_dir=self.run_dir / "samples")
+                                   out_dir=self.run_dir / "samples",
+                                   should_stop=lambda: dist.any_true(stop.requested, self.device))
 
                 # Log.
                 if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
@@ -287,14 +293,9 @@ class Trainer:
                     progress.update(1)
 
                 # Checkpoint (every N steps, at the end, or when asked to stop).
-                stopped_by_signal = dist.any_true(stop.requested, self.device)
-                if (self.step % cfg.checkpoint.every_steps == 0 or self.step == t.max_steps
-                        or stopped_by_signal):
-                    path = self.save_checkpoint()
-                    dist.print0(f"[train] checkpoint {path}")
+                stopped_by_signal = self._checkpoint(stop, due=(
+                    self.step % cfg.checkpoint.every_steps == 0 or self.step == t.max_steps))
                 if stopped_by_signal:
-                    dist.print0(f"[train] stop requested ({stop.reason or 'on another rank'}): "
-                                f"saved step {self.step} and exiting")
                     break
         finally:
             if stop is not self.stop:
@@ -303,6 +304,23 @@ class Trainer:
                 progress.close()
             self.logger.close()
         return TrainResult(self.step, stopped_by_signal, self.last_checkpoint)
+
+    def _checkpoint(self, stop: preemption.StopRequest, due: bool) -> bool:
+        """Save if `due` or a stop is asked for; True (on every rank alike) when the run must stop.
+
+        A stop asked for while the save was written is honoured right after it, without a
+        second save of the step; a step already saved (a skipped update after a save) is not
+        written again.
+        """
+        stopping = dist.any_true(stop.requested, self.device)
+        saved = self.last_checkpoint is not None and self.last_checkpoint.name == ckpt.tag_for(self.step)
+        if (due or stopping) and not saved:
+            dist.print0(f"[train] checkpoint {self.save_checkpoint()}")
+            stopping = stopping or dist.any_true(stop.requested, self.device)
+        if stopping:
+            dist.print0(f"[train] stop requested ({stop.reason or 'on another rank'}): "
+                        f"saved step {self.step} and exiting")
+        return stopping
 
     def _new_window(self) -> dict:
         """Sums over the steps since the last log line; the loss stays on the device until then."""
