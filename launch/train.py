@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from imagen_train.config import Config, ConfigError, load_config  # noqa: E402
-from imagen_train.utils.dist import rank as process_rank  # noqa: E402
 from imagen_train.training.preemption import STOPPED_BEFORE_START, StopRequest  # noqa: E402
 from imagen_train.utils.signals import survive_closed_output  # noqa: E402
 
@@ -65,6 +64,9 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not _is_refusal(err):
             raise
+        # utils.dist imports torch: not at the top, where it would run before the stop signals
+        # are caught (main installs them first thing).
+        from imagen_train.utils.dist import rank as process_rank
         if process_rank() == 0:
             print(f"[train] refused: {err}", file=sys.stderr, flush=True)
         return 2
