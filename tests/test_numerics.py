@@ -2,17 +2,17 @@
 1 rank with 2 accumulation steps, trains the same (tests/numerics_check.py feeds every layout the
 same global batches; the trainer seeds each micro batch's noise by step and global index).
 
-Tolerance: the first 20 losses (and gradient norms) agree to 2e-4 relative. In exact arithmetic
-the runs are identical; in fp32 they differ only in the order of sums: gradients averaged over
-ranks by an all-reduce (ZeRO-0), a reduce-scatter (ZeRO 1-3) or summed over accumulation steps,
-each in its own bucketing. Such reorderings change a sum by about 1e-7 relative (fp32's epsilon
-is 1.2e-7), and training amplifies them: the golden-loss recipe run on 2 threads instead of 1
-(another summation order inside the kernels) drifted by 3e-5 by step 43 (tests/test_golden_loss.py).
-Measured here (development VM): the largest gap over the 20 steps, any layout against 2-rank
-ZeRO-2, was MEASURED (see test_losses_agree_across_zero_stages_and_accumulation). A real
-difference of method moves them by far more: a different batch or noise changes the loss of
-step 1 by several percent, and averaging instead of summing the micro batches' gradients (or the
-reverse) changes the logged gradient norm by 2x.
+Tolerance: the first 20 losses (and gradient norms) agree to 1e-5 relative. In exact arithmetic
+the runs are identical; in fp32 they can differ only in the order of sums: gradients averaged
+over ranks by an all-reduce (ZeRO-0), a reduce-scatter of flat buckets (ZeRO 1-2) or of padded
+partitions (ZeRO-3), or summed over accumulation steps. With 2 ranks those are sums of two
+terms and halvings, which fp32 does exactly, so measured on the development VM (2026-12-02) the
+losses of ZeRO 0, 1 and 1 rank x 2 accumulation steps equal 2-rank ZeRO-2's bit for bit over the
+20 steps, and ZeRO-3's differ by at most 1.0e-7 relative (one rounding in its reduce-scatter, at
+fp32's epsilon of 1.2e-7); the gradient norms by at most 1.6e-7 (ZeRO-3) and 1.4e-7 (1 rank). 1e-5 leaves 100x that for another CPU's kernels, while any real
+difference of method fails by far: another batch or other noise moves step 1's loss by percents,
+a halved LR the later ones by about 1e-2, and summing instead of averaging the micro batches'
+gradients doubles the logged gradient norm.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from train_helpers import REPO, free_port, read_metrics, tiny_overrides, train_e
 
 pytestmark = pytest.mark.timeout(900)
 CONFIG = REPO / "configs" / "base64-tiny.yaml"
-STEPS, RTOL = 20, 2e-4
+STEPS, RTOL = 20, 1e-5
 
 
 def launch(nproc: int, jobs: list[str]) -> None:
@@ -73,6 +73,8 @@ def test_losses_agree_across_zero_stages_and_accumulation(curves):
 
 
 def test_gradient_norms_agree_across_zero_stages_and_accumulation(curves):
-    gaps = _gaps(curves, "train/grad_norm")
+    # DeepSpeed reports no global gradient norm for ZeRO-0's bare optimizer (its losses are compared above).
+    assert all("train/grad_norm" not in m for m in curves["zero0"])
+    gaps = _gaps({name: m for name, m in curves.items() if name != "zero0"}, "train/grad_norm")
     print("largest relative gradient-norm gap against 2-rank ZeRO-2:", gaps)
     assert all(gap <= RTOL for gap in gaps.values()), gaps

@@ -143,15 +143,15 @@ def test_one_notice_says_what_changed(resumed_runs):
     assert "[train] resuming" not in first
     a = notice(second, "step_00000006", "2 ranks at ZeRO stage 2")
     assert "on 1 rank at ZeRO stage 2; re-sliced (ranks 2 -> 1): the fp32 masters, Adam's moments" in a
-    assert "(changed: ranks 2 -> 1)" in a and "shards are drawn with replacement" in a
+    assert "; changed: ranks 2 -> 1)" in a and "shards are drawn with replacement" in a
     b = notice(second, "step_00000006", "2 ranks at ZeRO stage 3")
-    assert "re-sliced (ranks 2 -> 1)" in b and "(changed: ranks 2 -> 1, data.num_workers 1 -> 2)" in b
+    assert "re-sliced (ranks 2 -> 1)" in b and "; changed: ranks 2 -> 1, data.num_workers 1 -> 2)" in b
     a = notice(third, "step_00000009", "1 rank at ZeRO stage 2")
     assert "on 2 ranks at ZeRO stage 3; re-sliced (ranks 1 -> 2, ZeRO stage 2 -> 3)" in a
-    assert "(changed: ranks 1 -> 2, data.shuffle_buffer 16 -> 8)" in a
+    assert "; changed: ranks 1 -> 2, data.shuffle_buffer 16 -> 8)" in a
     b = notice(third, "step_00000009", "1 rank at ZeRO stage 3")
-    assert "(changed: ranks 1 -> 2, data.num_workers 2 -> 1)" in b
+    assert "; changed: ranks 1 -> 2, data.num_workers 2 -> 1)" in b
     # B's last resume changes only the shard list: DeepSpeed loads its own files, the data re-splits.
     b = notice(third, "step_00000012", "2 ranks at ZeRO stage 3")
-    assert "re-sliced" not in b and "(changed: data.train_shards (another shard list))" in b
+    assert "re-sliced" not in b and "; changed: data.train_shards (another shard list))" in b
     assert "the batches are no longer the old layout's" in b

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -103,6 +104,13 @@ def read_rank_state(folder: Path, rank: int) -> dict:
         raise CheckpointError(f"{path} is missing: was the checkpoint written by a run with "
                               f"another number of ranks?")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pickled_bytes(path: Path) -> int:
+    """Size of the pickled structure of a torch.save file: what a memory-mapped load reads whole
+    (its tensors are read only where touched)."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist() if info.filename.endswith(".pkl"))
 
 
 def read_all_rank_states(folder: Path, mmap: bool = False) -> list[dict]:

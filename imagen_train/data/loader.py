@@ -12,6 +12,8 @@ re-reads (without decoding) only the samples its buffer held and the read part o
 shard, and the DataLoader's round-robin is rotated to start with the worker that was next.
 Result: 10 steps + save + new process + load + 10 steps yields the same batches as 20 steps
 straight, and what a resume reads does not grow with the step (docs/training.md, "Resume").
+A state saved under another layout (ranks, workers, shuffle buffer, shard list, seed) is not
+continued exactly but re-split over this one (`resplit`, data/resplit.py).
 
 Ranks and workers never share samples: with at least ranks x workers shards each worker owns
 the shards `urls[g::ranks*workers]` (g = rank * workers + worker); with fewer, every worker

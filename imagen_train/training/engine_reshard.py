@@ -17,13 +17,12 @@ Why this and not DeepSpeed's universal checkpoint: docs/design-notes.md.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from imagen_train.artifacts.checkpoints import CheckpointError
+from imagen_train.artifacts.checkpoints import CheckpointError, pickled_bytes
 from imagen_train.training.engine import _master_slices, _zero0_masters, is_zero3, torch_optimizer
 from imagen_train.utils import dist
 
@@ -152,8 +151,7 @@ class _MappedFiles:
             path = self.folder / name
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing: the checkpoint's layout record names it")
-            with zipfile.ZipFile(path) as archive:  # the pickled structure is read whole
-                self.read["metadata_bytes"] += sum(i.file_size for i in archive.infolist() if i.filename.endswith(".pkl"))
+            self.read["metadata_bytes"] += pickled_bytes(path)  # read whole; tensors only where sliced
             # DeepSpeed's own files hold pickled objects (as DeepSpeed's loader, weights_only=False):
             # read only after the folder verified against its manifest (docs/fault-tolerance.md).
             self.files[name] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)

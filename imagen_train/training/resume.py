@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from imagen_train import artifacts
+from imagen_train.artifacts.checkpoints import pickled_bytes, rank_state_path
 from imagen_train.config import Config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import engine, engine_reshard
@@ -64,6 +65,10 @@ def restore(plan: ResumePlan, ds_engine, ema: EMA, loader: Any, layout: dict[str
         states = artifacts.read_all_rank_states(folder, mmap=True)
         state = states[dist.rank() % len(states)]
         read = engine_reshard.load_resharded(ds_engine, folder, [s["optimizer_layout"] for s in states])
+        # and what the EMA and every old rank's state file cost (their tensors memory-mapped):
+        read["tensor_bytes"] += 4 * sum(e["end"] - e["start"] for e in layout.values())
+        read["metadata_bytes"] += sum(pickled_bytes(rank_state_path(folder, r)) for r in range(len(states)))
+        read["files"] += len(states)
     else:
         state = ckpt.load_rank_state(folder)
         engine.load_engine(ds_engine, str(folder.parent), folder.name)
@@ -97,8 +102,8 @@ def notice(plan: ResumePlan, reads: Optional[list[dict[str, int]]], data_note: O
         meta_kib = max(r["metadata_bytes"] for r in reads) / 2**10
         parts.append(f"re-sliced ({', '.join(plan.changes())}): the fp32 masters, Adam's moments and step, the "
                      f"EMA, the step and the LR schedule are the checkpoint's; each rank read at most "
-                     f"{tensor_mib:.1f} MiB of tensors and {meta_kib:.0f} KiB of file metadata from "
-                     f"{max(r['files'] for r in reads)} DeepSpeed files")
+                     f"{tensor_mib:.1f} MiB of tensors (optimizer state and EMA) and {meta_kib:.0f} KiB of pickled "
+                     f"metadata from {max(r['files'] for r in reads)} files")
         if plan.precision == "fp16":
             parts.append("fp16's dynamic loss scale starts again from its initial value")
     if data_note:
