@@ -77,9 +77,9 @@ def test_deepspeed_internals_the_reshard_reads(tmp_path):
 @pytest.fixture(scope="module")
 def resumed_runs(tmp_path_factory, shards_64):
     """Run A: ZeRO 2 on 2 ranks (6 steps), resumed on 1 rank (to 9), then on 2 ranks at ZeRO 3
-    (to 12, with another data.shuffle_buffer). Run B: ZeRO 3 throughout, 2 ranks, 1 rank (with 1
-    loader worker instead of 0), 2 ranks, then once more at the same layout with another shard
-    list (a data-only change)."""
+    (to 12, with another data.shuffle_buffer). Run B: ZeRO 3, 2 ranks, 1 rank (with 2 loader
+    workers instead of 1), 2 ranks, then once more at the same layout with another shard list (a
+    data-only change), then at ZeRO 2 on the same ranks (a stage-only change)."""
     root = tmp_path_factory.mktemp("reshard")
     base = {"lr_schedule.warmup_steps": WARMUP, "optim.lr": LR, "checkpoint.every_steps": 3,
             "data.resampled": True}
@@ -93,11 +93,12 @@ def resumed_runs(tmp_path_factory, shards_64):
     logs = [torchrun(2, "reshard_check.py", str(CONFIG), job("a", 2, 6), job("b", 3, 6)),
             torchrun(1, "reshard_check.py", str(CONFIG), job("a", 2, 9), job("b", 3, 9, **{"data.num_workers": 2})),
             torchrun(2, "reshard_check.py", str(CONFIG), job("a", 3, 12, **{"data.shuffle_buffer": 8}),
-                     job("b", 3, 12), job("b", 3, 14, **{"data.train_shards": subset}))]
+                     job("b", 3, 12), job("b", 3, 14, **{"data.train_shards": subset}),
+                     job("b", 2, 16, **{"data.train_shards": subset}))]
     return root, [p.stdout + p.stderr for p in logs]
 
 
-@pytest.mark.parametrize("run,step", [("a", 6), ("a", 9), ("b", 6), ("b", 9), ("b", 12)])
+@pytest.mark.parametrize("run,step", [("a", 6), ("a", 9), ("b", 6), ("b", 9), ("b", 12), ("b", 14)])
 def test_optimizer_ema_step_and_lr_equal_what_was_saved(resumed_runs, run, step):
     root, _ = resumed_runs
     saved = torch.load(root / run / f"saved_step{step}.pt", weights_only=False)
@@ -120,7 +121,7 @@ def test_optimizer_ema_step_and_lr_equal_what_was_saved(resumed_runs, run, step)
 
 def test_lr_continues_the_schedule_and_loss_stays_in_the_runs_noise(resumed_runs):
     root, _ = resumed_runs
-    for run, resumes in (("a", (6, 9)), ("b", (6, 9, 12))):
+    for run, resumes in (("a", (6, 9)), ("b", (6, 9, 12, 14))):
         metrics = read_metrics(root / run)
         by_step = {m["step"]: m for m in metrics}
         assert sorted(by_step) == list(range(1, max(by_step) + 1))
@@ -155,3 +156,7 @@ def test_one_notice_says_what_changed(resumed_runs):
     b = notice(third, "step_00000012", "2 ranks at ZeRO stage 3")
     assert "re-sliced" not in b and "; changed: data.train_shards (another shard list))" in b
     assert "the batches are no longer the old layout's" in b
+    # Then at ZeRO 2 on the same 2 ranks: re-sliced, and the data stream goes on exactly.
+    b = notice(third, "step_00000014", "2 ranks at ZeRO stage 3")
+    assert "on 2 ranks at ZeRO stage 2; re-sliced (ZeRO stage 3 -> 2)" in b and "re-split" not in b
+    assert "the batches are the old layout's; sums run in another order" in b

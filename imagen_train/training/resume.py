@@ -77,7 +77,7 @@ def restore(plan: ResumePlan, ds_engine, ema: EMA, loader: Any, layout: dict[str
         state["ema"]["shadow"] = artifacts.ema_slices_for(folder, layout, states)
     ema.load_state_dict(state["ema"])
     data_note = None
-    if plan.reshard or loader.changes(state["data"]):
+    if loader.changes(state["data"]):  # another world size, or data keys (a ZeRO stage alone: exact)
         states = states or artifacts.read_all_rank_states(folder, mmap=True)
         data_note = loader.resplit([s["data"] for s in states])
     else:
