@@ -106,12 +106,16 @@ def test_resume_refusal_is_one_check_from_files_or_rank_state(tmp_path):
     # Another world size or ZeRO stage: re-sliced, if the rank files record their optimizer
     # layouts (this fake's, like those of older code, do not).
     for world, zero in ((4, 2), (2, 3)):
-        with pytest.raises(artifacts.CheckpointError, match=r"written by 2 ranks at ZeRO stage 2 by code that "
-                           r"did not record its optimizer layout.*training.init_from"):
+        with pytest.raises(artifacts.CheckpointError, match=r"written by 2 ranks at ZeRO stage 2, and its rank "
+                           r"files record no optimizer layout.*training.init_from"):
             artifacts.check_resume_target(folder, "base64", world, zero)
-    for rank in range(2):
-        state = artifacts.read_rank_state(folder, rank)
-        checkpoints.write_rank_state(folder, rank, {**state, "optimizer_layout": {"version": 1}})
+    for layout in (None, {"version": 1}):  # None: a run whose optimizer the re-slice does not know
+        for rank in range(2):
+            state = artifacts.read_rank_state(folder, rank)
+            checkpoints.write_rank_state(folder, rank, {**state, "optimizer_layout": layout})
+        if layout is None:
+            with pytest.raises(artifacts.CheckpointError, match="record no optimizer layout"):
+                artifacts.check_resume_target(folder, "base64", 4, 2)
     assert artifacts.check_resume_target(folder, "base64", 4, 3)["reshardable"]
     with pytest.raises(artifacts.CheckpointError, match="'training.offload_optimizer'.*not supported"):
         artifacts.check_resume_target(folder, "base64", 4, 2, offload_optimizer=True)

@@ -253,7 +253,7 @@ def resume_source(folder: Path) -> dict[str, Any]:
         if rank_state_path(folder, 0).is_file() else {}
     return {"stage": saved.get("stage"), "world_size": json.loads((folder / MANIFEST).read_text()).get("world_size"),
             "zero_stage": training.get("zero_stage"), "offload_optimizer": bool(training.get("offload_optimizer")),
-            "precision": training.get("precision"), "reshardable": "optimizer_layout" in rank0}
+            "precision": training.get("precision"), "reshardable": rank0.get("optimizer_layout") is not None}
 
 
 def check_resume_target(folder: Path, stage: str, world_size: int, zero_stage: int,
@@ -269,9 +269,10 @@ def check_resume_target(folder: Path, stage: str, world_size: int, zero_stage: i
     was = f"{source['world_size']} ranks at ZeRO stage {source['zero_stage']}"
     now = f"{world_size} ranks at ZeRO stage {zero_stage}"
     if not source["reshardable"]:
-        raise CheckpointError(f"{folder} was written by {was} by code that did not record its optimizer "
-                              f"layout, so it cannot be re-sliced for {now}: resume it at {was}, or export "
-                              f"it and start a new run from it with training.init_from")
+        raise CheckpointError(f"{folder} was written by {was}, and its rank files record no optimizer layout "
+                              f"(older code, or an optimizer the re-slice does not know), so it cannot be "
+                              f"re-sliced for {now}: resume it at {was}, or export it and start a new run "
+                              f"from it with training.init_from")
     if source["offload_optimizer"] or offload_optimizer:
         raise CheckpointError(f"config key 'training.offload_optimizer': re-slicing {folder} ({was}) for {now} "
                               f"is not supported with offloaded optimizer states (untested); resume it at {was}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -93,11 +93,19 @@ def rank_files(engine) -> dict[str, str]:
     return {"optimizer": os.path.basename(engine._get_zero_ckpt_name("", "")), "model": model}
 
 
-def optimizer_layout(engine) -> dict[str, Any]:
-    """What each rank's checkpoint state records so that another layout can re-slice it."""
-    return {"version": LAYOUT_VERSION, "kind": optimizer_kind(engine), "zero_stage": engine.zero_optimization_stage(),
-            "files": rank_files(engine),
-            "params": {name: [start, end, flat, offset] for name, start, end, flat, offset in optimizer_fragments(engine)}}
+def optimizer_layout(engine) -> Optional[dict[str, Any]]:
+    """What each rank's checkpoint state records so that another layout can re-slice it; None
+    (said in the log) for an optimizer this module does not know: the run trains and resumes on
+    its own layout as before, only not onto another one."""
+    try:
+        return {"version": LAYOUT_VERSION, "kind": optimizer_kind(engine),
+                "zero_stage": engine.zero_optimization_stage(), "files": rank_files(engine),
+                "params": {name: [start, end, flat, offset]
+                           for name, start, end, flat, offset in optimizer_fragments(engine)}}
+    except (RuntimeError, AttributeError) as err:
+        dist.print0(f"[train] this run's checkpoints cannot be resumed onto another world size or ZeRO "
+                    f"stage: {err}")
+        return None
 
 
 def saved_optimizer(kind: str, saved: dict[str, Any]) -> tuple[Callable[[int, str], torch.Tensor], dict]:
