@@ -82,7 +82,7 @@ def resumed_runs(tmp_path_factory, shards_64):
     data-only change), then at ZeRO 2 on the same ranks (a stage-only change)."""
     root = tmp_path_factory.mktemp("reshard")
     base = {"lr_schedule.warmup_steps": WARMUP, "optim.lr": LR, "checkpoint.every_steps": 3,
-            "data.resampled": True}
+            "checkpoint.keep_last": 10, "data.resampled": True}
 
     def job(name, zero, steps, **extra):
         sets = tiny_overrides(root / name, shards_64.pattern, shards_64.embed_dim, zero_stage=zero,
