@@ -96,17 +96,32 @@ def test_a_checkpoints_ema_loads_for_inference_without_deepspeed(tmp_path):
 
 def test_resume_refusal_is_one_check_from_files_or_rank_state(tmp_path):
     _, folder = _fake_checkpoint(tmp_path / "checkpoints")
-    artifacts.check_resume_target(folder, "base64", 2)  # the same run: accepted
+    source = artifacts.check_resume_target(folder, "base64", 2, 2)  # the same run: accepted
+    assert (source["world_size"], source["zero_stage"], source["reshardable"]) == (2, 2, False)
     with pytest.raises(artifacts.CheckpointError, match="checkpoint of stage base64, this run trains stage sr256"):
-        artifacts.check_resume_target(folder, "sr256", 2)
-    with pytest.raises(artifacts.CheckpointError, match="written by 2 ranks; this run has 4 .*training.init_from"):
-        artifacts.check_resume_target(folder, "base64", 4)
-    state = artifacts.read_rank_state(folder, 1)  # what Trainer.load_checkpoint checks, same words
-    with pytest.raises(artifacts.CheckpointError, match="written by 2 ranks; this run has 3"):
-        artifacts.refuse_other_run(folder, state["stage"], state["world_size"], "base64", 3)
+        artifacts.check_resume_target(folder, "sr256", 2, 2)
+    state = artifacts.read_rank_state(folder, 1)  # what the resume checks again, same words
+    with pytest.raises(artifacts.CheckpointError, match="checkpoint of stage base64, this run trains stage sr256"):
+        artifacts.refuse_other_run(folder, state["stage"], "sr256")
+    # Another world size or ZeRO stage: re-sliced, if the rank files record their optimizer
+    # layouts (this fake's, like those of older code, do not).
+    for world, zero in ((4, 2), (2, 3)):
+        with pytest.raises(artifacts.CheckpointError, match=r"written by 2 ranks at ZeRO stage 2, and its rank "
+                           r"files record no optimizer layout.*training.init_from"):
+            artifacts.check_resume_target(folder, "base64", world, zero)
+    for layout in (None, {"version": 1}):  # None: a run whose optimizer the re-slice does not know
+        for rank in range(2):
+            state = artifacts.read_rank_state(folder, rank)
+            checkpoints.write_rank_state(folder, rank, {**state, "optimizer_layout": layout})
+        if layout is None:
+            with pytest.raises(artifacts.CheckpointError, match="record no optimizer layout"):
+                artifacts.check_resume_target(folder, "base64", 4, 2)
+    assert artifacts.check_resume_target(folder, "base64", 4, 3)["reshardable"]
+    with pytest.raises(artifacts.CheckpointError, match="'training.offload_optimizer'.*not supported"):
+        artifacts.check_resume_target(folder, "base64", 4, 2, offload_optimizer=True)
     (folder / checkpoints.CONFIG_FILE).write_text("stage: [unclosed")
     with pytest.raises(artifacts.CheckpointError, match="config.yaml cannot be read"):
-        artifacts.check_resume_target(folder, "base64", 2)
+        artifacts.check_resume_target(folder, "base64", 2, 2)
 
 
 def _draw() -> tuple:

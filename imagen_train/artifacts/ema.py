@@ -73,11 +73,31 @@ def ema_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def ema_slices_for(folder: Path, layout: dict[str, dict]) -> dict[str, torch.Tensor]:
+def ema_slices_for(folder: Path, layout: dict[str, dict], states: Optional[list[dict]] = None
+                   ) -> dict[str, torch.Tensor]:
     """This rank's EMA slices under `layout`, cut from a checkpoint saved with other bounds.
 
-    Resuming a checkpoint written before the EMA followed the fp32 masters (its slices were cut
-    in equal parts) re-cuts its EMA to the current bounds; same world size only.
+    For a resume at another world size or ZeRO stage, or of a checkpoint whose EMA was cut in
+    equal parts. Only the saved slices that overlap the new bounds are read: pass `states`
+    memory-mapped (`read_all_rank_states(folder, mmap=True)`, the default) and each rank reads
+    about its own share of the EMA.
     """
-    full = ema_state_dict(folder)
-    return {name: full[name].reshape(-1)[e["start"]:e["end"]].clone() for name, e in layout.items()}
+    states = read_all_rank_states(folder, mmap=True) if states is None else states
+    world = len(states)
+    out = {}
+    for name, entry in layout.items():
+        start, end = int(entry["start"]), int(entry["end"])
+        piece, covered = torch.empty(end - start, dtype=torch.float32), 0
+        for rank, state in enumerate(states):
+            if name not in state["layout"]:
+                raise CheckpointError(f"{folder}: rank {rank} kept no EMA of '{name}' (another network?)")
+            lo, hi = slice_bounds(state["layout"][name], rank, world)
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                piece[a - start:b - start] = state["ema"]["shadow"][name].reshape(-1)[a - lo:b - lo]
+                covered += b - a
+        if covered != end - start:
+            raise CheckpointError(f"EMA slices of '{name}' in {folder} cover {covered} of the {end - start} "
+                                  f"elements [{start}, {end}) this rank needs")
+        out[name] = piece
+    return out

@@ -24,14 +24,14 @@ from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import engine
-from imagen_train.training import export, faults, preemption, speed
+from imagen_train.training import engine, engine_reshard
+from imagen_train.training import export, faults, preemption, resume as resuming, speed
 from imagen_train.training.ema import EMA
 from imagen_train.training.ema_network import EMANetwork
 from imagen_train.training.preflight import checkpoint_root, preflight
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
-from imagen_train.utils.rng import rng_state, set_rng_state
+from imagen_train.utils.rng import rng_state
 
 
 class TrainingStopped(RuntimeError):
@@ -43,6 +43,17 @@ class TrainResult:
     step: int
     stopped_by_signal: bool
     last_checkpoint: Optional[Path]
+
+
+def noise_seed(seed: int, step: int, attempt: int, micro_batch: int) -> int:
+    """The seed of one micro batch's diffusion noise (and any other draw of its step).
+
+    `micro_batch` is the global index `accumulation step x ranks + rank`, so the noise of a
+    batch is the same whatever the ranks and accumulation steps: runs of any layout, and a run
+    resumed onto another, draw the same noise for the same batch. `attempt` counts the updates
+    skipped in a row (a redone step draws new noise).
+    """
+    return int(np.random.SeedSequence([seed, step, attempt, micro_batch]).generate_state(1, np.uint64)[0])
 
 
 def _seed_everything(seed: int) -> None:
@@ -75,11 +86,12 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = checkpoint_root(cfg)
         preflight(cfg, dist.world_size())
-        # Refuse a checkpoint of another stage or world size before building anything (file sizes
-        # only here; the checksums are split over the ranks once the process group exists).
+        # Refuse a checkpoint of another stage, or one that cannot be re-sliced for this layout,
+        # before building anything (file sizes only here; the checksums are split over the ranks
+        # once the process group exists).
         candidates = self._resume_candidates(resume)
         if candidates:
-            artifacts.check_resume_target(candidates[0], cfg.stage, dist.world_size())
+            resuming.plan(candidates[0], cfg, dist.world_size())
             artifacts.refuse_other_model(candidates[0], cfg)  # names every setting that differs
         engine.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
@@ -99,6 +111,7 @@ class Trainer:
         self.flops_per_sample = speed.count_flops_per_sample(cfg)
         self.engine = engine.create_engine(cfg, net)
         dist.print0(f"[train] optimizer {engine.describe_optimizer(self.engine)}")
+        self.optimizer_layout = engine_reshard.optimizer_layout(self.engine)  # saved for a re-sliced resume
         if init_from:
             # The fp32 masters from the file itself, not from the (maybe bf16) module; the EMA
             # below starts from them.
@@ -120,7 +133,8 @@ class Trainer:
         self.skipped_total = 0  # updates skipped for non-finite values, this process
         self.wandb_id: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
-        # Different noise on every rank from here on.
+        # Different draws on every rank from here on (the noise of each micro batch is seeded
+        # in `run`, by `noise_seed`).
         _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
         self.faults = faults.Faults()
         self.faults.arm_teardown_abort(dist.rank())
@@ -168,14 +182,9 @@ class Trainer:
         return None
 
     def load_checkpoint(self, folder: Path) -> None:
-        state = ckpt.load_rank_state(folder)
-        artifacts.refuse_other_run(folder, state["stage"], state["world_size"], self.cfg.stage, dist.world_size())
-        engine.load_engine(self.engine, str(folder.parent), folder.name)
-        if state.get("layout") != self.layout:  # an older checkpoint: its EMA cut in equal parts
-            state["ema"]["shadow"] = artifacts.ema_slices_for(folder, self.layout)
-        self.ema.load_state_dict(state["ema"])
-        self.loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        """Resume `folder`: exactly on its own layout, re-sliced onto another (training/resume.py)."""
+        plan = resuming.plan(folder, self.cfg, dist.world_size())
+        state = resuming.restore(plan, self.engine, self.ema, self.loader, self.layout)
         self.step = int(state["step"])
         self.bad_steps = int(state["bad_steps"])
         self.wandb_id = state.get("wandb_id")
@@ -198,6 +207,7 @@ class Trainer:
             ckpt.save_rank_state(staging, {
                 "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
                 "rank": rank, "ema": self.ema.state_dict(), "layout": self.layout,
+                "optimizer_layout": self.optimizer_layout,
                 "data": self.loader.state_dict(), "rng": rng_state(), "bad_steps": self.bad_steps,
                 "wandb_id": self.wandb_id})
             if dist.is_main():
@@ -237,10 +247,11 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)  # sum of this step's finite losses
                 nonfinite_losses = torch.zeros((), device=self.device)
                 step_samples = 0
-                for _ in range(self.accum):
+                for micro in range(self.accum):
                     wait_start = time.perf_counter()
                     batch = self._to_device(next(data_iter))
                     window["data_s"] += time.perf_counter() - wait_start
+                    torch.manual_seed(noise_seed(t.seed, self.step, self.bad_steps, micro * dist.world_size() + rank))
                     loss = self.diffusion.training_loss(
                         self.net, batch["image"], batch["text_emb"], batch["text_mask"],
                         lowres=batch.get("lowres")).mean()
