@@ -234,7 +234,7 @@ def test_groupnorm_float32_path_is_unchanged():
 
 
 def test_groupnorm_keeps_the_copy_for_channels_last_half_maps_on_a_cpu():
-    """PyTorch's CPU mixed-type kernel on channels_last bf16 maps measured 3-15x slower than the copy
+    """PyTorch's CPU mixed-type kernel on channels_last bf16 maps measured 2-15x slower than the copy
     (docs/benchmarks.md), so those keep it; contiguous ones do not."""
     norm = _norm(torch.bfloat16)
     x = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16)

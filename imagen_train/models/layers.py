@@ -33,7 +33,7 @@ class GroupNorm32(nn.GroupNorm):
     `acc_type<T, true>`, float). The CUDA kernel takes its weights in the input's dtype, the CPU
     kernel in float32 ("mixed type", which also keeps the statistics it saves for backward in
     float32; CUDA saves them in the input's dtype). Exception: a channels_last bf16/fp16 map on a
-    CPU, where PyTorch's mixed-type kernel measured 3-15x slower than the copy (bench/norm_act.py
+    CPU, where PyTorch's mixed-type kernel measured 2-15x slower than the copy (bench/norm_act.py
     --dtype bf16, docs/benchmarks.md), keeps the copy. `upcast_input` restores the old path
     everywhere (`speedups.apply_groupnorm_upcast`, a benchmark baseline).
     """
