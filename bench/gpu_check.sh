@@ -36,18 +36,18 @@
 #   5  step-sr256               20          60      3x     MFU, sr256-400m b16
 #   6  trainer-base64           40         100      2.5x   trainer / bare step
 #   7  trainer-sr256            35          80      2.3x
-#   8  levers-base64            50         120      2.4x   GroupNorm copy, fused norm, cuDNN search,
-#                                                          attention masks, channels_last
-#   9  lever-batch              25          60      2.4x   batch 256
-#  10  norm-region              15          45      3x     the GroupNorm/FiLM/SiLU region, numerics
-#  11  lever-compile           150         200      1.3x   regional compile: compile time, speed-up
-#  12  lever-compile-nhwc       60         120      2x     channels_last with compile (cache warm)
-#  13  sampling                 80         150      1.9x   base64-2b b1, 30 steps, guided, bf16:
+#   8  levers-norm              35          90      2.6x   GroupNorm's float32 copy, the fused region
+#   9  levers-kernels           40         100      2.5x   cuDNN search, attention masks, channels_last
+#  10  lever-batch              25          60      2.4x   batch 256
+#  11  norm-region              15          45      3x     the GroupNorm/FiLM/SiLU region, numerics
+#  12  lever-compile           150         200      1.3x   regional compile: compile time, speed-up
+#  13  lever-compile-nhwc       60         120      2x     channels_last with compile (cache warm)
+#  14  sampling                 80         150      1.9x   base64-2b b1, 30 steps, guided, bf16:
 #                                                          eager and CUDA graphs; T5-XXL-shaped load
-#  14  peer-base64              40          90      2.3x   ours / the matched IF-I peer
-#  15  sampling-table         rest        rest             the inference-memory table
-#      total                   ~640 (+ the table)
-# The expected total is above the budget: compile (11-12) is the least known figure and may well
+#  15  peer-base64              40          90      2.3x   ours / the matched IF-I peer
+#  16  sampling-table         rest        rest             the inference-memory table
+#      total                   ~665 (+ the table)
+# The expected total is above the budget: compile (12-13) is the least known figure and may well
 # take less; if it does not, sampling and the peer are the first to go. Rerun what was skipped
 # with --only (e.g. `--only sampling,peer-base64 --budget 300`).
 set -uo pipefail
@@ -319,10 +319,14 @@ elif wanted trainer-sr256; then
   row trainer-sr256 skipped 0 "rehearsal: trainer-base64's command with another config"
 fi
 
-# 8-12. The levers, before / after in one process each.
-step levers-base64 120 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
-  "${LEVER_SETS[@]}" --baseline groupnorm-fp32-copy --baseline fused-norm-everywhere --baseline no-cudnn-benchmark \
-  --baseline unmasked-attention --baseline set:training.channels_last=true --json "$WORK/json/levers-base64.json"
+# 8-13. The levers, before / after in one process each.
+# Ours and three copies per process: four base64-500m networks with their AdamW states (~7 GB
+# each) and one step's activations (~56 GB at batch 128) fit an H200 with room to spare.
+step levers-norm 90 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
+  "${LEVER_SETS[@]}" --baseline groupnorm-fp32-copy --baseline fused-norm-everywhere --json "$WORK/json/levers-norm.json"
+step levers-kernels 100 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
+  "${LEVER_SETS[@]}" --baseline no-cudnn-benchmark --baseline unmasked-attention \
+  --baseline set:training.channels_last=true --json "$WORK/json/levers-kernels.json"
 if [ "$MODE" = gpu ]; then
   step lever-batch 60 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" \
     --batch $(( BASE_BATCH * 2 )) "${LEVER_SETS[@]}" --json "$WORK/json/lever-batch.json"
@@ -340,12 +344,12 @@ elif wanted lever-compile-nhwc; then
   row lever-compile-nhwc skipped 0 "rehearsal: lever-compile's command with another --baseline"
 fi
 
-# 13. Sampling: base64-2b, batch 1, bf16, 30-step Heun with guidance, eager and through CUDA
+# 14. Sampling: base64-2b, batch 1, bf16, 30-step Heun with guidance, eager and through CUDA
 # graphs; time to first image with a T5-XXL-shaped encoder's load.
 step sampling 150 "$PY" bench/sampling.py "${SAMPLE_ARGS[@]}" --encoder "$WORK/data/t5" --work-dir "$WORK/sampling" \
   --out "$WORK/json/sampling.json"
 
-# 14. Side by side with the matched diffusers IF-I peer (skipped where diffusers is missing).
+# 15. Side by side with the matched diffusers IF-I peer (skipped where diffusers is missing).
 if ! wanted peer-base64; then :
 elif "$PY" -c "import diffusers" 2>/dev/null; then
   step peer-base64 90 "$PY" bench/train_step.py --config "$BASE" --precision "$TRAIN_PRECISION" --batch "$BASE_BATCH" \
@@ -354,7 +358,7 @@ else
   row peer-base64 skipped 0 "diffusers not importable"
 fi
 
-# 15. The reference README's inference-memory table with what is left (exports reused).
+# 16. The reference README's inference-memory table with what is left (exports reused).
 if wanted sampling-table; then
   LEFT=$(( BUDGET - ($(date +%s) - START) - 10 ))
   step sampling-table "$(( LEFT > 20 ? LEFT / LIMIT_SCALE : 0 ))" "$PY" bench/sampling.py "${TABLE_ARGS[@]}" \

@@ -243,7 +243,7 @@ def summary(folder: Path, mode: str, budget: Optional[int] = None) -> str:
     _section(lines, "Levers, before / after in one process (ours = the defaults; > 1: the default is faster)",
              lambda: _table(["run", "baseline", "ours step ms", "baseline step ms", "ours / baseline samples/s",
                              "peak memory ours / baseline"],
-                            lever_rows(folder, ["levers-base64", "lever-compile", "lever-compile-nhwc"])))
+                            lever_rows(folder, ["levers-norm", "levers-kernels", "lever-compile", "lever-compile-nhwc"])))
     _section(lines, "torch.compile (regional) against eager", lambda: compile_lines(folder))
 
     def norm() -> list[str]:

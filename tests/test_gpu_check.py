@@ -28,10 +28,10 @@ import gpu_summary  # noqa: E402
 pytestmark = pytest.mark.timeout(1500)
 
 MUST_PASS = ["env", "data", "smoke-default", "smoke-resume", "smoke-zero3-fp32", "step-base64", "step-sr256",
-             "trainer-base64", "levers-base64", "norm-region", "lever-compile", "sampling", "sampling-table"]
+             "trainer-base64", "levers-norm", "levers-kernels", "norm-region", "lever-compile", "sampling", "sampling-table"]
 RETURN_FILES, RETURN_BYTES = 8, 16 * 2**20  # what the device machine brings back from $OUT
-BASELINES = ["groupnorm-fp32-copy", "fused-norm-everywhere", "no-cudnn-benchmark", "unmasked-attention",
-             "set:training.channels_last=true"]
+BASELINES = {"levers-norm": ["groupnorm-fp32-copy", "fused-norm-everywhere"],
+             "levers-kernels": ["no-cudnn-benchmark", "unmasked-attention", "set:training.channels_last=true"]}
 
 
 def _run_check(out: Path, work: Path, *extra: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -82,8 +82,9 @@ def test_rehearsal_runs_every_step_and_returns_only_the_summary(tmp_path):
     ratio = [line for line in summary.splitlines() if line.startswith("| trainer-base64 | configs/")]
     assert len(ratio) == 1 and float(ratio[0].rstrip(" |").split("|")[-1]) > 0
     # Every lever has its before / after row, and compile its counts from dynamo.
-    for name in BASELINES:
-        assert f"| levers-base64 | {name} |" in summary, name
+    for run, names in BASELINES.items():
+        for name in names:
+            assert f"| {run} | {name} |" in summary, name
     assert "| lever-compile | eager |" in summary
     assert "'recompile_limit_hits': 0" in summary and "'graph_breaks': 0" in summary
     assert "GroupNorm in place" in summary and "err " in summary
@@ -153,11 +154,11 @@ def test_the_summary_reads_half_written_results(tmp_path):
                        "compile_mode": "regional", "compile": {"unique_graphs": 42}},
                       {"name": "ours, eager (no torch.compile)", "params": 1, "flops_per_sample": 1.0,
                        "first_step_s": 1.1, "compile_mode": None, "compile": {}}]}))
-    (tmp_path / "json" / "levers-base64.json").write_text('{"models": [{"name": "ours"')  # cut mid-write
+    (tmp_path / "json" / "levers-norm.json").write_text('{"models": [{"name": "ours"')  # cut mid-write
     (tmp_path / "json" / "trainer-base64.json").write_text(json.dumps({"config": "c"}))  # keys missing
     text = gpu_summary.summary(tmp_path, "gpu", 540)
     assert "first step 151.2 s" in text and "timed rounds not finished" in text
-    assert "| levers-base64 | not measured (not run yet)" in text
+    assert "| levers-norm | not measured (not run yet)" in text
     assert "| step-base64 | not measured (not run yet)" in text
     assert "could not read this section: KeyError" in text  # the trainer section; the rest still printed
     assert "## Sampling" in text and "## Inference memory table" in text
