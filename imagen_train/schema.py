@@ -57,6 +57,7 @@ class ModelConfig:
     # Dropout in the ResNet blocks (training only).
     dropout: float = 0.0
     # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
+    # A speed option the trainer applies from outside the model (imagen_train/speedups.py).
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -231,12 +232,22 @@ class TrainingConfig:
     # (the weights stay contiguous: DeepSpeed refuses channels_last parameters).
     channels_last: bool = False
     # torch.compile the network (inductor: a C++ compiler on a CPU, Triton on a GPU); the first
-    # steps are slow while it compiles. Checked before training starts.
+    # steps are slow while it compiles. Checked before training starts. Off until a GPU run
+    # measures it faster over a realistic run, compile time included (docs/benchmarks.md).
     compile: bool = False
     # "regional": compile each block the network runs in turn (ResBlocks, attention, resampling):
     # blocks of one shape share their compiled code, so compile time grows with the kinds of
     # block, not their number. "whole": the network as one graph.
     compile_mode: Literal["regional", "whole"] = "regional"
+    # Where inductor keeps compiled graphs and kernels between runs (null: TORCHINDUCTOR_CACHE_DIR,
+    # else ~/.cache/imagen_train/inductor).
+    compile_cache_dir: Optional[str] = None
+    # Where the ResBlocks' GroupNorm -> FiLM -> SiLU regions run as one autograd function
+    # (models/norm_act.py): "auto" (large channels_last CPU float32 maps, where it measured faster),
+    # "never", "always".
+    fused_norm: Literal["auto", "never", "always"] = "auto"
+    # cuDNN's per-shape convolution algorithm search (GPU only; the shapes are fixed per stage).
+    cudnn_benchmark: bool = True
     # Start a new run from exported weights (a .safetensors file from launch/export.py): for
     # fine-tuning, or to change the world size or ZeRO stage. Ignored when a checkpoint is
     # resumed (the checkpoint wins). `init_from_weights` picks the export's "ema" or "raw" ones.

@@ -82,6 +82,8 @@ def test_imports_follow_the_layer_table():
     table = layer_table()
     assert {"config", "data", "models", "diffusion", "artifacts", "training", "evaluation"} <= set(table)
     assert "training" not in table["evaluation"] and "training" not in table["artifacts"]
+    # Speed options sit below both users: the trainer and sampling share one compile function.
+    assert "speedups" in table["training"] and "speedups" in table["evaluation"] and "training" not in table["speedups"]
     bad = violations(table)
     assert not bad, "imports against docs/CONTRACTS.md:\n" + "\n".join(bad)
 

@@ -82,9 +82,15 @@ class InferencePipelineConfig:
     target_resolution: Literal[tuple(RESOLUTION_STAGES)] = 1024  # type: ignore[valid-type]
     checkpoints: StageCheckpoints = field(default_factory=StageCheckpoints)
     run_ema_model: bool = True            # False: the raw weights (`raw.` in an export)
-    # 16: fp16 weights on a GPU, bf16 on a CPU (fp16 convolutions are not supported there);
-    # 32: fp32; AMP: fp32 weights under autocast (fp16 on a GPU, bf16 on a CPU).
-    inference_precision: Literal[16, 32, "AMP"] = 32
+    # auto: bf16 weights on a GPU with bf16 (else fp16 for fp16-trained weights, else fp32), fp32
+    # on a CPU; bf16: bf16 anywhere; 16: fp16 weights on a GPU (output checked for overflow), bf16
+    # on a CPU (no fp16 convolutions there); 32: fp32; AMP: fp32 weights under autocast (fp16 on a
+    # GPU, bf16 on a CPU). cascade.Precision.
+    inference_precision: Literal["auto", "bf16", 16, 32, "AMP"] = "auto"
+    # How the sampler calls each network: eager; compile (torch.compile of the whole network, at
+    # the first batch); cuda_graphs (GPU: replayed from CUDA graphs captured per batch shape, which
+    # removes the launch cost of ~700 kernels per call at small batch). cascade.network_call.
+    network_call: Literal["eager", "compile", "cuda_graphs"] = "eager"
     dynamic_thresholding: bool = True     # False: static clamp of x0 to [-1, 1]
     # Prompts to sample (launch/sample.py).
     texts: list[str] = field(default_factory=list)
@@ -103,6 +109,9 @@ class InferencePipelineConfig:
         check(self.num_images_per_prompt >= 1, "num_images_per_prompt", "a positive int",
                self.num_images_per_prompt)
         check(self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
+        check(not (self.network_call == "cuda_graphs" and self.inference_precision == "AMP"), "network_call",
+              "eager or compile with inference_precision AMP (autocast's weight casts are not captured in a "
+              "CUDA graph)", self.network_call)
         for stage in self.stages:
             check(getattr(self.checkpoints, stage) is not None, f"checkpoints.{stage}",
                    f"a checkpoint path (target_resolution {self.target_resolution} runs stage {stage})", None)

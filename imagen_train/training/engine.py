@@ -214,13 +214,9 @@ def create_engine(cfg: Config, model: torch.nn.Module):
         lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.lr_schedule, cfg.training.max_steps))
     _check_optimizer(cfg, engine)
     _skip_nonfinite_steps(engine)
-    if cfg.training.compile:
-        if cfg.training.compile_mode == "whole":
-            # torch.compile of the module in place (nn.Module.compile): parameter names, and so
-            # checkpoints and the EMA, are unchanged.
-            engine.compile()
-        else:
-            speed.compile_regions(engine.module)
+    # Activation checkpointing, the fused norm, cuDNN's search and torch.compile, applied to the
+    # module in place (parameter names, checkpoints and the EMA unchanged): training/speed.py.
+    speed.apply_speed_options(engine.module, cfg)
     return engine
 
 
