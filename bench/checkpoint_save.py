@@ -7,10 +7,13 @@ One process (world size 1, gloo), fp32, ZeRO-2, text.embed_dim 64 (the synthetic
 For each preset it builds a Trainer, trains one step (so Adam's moments exist), then times
 `Trainer.save_checkpoint()` `--repeats` times: DeepSpeed's files, our rank state, every file's
 sha256 for the manifest, the commit and the pruning of older checkpoints. It fits
-seconds = fixed + bytes / rate over the presets measured, then prints the estimated save of the
-largest rank (rank 0) of each full preset, bf16 with ZeRO 1-2 on 8 and 64 ranks:
-rank 0 writes the bf16 weights (2 B/param) and every rank its slice of the fp32 masters and
-Adam's two moments (12 B/param / ranks) and of the EMA (4 B/param / ranks, fp32: an upper bound).
+seconds = fixed + bytes / rate over the presets measured, then extrapolates by bytes (an
+extrapolation, not a measurement) to each full preset, bf16 with ZeRO 1-2: rank 0 writes the
+bf16 weights (2 B/param) and every rank its slice of the fp32 masters and Adam's two moments
+(12 B/param / ranks) and of the EMA (4 B/param / ranks, fp32: an upper bound). It prints rank
+0's save on 8 and 64 ranks, and the whole save of one 8-rank node (2 + 16 B/param) through one
+disk at the fitted rate, against SLURM's default KillWait and the sbatch script's advance
+warning, whose lead follows from the slowest node save (`usr1_lead_s`).
 The rate is this machine's disk and one CPU core's hashing: scale by your filesystem's rate.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -32,6 +36,8 @@ import torch  # noqa: E402
 
 FULL_PRESETS = ("base64-2b", "base64-500m", "sr256-400m", "sr1024-400m")
 RANKS = (8, 64)
+RANKS_PER_NODE = 8
+KILL_WAIT_S = 30  # SLURM's default KillWait: SIGTERM (scancel, preemption) to SIGKILL
 
 
 def make_shards(work: Path) -> dict[int, str]:
@@ -103,6 +109,14 @@ def fit(rows: list[dict]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), 1.0 / slope
 
 
+def usr1_lead_s(slowest_node_save_s: float) -> int:
+    """The advance warning to ask SLURM for (`--signal=B:USR1@N`): twice the slowest node's
+    save, rounded up to whole minutes. Twice: headroom for a filesystem at half the measured
+    rate and for the step or evaluation batch in progress when the warning comes. (slurmctld
+    checks time limits every 30 s and sends the warning up to 30 s early, never late.)"""
+    return int(math.ceil(2 * slowest_node_save_s / 60.0)) * 60
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["base64-tiny", "sr256-tiny", "sr1024-tiny", "base64-35m"])
@@ -126,17 +140,28 @@ def main() -> int:
               f"median {row['median_s']:.2f} s  ({', '.join(f'{s:.2f}' for s in row['seconds'])})", flush=True)
     fixed, rate = fit(rows)
     print(f"fit: {fixed:.2f} s + bytes / {rate / 2**20:.0f} MiB/s")
-    estimates = []
+    estimates, nodes = [], []
     for name, params in full_preset_params().items():
         for ranks in RANKS:
             size = 2 * params + 16 * params / ranks
             estimates.append({"preset": name, "params": params, "ranks": ranks, "rank0_bytes": size,
                               "estimated_s": fixed + size / rate})
             print(f"{name:12s} {params / 1e6:7.0f}M params, {ranks:2d} ranks: rank 0 writes "
-                  f"{size / 2**30:5.1f} GiB, ~{fixed + size / rate:5.0f} s at the fitted rate")
+                  f"{size / 2**30:5.1f} GiB, ~{fixed + size / rate:5.0f} s at the fitted rate (extrapolated)")
+        node = 18 * params  # one node of RANKS_PER_NODE ranks: rank 0's weights and every slice
+        nodes.append({"preset": name, "params": params, "node_bytes": node, "node_s": fixed + node / rate})
+    lead = usr1_lead_s(max(n["node_s"] for n in nodes))
+    print(f"one {RANKS_PER_NODE}-rank node through one disk at the fitted rate (extrapolated); "
+          f"KillWait {KILL_WAIT_S} s; advance warning {lead} s:")
+    for n in nodes:
+        print(f"{n['preset']:12s} node writes {n['node_bytes'] / 2**30:5.1f} GiB, ~{n['node_s']:5.0f} s: "
+              f"{'fits' if n['node_s'] <= KILL_WAIT_S else 'does not fit'} KillWait, "
+              f"{'fits' if n['node_s'] <= lead else 'does not fit'} the warning's lead")
+    print(f"usr1 lead: {lead} s (twice the slowest node save, in whole minutes)")
     if args.json:
         args.json.write_text(json.dumps({"measured": rows, "fixed_s": fixed, "rate_bytes_per_s": rate,
-                                         "estimates": estimates}, indent=2))
+                                         "estimates": estimates, "nodes": nodes, "usr1_lead_s": lead,
+                                         "kill_wait_s": KILL_WAIT_S}, indent=2))
     return 0
 
 

@@ -6,8 +6,9 @@
 One process, no DeepSpeed, world size 1: the EMA is held as the trainer holds it (one flat fp32
 slice per parameter, here the whole parameter) before anything is measured. Then, per preset:
 
-- `ema_network`: what periodic evaluation does now (imagen_train.evaluation.periodic): a meta-
-  device network given storage once in the sampling dtype and filled one parameter at a time.
+- `materialize_ema`: what periodic evaluation does now (imagen_train.training.ema_network, the
+  callable the trainer hands the evaluator): a meta-device network given storage once in the
+  sampling dtype and filled in place from the flat EMA, gathered in bounded windows.
 - `before`: what it did until this change, rebuilt here for the comparison: the slices
   concatenated and gathered into one flat fp32 buffer, every parameter cut from it and cloned,
   a full fp32 network built (random init) and the clones loaded into it.
@@ -39,8 +40,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from imagen_train.config import Config, load_preset  # noqa: E402
 from imagen_train.diffusion import NetworkCaller, build_diffusion  # noqa: E402
-from imagen_train.evaluation.periodic import ema_network, free_memory  # noqa: E402
+from imagen_train.evaluation.periodic import free_memory  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
+from imagen_train.training.ema_network import EMANetwork  # noqa: E402
 from train_step import PeakGrowth  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,8 +88,8 @@ def measure(preset: str, dtype: torch.dtype, device: torch.device, batch: int, s
     net_bytes = numel * torch.finfo(dtype).bits // 8
 
     def run(method: str, sample: bool) -> None:
-        if method == "ema_network":
-            net = ema_network(cfg, layout, shadow, device, dtype)
+        if method == "materialize_ema":
+            net = EMANetwork(cfg, layout, shadow)(dtype, device)
         else:
             net = before_network(cfg, layout, shadow, device)  # fp32, as it was
         if sample:
@@ -98,7 +100,7 @@ def measure(preset: str, dtype: torch.dtype, device: torch.device, batch: int, s
     row = {"preset": preset, "parameters": numel, "dtype": str(dtype).split(".")[-1],
            "net_bytes": net_bytes, "fp32_bytes": numel * 4}
     for sample in (False, True):
-        for method in ("ema_network", "before"):
+        for method in ("materialize_ema", "before"):
             run(method, sample)  # untimed round: one-off allocations
             with PeakGrowth(device) as g:
                 run(method, sample)

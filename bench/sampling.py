@@ -6,8 +6,12 @@ and batch size, laid out like the reference README's inference-memory table.
     python bench/sampling.py --presets tiny --precisions 32 --batch-sizes 1 8 --steps 1
 
 Random weights (timing does not depend on them), exported once per stage as launch/export.py
-writes them (fp32 safetensors), so each run loads them as a user's run would. Each
-(precision, batch) pair runs in a process of its own (a clean memory peak; a run that would
+writes them (safetensors; `--export-dtype bf16` halves the bytes to write and read), so each run
+loads them as a user's run would; an export already in `--work-dir` for the same preset, width
+and dtype is reused (the GPU check's two sampling steps share theirs). `--text-encoder xxl` loads
+a T5 encoder of T5-XXL's shape (4.7B parameters, random weights in bf16, made once in the work
+dir) so that time to first image includes what loading the real one costs. Each
+(precision, network call, batch) runs in a process of its own (a clean memory peak; a run that would
 overrun the budget is stopped, and the rest of the table stands) and samples `--batches`
 batches through the cascade to the largest of `--resolutions` (1024 px), which covers every
 column (64, 256, 1024):
@@ -39,7 +43,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # conftest.build_tiny_t5: the default random encoder
 
 from imagen_train.stages import STAGES, stages_for  # noqa: E402
 
@@ -47,22 +50,64 @@ PRESETS = {"tiny": {name: spec.tiny_preset for name, spec in STAGES.items()},
            "real": {"base64": "base64-2b", "sr256": "sr256-400m", "sr1024": "sr1024-400m"}}
 NEED = {spec.output_resolution: list(stages_for(spec.output_resolution)) for spec in STAGES.values()}  # per column
 MIN_RUN_S = 20.0  # a run is not started with less of the budget left
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BENCH_KEY = "imagen_train_bench_export"  # metadata naming what an export holds, for its reuse
+# T5 v1.1 XXL's encoder (Raffel et al. 2020; the google/t5-v1_1-xxl config): 4.76B parameters.
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu"}
 
 
-def export_random(preset: str, out: Path, embed_dim: int, device: torch.device) -> Path:
-    """A stage export with random weights (initialised on `device`, fast on a GPU) and its config."""
+def export_random(preset: str, out: Path, embed_dim: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """A stage export with random weights (initialised on `device`, fast on a GPU) in `dtype` and its
+    config; an `out` that already holds this preset, width and dtype is reused as it is."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from imagen_train.config import load_preset
     from imagen_train.models import build_model
     from imagen_train.artifacts import CONFIG_KEY
 
+    tag = json.dumps({"preset": preset, "embed_dim": embed_dim, "dtype": str(dtype)})
+    if out.is_file():
+        with safe_open(str(out), "pt") as f:
+            if (f.metadata() or {}).get(BENCH_KEY) == tag:
+                return out
     cfg = load_preset(preset, [f"text.embed_dim={embed_dim}"])
     torch.manual_seed(0)
     net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device=device)
-    tensors = {f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    tensors = {f"ema.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in net.state_dict().items()}
     del net
-    save_file(tensors, str(out), metadata={CONFIG_KEY: json.dumps(cfg.to_dict())})
+    partial = out.with_name(out.name + ".partial")  # a cut export is never taken for a whole one
+    save_file(tensors, str(partial), metadata={CONFIG_KEY: json.dumps(cfg.to_dict()), BENCH_KEY: tag})
+    os.replace(partial, out)
+    return out
+
+
+def t5_xxl_shaped(tokenizer_from: str, out: Path, device: torch.device, rehearse: bool = False) -> Path:
+    """A T5 encoder of T5-XXL's shape with random bf16 weights and the tokenizer of `tokenizer_from`
+    (made once in `out`): loading it costs what loading T5-XXL costs, with nothing to download.
+    `rehearse`: the same layout at the width of `tokenizer_from`'s model and 2 layers (CPU)."""
+    from transformers import AutoConfig, AutoTokenizer, T5Config, T5EncoderModel
+
+    shape = dict(T5_XXL)
+    if rehearse:
+        width = AutoConfig.from_pretrained(tokenizer_from).d_model
+        shape.update(d_model=width, d_ff=4 * width, d_kv=16, num_heads=max(1, width // 16), num_layers=2)
+    marker = out / "bench-shape.json"
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        return out
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no fp32 copy of 4.7B weights
+    try:
+        with torch.device(device):
+            model = T5EncoderModel(T5Config(**shape, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(str(out))
+    marker.write_text(json.dumps(shape))
     return out
 
 
@@ -81,7 +126,8 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     sets = [f"checkpoints.{s}={p}" for s, p in spec["exports"].items()] + [
         f"encoder_path={spec['encoder']}", f"inference_precision={spec['precision']}", f"batch_size={batch}",
         "num_images_per_prompt=1", f"target_resolution={spec['resolution']}", f"output_path={spec['out']}",
-        f"device={spec['device']}", "texts=[" + ", ".join(f"prompt {i}" for i in range(batch * batches)) + "]"]
+        f"device={spec['device']}", f"network_call={spec['network_call']}",
+        "texts=[" + ", ".join(f"prompt {i}" for i in range(batch * batches)) + "]"]
     sets += [f"samplers.{s}.steps={spec['steps']}" for s in spec["exports"]]
     sets += [f"samplers.{s}.guidance_scale={spec['guidance']}" for s in spec["exports"]]
     cfg = load_pipeline_config(REPO / "configs" / "inference_pipeline.yaml", sets)
@@ -106,12 +152,17 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     encoder = args.encoder
     if encoder is None:
-        from conftest import build_tiny_t5
+        from imagen_train.text.tiny import build_tiny_t5
         encoder = str(build_tiny_t5(tmp / "t5"))
     from imagen_train.text import load_text_encoder
     embed_dim = load_text_encoder(encoder).embed_dim
+    if args.text_encoder != "given":
+        encoder = str(t5_xxl_shaped(encoder, tmp / f"t5-{args.text_encoder}", device,
+                                    rehearse=args.text_encoder == "xxl-rehearsal"))
     stages = NEED[max(args.resolutions)]
-    exports = {s: str(export_random(PRESETS[args.presets][s], tmp / f"{s}.safetensors", embed_dim, device))
+    dtype = EXPORT_DTYPES[args.export_dtype]
+    exports = {s: str(export_random(PRESETS[args.presets][s], tmp / f"{s}-{args.presets}-{args.export_dtype}.safetensors",
+                                    embed_dim, device, dtype))
                for s in stages}
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -120,22 +171,25 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     runs = []
     for precision in args.precisions:
-        for batch in args.batch_sizes:
-            run: dict[str, Any] = {"precision": precision, "batch": batch}
-            left = args.budget_s - (time.perf_counter() - start)
-            if left < args.min_run_s:
-                run["status"] = f"not run: {max(left, 0):.0f} s of the {args.budget_s:.0f} s budget left"
+        for call in args.network_calls:
+            for batch in args.batch_sizes:
+                run: dict[str, Any] = {"precision": precision, "network_call": call, "batch": batch,
+                                       "label": precision if call == "eager" else f"{precision} {call}"}
+                left = args.budget_s - (time.perf_counter() - start)
+                if left < args.min_run_s:
+                    run["status"] = f"not run: {max(left, 0):.0f} s of the {args.budget_s:.0f} s budget left"
+                    runs.append(run)
+                    print(f"[bench] {run['label']} b{batch}: {run['status']}", flush=True)
+                    continue
+                spec = {"precision": precision, "network_call": call, "batch": batch, "batches": args.batches,
+                        "steps": args.steps, "resolution": max(args.resolutions), "guidance": args.guidance,
+                        "exports": exports, "encoder": encoder, "device": str(device),
+                        "out": str(tmp / f"out-{precision}-{call}-{batch}"), "threads": args.threads}
+                run.update(_run_worker(spec, timeout_s=left))
                 runs.append(run)
-                print(f"[bench] {precision} b{batch}: {run['status']}", flush=True)
-                continue
-            spec = {"precision": precision, "batch": batch, "batches": args.batches, "steps": args.steps,
-                    "resolution": max(args.resolutions),
-                    "guidance": args.guidance, "exports": exports, "encoder": encoder, "device": str(device),
-                    "out": str(tmp / f"out-{precision}-{batch}"), "threads": args.threads}
-            run.update(_run_worker(spec, timeout_s=left))
-            runs.append(run)
-            print(json.dumps(run), flush=True)
+                print(json.dumps(run), flush=True)
     return {"device": _device_name(device), "presets": args.presets, "steps": args.steps, "guidance": args.guidance,
+            "export_dtype": args.export_dtype, "text_encoder": args.text_encoder,
             "batches": args.batches, "resolutions": sorted(args.resolutions), "budget_s": args.budget_s,
             "setup_s": setup_s, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None, "runs": runs}
@@ -183,10 +237,10 @@ def table(result: dict[str, Any]) -> str:
     out = [f"device: {result['device']}; {result['steps']} steps per stage, guidance {result['guidance']}, "
            f"{result['batches']} batches per run", "",
            "| precision | " + " | ".join(f"{r} b{b}" for r, b in cols) + " |", "|---|" + "---|" * len(cols)]
-    for precision in dict.fromkeys(r["precision"] for r in runs):
+    for label in dict.fromkeys(r.get("label", r["precision"]) for r in runs):
         cells: dict[str, list[str]] = {"GiB": [], "first image s": [], "img/s": []}
         for res, b in cols:
-            run = next(r for r in runs if r["precision"] == precision and r["batch"] == b)
+            run = next(r for r in runs if r.get("label", r["precision"]) == label and r["batch"] == b)
             c = column(run, res)
             if c is None:
                 for v in cells.values():
@@ -195,7 +249,7 @@ def table(result: dict[str, Any]) -> str:
             cells["GiB"].append(f"{c['peak_mem_gib']:.2f}")
             cells["first image s"].append(f"{c['first_image_s']:.3g}")
             cells["img/s"].append(f"{c['images_per_s']:.3g}" if c["images_per_s"] else "n/a (1 batch)")
-        out += [f"| {precision} {name} | " + " | ".join(v) + " |" for name, v in cells.items()]
+        out += [f"| {label} {name} | " + " | ".join(v) + " |" for name, v in cells.items()]
     kinds = {s["mem_kind"] for r in runs if r.get("status") == "ok" for s in r["stages"]}
     out += ["", f"memory: {', '.join(sorted(kinds)) or 'none measured'}"]
     return "\n".join(out)
@@ -206,7 +260,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     gpu = torch.cuda.is_available()
     parser.add_argument("--presets", choices=sorted(PRESETS), default="real" if gpu else "tiny")
     parser.add_argument("--precisions", nargs="+", default=["16", "32", "AMP"] if gpu else ["32"],
-                        choices=["16", "32", "AMP"])
+                        choices=["auto", "bf16", "16", "32", "AMP"], help="inference_precision values")
+    parser.add_argument("--network-calls", nargs="+", default=["eager"], choices=["eager", "compile", "cuda_graphs"],
+                        help="network_call values (each precision runs with each)")
+    parser.add_argument("--export-dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
+                        help="dtype of the random-weight exports (bf16: half the bytes of fp32)")
+    parser.add_argument("--text-encoder", choices=["given", "xxl", "xxl-rehearsal"], default="given",
+                        help="given: --encoder as it is; xxl: a random encoder of T5-XXL's shape with its "
+                             "tokenizer (load time as T5-XXL's); xxl-rehearsal: that layout, small (CPU)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--steps", type=int, default=20 if gpu else 1, help="sampler steps per stage")
     parser.add_argument("--resolutions", nargs="+", type=int, default=[64, 256, 1024], choices=sorted(NEED),

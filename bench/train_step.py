@@ -41,21 +41,33 @@ starts with `--settle` untimed steps (default 1): memory is measured over them, 
 `timed_steps`).
 
 Speed options, all through --set: training.channels_last=true, training.compile=true (both
-applied to the peer as well), model.activation_checkpointing=true (diffusers' gradient
-checkpointing for the peer). Attention always goes through F.scaled_dot_product_attention
+applied to the peer as well: the peer, a foreign module, compiles whole), training.fused_norm,
+training.cudnn_benchmark, model.activation_checkpointing=true (diffusers' gradient checkpointing
+for the peer). Attention always goes through F.scaled_dot_product_attention
 (flash kernels on a GPU).
 
---baseline NAME also trains a second copy of our network with one speed change undone (a model
-option set on that copy, or a context around its steps), in the same A/B/C rounds, and reports
-ours / baseline: `composed-norm` runs the GroupNorm -> FiLM -> SiLU regions as separate PyTorch
-ops instead of imagen_train.models.norm_act's fused function (speed.set_fused_norm_act "never");
-`math-attention` makes SDPA use its reference (math) kernel instead of the flash kernels;
-`unmasked-attention` drops every attention mask (numerics differ: the padding is attended), so
-ours / baseline < 1 measures what the masks cost (on a GPU a boolean mask keeps SDPA off its
-flash kernel): the most a mask-free layout could gain; `fused-norm-everywhere` takes the fused
-GroupNorm -> FiLM -> SiLU function on every map ("always"; the model's default takes it only on
-large channels_last fp32 CPU maps), so ours / baseline < 1 says the region would pay on this
-device too.
+--baseline NAME (repeatable) also trains a copy of our network with one speed change undone or
+made (config overrides of that copy, a model option set on it, or a context around its steps),
+all in the same A/B/C/... rounds, and reports ours / baseline for each:
+- `composed-norm`: the GroupNorm -> FiLM -> SiLU regions as separate PyTorch ops instead of
+  imagen_train.models.norm_act's fused function (`training.fused_norm=never`);
+- `fused-norm-everywhere`: the fused function on every map (`training.fused_norm=always`; the
+  default "auto" takes it only on large channels_last fp32 CPU maps), so ours / baseline < 1 says
+  it would pay on this device too;
+- `groupnorm-fp32-copy`: GroupNorm copying a bf16/fp16 input to float32 first, as it used to
+  (speedups.apply_groupnorm_upcast), against normalising it in place with float32 statistics;
+- `no-cudnn-benchmark`: cuDNN without its per-shape algorithm search (`training.cudnn_benchmark`);
+- `eager`: without torch.compile (`training.compile=false`; with --set training.compile=true
+  this measures compile's speed-up, and `first_step_s` in the JSON its compile time);
+- `math-attention`: SDPA's reference (math) kernel instead of the flash kernels;
+- `unmasked-attention`: every attention mask dropped (numerics differ: the padding is attended),
+  so ours / baseline < 1 measures what the masks cost (on a GPU a boolean mask keeps SDPA off its
+  flash kernel): the most a mask-free layout could gain;
+- `set:KEY=VALUE[,KEY=VALUE]`: any config overrides, e.g. `set:training.channels_last=true`.
+The speed options reach every copy through the trainer's own functions (training/speed.py:
+`apply_model_options`, `apply_compile`), so a copy runs as the trainer would with its config.
+With --json, a first version of the file (`"partial": true`) is written once every network is
+compiled and warm (first-step and compile figures), so a run cut short still leaves those.
 
 --threads sets torch's CPU threads (default: torch's choice, one per core). OpenMP threads wait
 on each other, so a CPU shared with other jobs distorts everything (docs/benchmarks.md, "Training
@@ -66,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -88,6 +101,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import if_peer  # noqa: E402  (imports diffusers only when a peer is built)
+from imagen_train import speedups  # noqa: E402
 from imagen_train.config import Config, load_config  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
@@ -252,12 +266,15 @@ class Trainable:
     device: torch.device
     notes: str = ""
     context: Callable[[], AbstractContextManager] = nullcontext  # entered around every step
+    compile_mode: Optional[str] = None  # the mode `prepare` compiles in, when the config asks for it
     params: list = field(init=False)
     master: list = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
     times: list = field(default_factory=list)
     growth_bytes: int = 0
     flops_per_sample: float = 0.0
+    first_step_s: float = 0.0  # the first warm-up step: compile time, cuDNN's search, allocator growth
+    compile_stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.module.to(device=self.device, dtype=self.dtype).train()
@@ -283,7 +300,7 @@ class Trainable:
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward, clip, AdamW; gradients freed afterwards (as DeepSpeed does)."""
-        with self.context():
+        with self.context(), cudnn_benchmark(self.cfg.training.cudnn_benchmark):
             loss = self.loss(batch)
             loss.backward()
         if self.master is not self.params:
@@ -317,12 +334,24 @@ class Trainable:
         return tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()) + self.master + opt_state)
 
 
+@contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN's algorithm search on or off for one network's steps (the flag is process-wide)."""
+    before = torch.backends.cudnn.benchmark
+    speedups.set_cudnn_benchmark(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 class Baseline(NamedTuple):
-    """An earlier form of our step, trained beside the current one by --baseline to measure a change
-    before and after in one process: a model option set on its network, and/or a context entered
-    around each of its steps."""
+    """Another form of our step, trained beside the current one by --baseline to measure a change
+    before and after in one process: config overrides of its copy, a model option set on its
+    network, and/or a context entered around each of its steps."""
 
     label: str
+    overrides: tuple[str, ...] = ()
     configure: Callable[[torch.nn.Module], Any] = lambda net: None
     context: Callable[[], AbstractContextManager] = nullcontext
 
@@ -344,29 +373,49 @@ def _unmasked_attention():
 
 
 BASELINES: dict[str, Baseline] = {
-    "composed-norm": Baseline("ours, GroupNorm/FiLM/SiLU composed",
-                              configure=partial(speed.set_fused_norm_act, mode="never")),
+    "composed-norm": Baseline("ours, GroupNorm/FiLM/SiLU composed", ("training.fused_norm=never",)),
+    # Whatever the map's device, dtype, size or layout: would the region pay on this device too?
+    "fused-norm-everywhere": Baseline("ours, fused GroupNorm/FiLM/SiLU on every map", ("training.fused_norm=always",)),
+    "groupnorm-fp32-copy": Baseline("ours, GroupNorm on a float32 copy of its input",
+                                    configure=partial(speedups.apply_groupnorm_upcast, enabled=True)),
+    "no-cudnn-benchmark": Baseline("ours, no cuDNN algorithm search", ("training.cudnn_benchmark=false",)),
+    "eager": Baseline("ours, eager (no torch.compile)", ("training.compile=false",)),
     "math-attention": Baseline("ours, math attention", context=lambda: torch.nn.attention.sdpa_kernel(
         torch.nn.attention.SDPBackend.MATH)),
     "unmasked-attention": Baseline("ours, attention without masks (upper bound)", context=_unmasked_attention),
-    # Whatever the map's device, dtype, size or layout: would the region pay on this device too?
-    "fused-norm-everywhere": Baseline("ours, fused GroupNorm/FiLM/SiLU on every map",
-                                      configure=partial(speed.set_fused_norm_act, mode="always")),
 }
 
 
-def _ours(cfg: Config, dtype: torch.dtype, device: torch.device, baseline: Optional[str] = None) -> Trainable:
+def baseline(name: str) -> Baseline:
+    """A named baseline, or `set:KEY=VALUE[,KEY=VALUE]`: a copy with those config overrides."""
+    if name.startswith("set:"):
+        overrides = tuple(item for item in name[len("set:"):].split(",") if item)
+        if not overrides or not all("=" in item for item in overrides):
+            raise SystemExit(f"--baseline {name}: expected set:KEY=VALUE[,KEY=VALUE]")
+        return Baseline("ours, " + ", ".join(overrides), overrides)
+    if name not in BASELINES:
+        raise SystemExit(f"--baseline {name}: expected one of {sorted(BASELINES)} or set:KEY=VALUE")
+    return BASELINES[name]
+
+
+def _ours(cfg: Config, dtype: torch.dtype, device: torch.device, baseline_name: Optional[str] = None,
+          config_path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Trainable:
+    """Our network built as training builds it (on `device`: a GPU initialises 500M weights in a
+    blink), with the config's speed options applied through the trainer's own function; a baseline
+    reloads the config with its overrides on top of `overrides`."""
+    before = baseline(baseline_name) if baseline_name else Baseline("ours")
+    if before.overrides:
+        cfg = load_config(config_path, list(overrides) + list(before.overrides))
     torch.manual_seed(cfg.training.seed)
-    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device=device)
+    speed.apply_model_options(net, cfg)
+    before.configure(net)
 
     def set_recompute(enabled: bool) -> None:
-        net.checkpointing = enabled
+        speedups.apply_activation_checkpointing(net, enabled)
 
-    if baseline is None:
-        return Trainable("ours", net, net, set_recompute, cfg, dtype, device)
-    before = BASELINES[baseline]
-    before.configure(net)
-    return Trainable(before.label, net, net, set_recompute, cfg, dtype, device, context=before.context)
+    return Trainable(before.label, net, net, set_recompute, cfg, dtype, device, context=before.context,
+                     compile_mode=cfg.training.compile_mode if cfg.training.compile else None)
 
 
 def _peer(cfg: Config, target_params: int, dtype: torch.dtype, device: torch.device) -> Trainable:
@@ -382,17 +431,28 @@ def _peer(cfg: Config, target_params: int, dtype: torch.dtype, device: torch.dev
     notes = (f"UNet2DConditionModel, block_out_channels {kwargs['block_out_channels']}, layers_per_block "
              f"{kwargs['layers_per_block']}, {kwargs['down_block_types']}")
     return Trainable("peer (diffusers IF-I)", unet, if_peer.peer_forward(unet),
-                     partial(if_peer.set_peer_recompute, unet), cfg, dtype, device, notes)
+                     partial(if_peer.set_peer_recompute, unet), cfg, dtype, device, notes,
+                     compile_mode="whole" if cfg.training.compile else None)  # a foreign module: whole
 
 
-def prepare(t: Trainable, batch: dict[str, torch.Tensor], compile_net: bool, warmup: int) -> None:
-    """Count FLOPs on the eager module, then compile (if asked) and take the warm-up steps."""
+def prepare(t: Trainable, batch: dict[str, torch.Tensor], warmup: int, backend: str = "inductor") -> None:
+    """Count FLOPs on the eager module, then compile (as its config asks, through the trainer's own
+    function) and take the warm-up steps; the first one's time is kept (compile time and all)."""
     t.count_flops_per_sample(batch)
-    if compile_net:
-        speed.apply_compile(t.module, t.cfg.training)  # in place, as the trainer does
-    for _ in range(warmup):
+    if t.compile_mode is not None:
+        before = speedups.compile_counters()
+        training = dataclasses.replace(t.cfg.training, compile=True, compile_mode=t.compile_mode)
+        speed.apply_compile(t.module, training, log=print, backend=backend)  # in place, as the trainer does
+    for i in range(warmup):
+        synchronize(t.device)
+        start = time.perf_counter()
         t.step(batch)
-    synchronize(t.device)
+        synchronize(t.device)
+        if i == 0:
+            t.first_step_s = time.perf_counter() - start
+    if t.compile_mode is not None:
+        after = speedups.compile_counters()
+        t.compile_stats = {key: after[key] - before[key] for key in after}
 
 
 def timed_steps(t: Trainable, batch: dict[str, torch.Tensor], steps: int, settle: int = 1) -> str:
@@ -429,7 +489,14 @@ def summarize(t: Trainable, batch: int, peak_tflops: float, mem_kind: str) -> di
             "step_s": t.times, "samples_per_s": samples_per_s,
             "flops_per_sample": t.flops_per_sample, "achieved_tflops": tflops, "mfu": tflops / peak_tflops,
             "peak_mem_gib": (state + t.growth_bytes) / 2**30, "state_mem_gib": state / 2**30,
-            "step_mem_gib": t.growth_bytes / 2**30, "mem_kind": mem_kind}
+            "step_mem_gib": t.growth_bytes / 2**30, "mem_kind": mem_kind, "first_step_s": t.first_step_s,
+            "compile_mode": t.compile_mode, "compile": t.compile_stats}
+
+
+def prepared(t: Trainable) -> dict[str, Any]:
+    """What is known of a network once it is compiled and warm (the partial JSON's entries)."""
+    return {"name": t.name, "params": t.num_params, "flops_per_sample": t.flops_per_sample,
+            "first_step_s": t.first_step_s, "compile_mode": t.compile_mode, "compile": t.compile_stats}
 
 
 def device_name(device: torch.device) -> str:
@@ -472,10 +539,13 @@ def table(result: dict[str, Any]) -> str:
         r = result["ratio"]
         lines += ["", f"ours / peer: samples/s {r['samples_per_s']:.2f}x, peak memory {r['peak_mem']:.2f}x, "
                       f"parameters {r['params']:.3f}x"]
-    if "speedup" in result:
-        r = result["speedup"]
-        lines += ["", f"ours / {r['baseline']} baseline: samples/s {r['samples_per_s']:.3f}x, "
-                      f"peak memory {r['peak_mem']:.2f}x"]
+    for r in result.get("speedups", []):
+        lines += [f"ours / {r['baseline']} baseline: samples/s {r['samples_per_s']:.3f}x, "
+                  f"peak memory {r['peak_mem']:.2f}x"]
+    for m in result["models"]:
+        if m.get("compile_mode"):
+            lines.append(f"{m['name']}: torch.compile ({m['compile_mode']}) first step {m['first_step_s']:.1f} s "
+                         f"against a median step of {m['step_s_median']:.3f} s; dynamo {m['compile']}")
     lines.append(f"memory: {result['models'][0]['mem_kind']}")
     return "\n".join(lines)
 
@@ -492,11 +562,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--settle", type=int, default=1,
                         help="untimed steps at the start of each round (memory still measured over them)")
     parser.add_argument("--peer", action="store_true", help="also train the matched diffusers IF-I peer")
-    parser.add_argument("--baseline", choices=sorted(BASELINES),
-                        help="also train our network without one speed change (before / after in one run)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME",
+                        help=f"also train a copy of our network with one change (repeatable): one of "
+                             f"{sorted(BASELINES)}, or set:KEY=VALUE[,KEY=VALUE]")
     parser.add_argument("--matmul-n", type=int, help="matmul size for the peak (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--matmul-reps", type=int, default=3, help="timed matmuls per round")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager: dynamo alone, for a CPU rehearsal of the compile path)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -510,17 +583,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     dtype = DTYPES[precision]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch or cfg.training.micro_batch_size
-    if cfg.training.compile:
+    for name in args.baseline:
+        baseline(name)  # an unknown name stops the run before anything is built
+    if args.compile_backend == "inductor" and (cfg.training.compile or any(
+            "training.compile=true" in baseline(n).overrides for n in args.baseline)):
         speed.check_compile(device.type)
     batch = synthetic_batch(cfg, batch_size, device)
 
     models = [_ours(cfg, dtype, device)]
     if args.peer:
         models.append(_peer(cfg, models[0].num_params, dtype, device))
-    if args.baseline:
-        models.append(_ours(cfg, dtype, device, args.baseline))
+    models += [_ours(cfg, dtype, device, name, args.config, tuple(overrides)) for name in args.baseline]
     for t in models:
-        prepare(t, batch, cfg.training.compile, args.warmup)
+        prepare(t, batch, args.warmup, args.compile_backend)
+    if args.json:  # what a run cut short during the timed rounds still leaves
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"partial": True, "config": args.config, "batch": batch_size,
+                                               "precision": precision, "device": device_name(device),
+                                               "prepared": [prepared(t) for t in models]}, indent=2))
 
     # Alternate the networks (A/B/A/B) and the matmul peak, so slow drifts of a shared machine
     # touch all of them alike.
@@ -553,11 +633,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result["ratio"] = {"samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
                            "peak_mem": ours["peak_mem_gib"] / peer["peak_mem_gib"],
                            "params": ours["params"] / peer["params"]}
-    if args.baseline:
-        before = result["models"][-1]
-        result["speedup"] = {"baseline": args.baseline,
-                             "samples_per_s": ours["samples_per_s"] / before["samples_per_s"],
-                             "peak_mem": ours["peak_mem_gib"] / before["peak_mem_gib"]}
+    others = result["models"][len(models) - len(args.baseline):]
+    result["speedups"] = [{"baseline": name, "label": before["name"],
+                           "samples_per_s": ours["samples_per_s"] / before["samples_per_s"],
+                           "peak_mem": ours["peak_mem_gib"] / before["peak_mem_gib"]}
+                          for name, before in zip(args.baseline, others)]
     print(table(result), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

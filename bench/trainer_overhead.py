@@ -99,7 +99,7 @@ class Alternator:
         step = trainer.step
         if step <= self.warmup:
             if step == self.warmup:
-                train_step.prepare(self.bare, self.batch, compile_net=False, warmup=1)
+                train_step.prepare(self.bare, self.batch, warmup=1)
         elif self.rounds_done < self.rounds:
             if self.in_round > 0:  # the first step after a bare round settles, untimed
                 self.trainer_times.append(now - self.last_exit)

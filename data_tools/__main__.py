@@ -1,6 +1,7 @@
 """`python -m data_tools <command>` (installed as `imagen-data`): build and check training shards.
 
-Commands: make-shards, synthetic, make-encoder, precompute-embeddings, inspect, verify, fid-stats.
+Commands: make-shards, coco, synthetic, make-encoder, make-eval-models, precompute-embeddings, inspect,
+verify, fid-stats.
 Each prints a JSON summary last on stdout; `verify` exits 1 when anything is bad.
 """
 
@@ -10,7 +11,7 @@ import argparse
 import sys
 from typing import Optional
 
-from data_tools import fid_stats, inspect_shards, make_encoder, make_shards, precompute, synthetic
+from data_tools import coco, fid_stats, inspect_shards, make_encoder, make_eval_models, make_shards, precompute, synthetic
 from data_tools.common import print_summary
 
 
@@ -21,9 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = _with_defaults(sub.add_parser)
     make_shards.add_parser(sub)
+    coco.add_parser(sub)
     synthetic.add_parser(sub)
     precompute.add_parser(sub)
     make_encoder.add_parser(sub)
+    make_eval_models.add_parser(sub)
     inspect_shards.add_parsers(sub)
     fid_stats.add_parser(sub)
     return parser
@@ -38,7 +41,8 @@ def _with_defaults(add_parser):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run one command; returns the exit status (1 when `verify` finds a problem)."""
+    """Run one command; returns the exit status (1 when `verify` finds a problem, or when
+    `precompute-embeddings` could not read an input shard to its end)."""
     args = build_parser().parse_args(argv)
     summary = args.func(args)
     print_summary(summary)

@@ -33,6 +33,17 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a synced temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fobj:
+        fobj.write(data)
+        fobj.flush()
+        os.fsync(fobj.fileno())
+    os.replace(tmp, path)
+
+
 def write_tar_atomic(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write `(key, {ext: bytes})` samples to `path` via a temporary name and an atomic rename."""
     path = Path(path)

@@ -2,13 +2,17 @@
 
 `verify` decodes every image fully, requires a caption, and checks every embedding against the
 schema (float16 [n_tokens, D], n_tokens as recorded, finite, one width across the set, and
-`--embed-dim` if given). It names each bad sample and exits 1 if there is any.
+`--embed-dim` if given). A shard with no samples is bad, and so is one whose count differs from
+its `precompute-embeddings` record. With `--inputs` (the shards precompute read) every input
+must have its output shard and record, and the output must hold every input sample the record
+does not name as skipped. It names each bad shard or sample and exits 1 if there is any.
 """
 
 from __future__ import annotations
 
 import io
 import statistics
+from pathlib import Path
 from collections import Counter
 from typing import Any, Optional
 
@@ -16,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.common import Timer, progress, rate
+from data_tools.precompute import output_names, read_record, record_path
 from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, read_embedding
 from imagen_train.data.shards import expand_shards, iter_raw_samples
 
@@ -99,20 +104,65 @@ def _check_sample(s: dict[str, Any], require_embedding: bool) -> tuple[Optional[
     return None, int(emb.shape[1])
 
 
+def check_counts(counts: dict[str, int]) -> list[dict[str, str]]:
+    """Shards that hold no samples, or another number than their precompute record says."""
+    bad = []
+    for url, count in counts.items():
+        record = read_record(url) if "://" not in url and not url.startswith("pipe:") else None
+        if count == 0:
+            bad.append({"sample": url, "problem": "shard holds no samples"})
+        elif record is not None and record.get("output_samples") != count:
+            bad.append({"sample": url, "problem": f"shard holds {count} samples, its record "
+                                                  f"{record_path(url).name} says {record.get('output_samples')}"})
+    return bad
+
+
+def check_against_inputs(counts: dict[str, int], inputs: list[str]) -> list[dict[str, str]]:
+    """Every input shard has its output shard and record, and the output holds every input sample
+    the record does not name as skipped (re-reading each input's member names, not its data)."""
+    by_name = {Path(url).name: url for url in counts}
+    bad = []
+    for url, name in zip(inputs, output_names(inputs)):
+        out = by_name.get(name)
+        if out is None:
+            bad.append({"sample": url, "problem": f"input shard has no output shard {name} among --shards"})
+            continue
+        record = read_record(out)
+        if record is None:
+            bad.append({"sample": out, "problem": f"no precompute record ({record_path(out).name}) for input {url}"})
+            continue
+        errors: list[str] = []
+        held = sum(1 for _ in iter_raw_samples(url, on_error=lambda u, k, m: errors.append(m),
+                                               keep=lambda ext: False))
+        skipped = sum(record.get("skipped", {}).values())
+        if errors:
+            bad.append({"sample": url, "problem": f"input shard cannot be read to compare: {errors[0]}"})
+        elif record.get("input_samples") != held:
+            bad.append({"sample": out, "problem": f"its record covers {record.get('input_samples')} input "
+                                                  f"samples; input {url} holds {held}"})
+        elif counts[out] < held - skipped:
+            bad.append({"sample": out, "problem": f"shortfall: {counts[out]} samples; input {url} holds "
+                                                  f"{held}, of which the record skipped {skipped}"})
+    return bad
+
+
 def verify_shards(shards: str, embed_dim: Optional[int] = None, require_embeddings: bool = False,
-                  progress_bar: bool = True) -> dict[str, Any]:
+                  progress_bar: bool = True, inputs: Optional[str] = None) -> dict[str, Any]:
     """Decode every image and check every embedding; `ok` is False if anything is bad."""
     urls = expand_shards(shards)
     timer = Timer()
     bad: list[dict[str, str]] = []
     widths: Counter[int] = Counter()
     width_of: dict[str, int] = {}
+    counts: dict[str, int] = {}
     total = 0
     with progress(None, "verify", progress_bar) as bar:
         for url in urls:
             on_error = (lambda u, k, m: bad.append({"sample": f"{u}:{k}" if k else u, "problem": m}))
+            counts[url] = 0
             for s in iter_raw_samples(url, on_error=on_error):
                 total += 1
+                counts[url] += 1
                 sid = f"{url}:{s['__key__']}"
                 problem, width = _check_sample(s, require_embeddings)
                 if problem:
@@ -125,7 +175,11 @@ def verify_shards(shards: str, embed_dim: Optional[int] = None, require_embeddin
     for sid, width in width_of.items():
         if width != expected:
             bad.append({"sample": sid, "problem": f"embedding width {width} != {expected}"})
+    bad += check_counts(counts)
+    if inputs:
+        bad += check_against_inputs(counts, expand_shards(inputs))
     return {"command": "verify", "ok": not bad, "shards": len(urls), "samples": total,
+            "inputs_checked": len(expand_shards(inputs)) if inputs else 0,
             "embedding_widths": {str(k): v for k, v in widths.items()}, "num_bad": len(bad), "bad": bad,
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(total, timer.seconds)}
 
@@ -142,5 +196,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--shards", required=True, help="brace pattern, list file or `::`-joined shards")
     p.add_argument("--embed-dim", type=int, default=None, help="required embedding width (default: the common one)")
     p.add_argument("--require-embeddings", action="store_true", help="a sample without an embedding is bad")
+    p.add_argument("--inputs", default=None,
+                   help="the shards precompute-embeddings read: each must have its output among --shards, "
+                        "holding every sample its record does not name as skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda a: verify_shards(a.shards, a.embed_dim, a.require_embeddings, not a.no_progress))
+    p.set_defaults(func=lambda a: verify_shards(a.shards, a.embed_dim, a.require_embeddings, not a.no_progress,
+                                                a.inputs))

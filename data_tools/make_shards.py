@@ -4,7 +4,13 @@ Inputs: a folder of images with sidecar captions (`photo.jpg` + `photo.txt`, sea
 recursively, sorted), or a manifest of (image path, caption) rows as CSV, JSONL or Parquet
 (Parquet needs pyarrow). Relative image paths in a manifest are relative to the manifest.
 Each sample gets `jpg`/`png`/`webp` (the original bytes, or re-encoded), `txt` and `json`
-(key, caption, width, height, original_path), in shards `00000.tar`, `00001.tar`, ...
+(key, caption, width, height, original_width, original_height, original_path), in shards
+`00000.tar`, `00001.tar`, ...
+
+`--resize S` scales each image so its smaller side is S (bicubic, never up), as the training
+loader would; `--center-crop` then cuts the centre S x S square. Images whose smaller side is
+below `--min-size` are skipped and named. `--workers` processes decode, resize and encode in
+parallel; the output is the same, byte for byte, for any number of them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,30 +89,85 @@ def manifest_items(path: Path, image_column: Optional[str] = None,
     return items
 
 
-def _convert(data: bytes, reencode: str, quality: int) -> tuple[str, bytes, int, int]:
-    """(ext, bytes, width, height); raises on an undecodable image."""
+@dataclass(frozen=True)
+class ImageOptions:
+    """What make-shards does to each image."""
+
+    reencode: str = "keep"    # keep, jpg or png
+    quality: int = 95         # JPEG quality when re-encoding
+    min_size: int = 0         # skip images whose smaller side is below this (px)
+    resize: int = 0           # scale the smaller side to this (px; never up); 0: keep the size
+    center_crop: bool = False  # then cut the centre resize x resize square
+
+
+def _resized(img: Image.Image, size: int, crop: bool) -> Image.Image:
+    """The smaller side scaled to `size` (bicubic, only down, as the loader resizes), then
+    optionally the centre size x size square."""
+    w, h = img.size
+    if min(w, h) > size:
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC,
+                         reducing_gap=None)
+        w, h = img.size
+    if crop and (w, h) != (size, size):
+        side = min(size, w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return img
+
+
+def _convert(data: bytes, opts: ImageOptions) -> tuple[str, bytes, int, int, int, int]:
+    """(ext, bytes, width, height, original width, original height); raises on an undecodable image."""
     img = Image.open(io.BytesIO(data))
     fmt = img.format
     img.load()  # full decode: a truncated or corrupt file fails here
+    w0, h0 = img.size
+    if min(w0, h0) < opts.min_size:
+        raise _TooSmall()
+    changed = bool(opts.resize)
+    if changed:
+        img = _resized(img, opts.resize, opts.center_crop)
+        changed = img.size != (w0, h0)
     w, h = img.size
-    if reencode == "keep" and fmt in KEEP_FORMATS:
-        return KEEP_FORMATS[fmt], data, w, h
-    target = "jpg" if reencode == "jpg" else "png"
+    if opts.reencode == "keep" and fmt in KEEP_FORMATS and not changed:
+        return KEEP_FORMATS[fmt], data, w, h, w0, h0
+    # A resized image is written as its source format was (JPEG stays JPEG), unless told otherwise.
+    target = opts.reencode if opts.reencode != "keep" else ("jpg" if fmt == "JPEG" else "png")
     buf = io.BytesIO()
     rgb = img.convert("RGB") if target == "jpg" or img.mode not in ("RGB", "RGBA", "L") else img
-    rgb.save(buf, format="JPEG" if target == "jpg" else "PNG", **({"quality": quality} if target == "jpg" else {}))
-    return target, buf.getvalue(), w, h
+    rgb.save(buf, format="JPEG" if target == "jpg" else "PNG",
+             **({"quality": opts.quality} if target == "jpg" else {}))
+    return target, buf.getvalue(), w, h, w0, h0
+
+
+class _TooSmall(Exception):
+    """An image whose smaller side is below --min-size."""
+
+
+def _prepare(task: tuple[str, ImageOptions]) -> tuple[str, Any]:
+    """("ok", converted) or ("too_small" | "bad_image", None) for one image file (in a worker)."""
+    path, opts = task
+    try:
+        return "ok", _convert(Path(path).read_bytes(), opts)
+    except _TooSmall:
+        return "too_small", None
+    except Exception:  # noqa: BLE001 - unreadable file or undecodable image
+        return "bad_image", None
 
 
 def make_shards(out: str | Path, input_dir: Optional[str | Path] = None, manifest: Optional[str | Path] = None,
                 shard_size: int = 1000, min_size: int = 0, reencode: str = "keep", quality: int = 95,
                 image_column: Optional[str] = None, caption_column: Optional[str] = None,
-                progress_bar: bool = True) -> dict[str, Any]:
+                progress_bar: bool = True, workers: int = 1, resize: int = 0,
+                center_crop: bool = False) -> dict[str, Any]:
     """Write shards from a folder or manifest; returns the summary dict."""
     if (input_dir is None) == (manifest is None):
         raise ValueError("give exactly one of an input folder or a manifest")
     if reencode not in ("keep", "jpg", "png"):
         raise ValueError(f"reencode must be keep, jpg or png, got {reencode}")
+    if center_crop and not resize:
+        raise ValueError("--center-crop needs --resize SIZE (the square's side)")
+    opts = ImageOptions(reencode, quality, min_size, resize, center_crop)
     items = folder_items(Path(input_dir)) if input_dir is not None else \
         manifest_items(Path(manifest), image_column, caption_column)
     timer = Timer()
@@ -115,30 +180,44 @@ def make_shards(out: str | Path, input_dir: Optional[str | Path] = None, manifes
         if len(named) < MAX_NAMED:
             named.append(name)
 
+    captioned = [(path, caption) for path, caption in items if caption is not None]
+    for path, caption in items:
+        if caption is None:
+            skip("no_caption", path)
     writer = ShardWriter(out, shard_size)
-    with progress(len(items), "make-shards", progress_bar) as bar:
-        for path, caption in items:
+    with progress(len(items), "make-shards", progress_bar) as bar, _WorkerPool(workers) as pool:
+        bar.update(len(items) - len(captioned))
+        tasks = [(path, opts) for path, _ in captioned]
+        results = pool.map(_prepare, tasks, chunksize=16) if pool else map(_prepare, tasks)
+        for (path, caption), (status, converted) in zip(captioned, results):
             bar.update()
-            if caption is None:
-                skip("no_caption", path)
+            if status != "ok":
+                skip(status, path)
                 continue
-            try:
-                data = Path(path).read_bytes()
-                ext, data, w, h = _convert(data, reencode, quality)
-            except Exception:  # noqa: BLE001 - unreadable file or undecodable image
-                skip("bad_image", path)
-                continue
-            if min(w, h) < min_size:
-                skip("too_small", path)
-                continue
+            ext, data, w, h, w0, h0 = converted
             key = f"{writer.num_samples:09d}"
             meta = {"key": key, "status": "success", "caption": caption, "width": w, "height": h,
-                    "original_path": path}
+                    "original_width": w0, "original_height": h0, "original_path": path}
             writer.write(key, {ext: data, "txt": caption.encode("utf-8"), "json": json.dumps(meta).encode()})
     writer.flush()
     return {"command": "make-shards", "out": str(out), "inputs": len(items), "samples": writer.num_samples,
-            "shards": len(writer.shards), "skipped": counts, "skipped_samples": skipped,
+            "shards": len(writer.shards), "skipped": counts, "skipped_samples": skipped, "workers": workers,
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(len(items), timer.seconds)}
+
+
+class _WorkerPool:
+    """A process pool of `workers` (fork: the workers need nothing but this module), or None for 1."""
+
+    def __init__(self, workers: int):
+        self.executor = None if workers <= 1 else ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"))
+
+    def __enter__(self) -> Optional[ProcessPoolExecutor]:
+        return self.executor
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
 
 
 def add_parser(sub: Any) -> None:
@@ -157,7 +236,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--image-column", default=None, help=f"manifest image column (default: first of {IMAGE_COLUMNS})")
     p.add_argument("--caption-column", default=None,
                    help=f"manifest caption column (default: first of {CAPTION_COLUMNS})")
+    p.add_argument("--resize", type=int, default=0, metavar="SIZE",
+                   help="scale each image's smaller side to SIZE px (bicubic, never up); 0: keep sizes")
+    p.add_argument("--center-crop", action="store_true", help="with --resize: cut the centre SIZE x SIZE square")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes that decode, resize and encode (the output does not depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=lambda a: make_shards(
         a.out, a.input, a.manifest, a.shard_size, a.min_size, a.reencode, a.quality, a.image_column,
-        a.caption_column, not a.no_progress))
+        a.caption_column, not a.no_progress, a.workers, a.resize, a.center_crop))

@@ -4,6 +4,8 @@ Built to be learned fast by a tiny model on a CPU: one large, clean, saturated s
 background; few factors, each named in the caption ("a small red circle at the top left on a
 dark background"). Sample i depends only on (seed, i), so any subset or shard size gives the
 same images; the json entry records what was drawn (shape, colour name and RGB, centre, radius).
+`--layout folder` or `--layout coco` writes loose image files instead (a folder with .txt
+captions, or COCO's layout), to rehearse the paths that start from files (docs/guide.md).
 """
 
 from __future__ import annotations
@@ -281,6 +283,45 @@ def write_synthetic(out: str | Path, num_samples: int, resolution: int = 64, sha
             "seconds": round(timer.seconds, 2), "samples_per_s": rate(num_samples, timer.seconds)}
 
 
+def write_synthetic_files(out: str | Path, num_samples: int, resolution: int = 256, seed: int = 0,
+                          layout: str = "folder", image_format: str = "png") -> dict[str, Any]:
+    """Draw samples as loose files, for rehearsing the paths that start from files:
+
+    - "folder": OUT/NNNNNNNNN.png with its caption in OUT/NNNNNNNNN.txt (`make-shards --input`);
+    - "coco": OUT/val2014/COCO_val2014_NNNNNNNNNNNN.png and OUT/annotations/captions_val2014.json
+      with one caption per image, in COCO's layout (`coco --annotations ... --images ...`).
+    """
+    if layout not in ("folder", "coco"):
+        raise ValueError(f"layout must be folder or coco, got {layout}")
+    out = Path(out)
+    timer = Timer()
+    folder = out / "val2014" if layout == "coco" else out
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_samples):
+        img, caption, _ = draw_sample(seed, i, resolution)
+        name = f"COCO_val2014_{i + 1:012d}.{image_format}" if layout == "coco" else f"{i:09d}.{image_format}"
+        (folder / name).write_bytes(_encode(img, image_format))
+        if layout == "folder":
+            (folder / name).with_suffix(".txt").write_text(caption + "\n")
+        images.append({"id": i + 1, "file_name": name, "width": resolution, "height": resolution})
+        annotations.append({"id": 1000 + i, "image_id": i + 1, "caption": caption})
+    if layout == "coco":
+        (out / "annotations").mkdir(exist_ok=True)
+        (out / "annotations" / "captions_val2014.json").write_text(
+            json.dumps({"images": images, "annotations": annotations}))
+    return {"command": "synthetic", "out": str(out), "layout": layout, "num_samples": num_samples,
+            "resolution": resolution, "seed": seed, "format": image_format, "seconds": round(timer.seconds, 2)}
+
+
+def _run(a: Any) -> dict[str, Any]:
+    if a.layout != "shards":
+        return write_synthetic_files(a.out, a.num_samples, a.resolution, a.seed, a.layout, a.image_format)
+    return write_synthetic(a.out, a.num_samples, a.resolution, a.shard_size, a.seed, a.holdout, a.holdout_out,
+                           a.image_format, not a.no_progress, tuple(a.exclude),
+                           tuple(x for x in a.sizes.split(",") if x), a.drop_attributes, a.palette)
+
+
 def add_parser(sub: Any) -> None:
     """Register the `synthetic` subcommand."""
     p = sub.add_parser("synthetic", help="draw a captioned coloured-shapes dataset (deterministic by seed)",
@@ -305,7 +346,7 @@ def add_parser(sub: Any) -> None:
                         "position and background, independently (holdout captions name all)")
     p.add_argument("--palette", action="store_true",
                    help="store PNGs as palette images: the same pixels, a ~10x cheaper decode")
-    p.set_defaults(func=lambda a: write_synthetic(
-        a.out, a.num_samples, a.resolution, a.shard_size, a.seed, a.holdout, a.holdout_out,
-        a.image_format, not a.no_progress, tuple(a.exclude), tuple(x for x in a.sizes.split(",") if x),
-        a.drop_attributes, a.palette))
+    p.add_argument("--layout", choices=("shards", "folder", "coco"), default="shards",
+                   help="shards; or loose files: a folder of images with .txt captions, or COCO's "
+                        "val2014/ + annotations/captions_val2014.json (for rehearsing those inputs)")
+    p.set_defaults(func=_run)

@@ -224,8 +224,16 @@ def load_dataclass(path: str | Path, cls: type, overrides: list[str] | None = No
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a training config (with `base:` inheritance), apply dotted overrides, validate."""
-    return load_dataclass(path, Config, overrides)
+    """Read a training config (with `base:` inheritance), apply dotted overrides, validate.
+
+    A config that sets no `run_dir` runs in `runs/<file name without .yaml>`.
+    """
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    if data.get("run_dir") is None:
+        data["run_dir"] = f"runs/{path.stem}"
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    return from_dict(data, Config, source)
 
 
 def save_config(config: Config, path: str | Path) -> None:

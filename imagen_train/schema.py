@@ -27,10 +27,15 @@ STAGES = STAGE_NAMES  # the stage names, in cascade order (imagen_train.stages h
 class ModelConfig:
     """The denoising network. `kind` picks the base UNet or the Efficient UNet (SR stages)."""
 
+    # "unet" (base stage) or "efficient_unet" (SR stages); must match the stage.
     kind: Literal["unet", "efficient_unet"] = "unet"
+    # in_channels / out_channels: image channels in and out (RGB); an SR network also takes the
+    # low-res image's in_channels.
     in_channels: int = 3
     out_channels: int = 3
+    # Channels at the highest resolution; level i has model_channels * channel_mult[i].
     model_channels: int = 64
+    # One multiplier per level; each level after the first halves the resolution.
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     # One int for every level, or one entry per level.
     num_res_blocks: Union[int, list[int]] = 2
@@ -41,12 +46,18 @@ class ModelConfig:
     attention_type: Literal["fused", "cross"] = "fused"
     # Efficient UNet only: self-attention at the attention levels as well as text attention.
     self_attention: bool = True
+    # Channels per attention head (heads = channels / this).
     num_head_channels: int = 64
     # Width of the projected text tokens and pooled text vector (NeMo's "cond dim").
     cond_dim: int = 512
+    # Width of the noise-level embedding, as a multiple of model_channels.
     time_embed_mult: int = 4
+    # GroupNorm groups; must divide every level's channels.
     num_groups: int = 32
+    # Dropout in the ResNet blocks (training only).
     dropout: float = 0.0
+    # Recompute each block's activations in the backward pass: less memory, ~30% more compute.
+    # A speed option the trainer applies from outside the model (imagen_train/speedups.py).
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -81,6 +92,7 @@ class TextConfig:
     """The frozen text encoder's embeddings as the networks see them."""
 
     embed_dim: int = 4096  # T5-XXL v1.1: 4096; t5-11b: 1024
+    # Text tokens the networks see: embeddings are padded (masked) or cut to this.
     max_length: int = 128
     encoder_path: Optional[str] = None  # a local save_pretrained folder (sampling, precompute)
     # Training batches: pad text to the batch's longest caption (rounded up to 8 tokens) instead
@@ -99,16 +111,22 @@ class DataConfig:
 
     # Brace pattern, list file (one shard a line), local paths or `pipe:` commands.
     train_shards: Optional[str] = None
+    # Periodic evaluation's shards: their captions (and images, for FID and the SR stages).
     eval_shards: Optional[str] = None
     # Samples a worker holds to shuffle; each waits at most 2x this many newer ones, so a resume
     # re-reads at most about 2x this many samples plus one shard per worker (docs/training.md).
     shuffle_buffer: int = 1000
+    # Data loader processes per rank (0: read in the training process).
     num_workers: int = 2
+    # Draw shards with replacement, endlessly (false: a new permutation of the shards each epoch).
     resampled: bool = True
+    # Seed of the shard order, the shuffle buffer and the per-sample randomness (crops, text drop).
     seed: int = 0
     # Skip images whose smaller side is below this (0: the stage's resolution).
     min_image_size: int = 0
+    # Batches each loader process prepares ahead.
     prefetch_factor: int = 2
+    # Page-locked host memory for batches (faster copies to a GPU).
     pin_memory: bool = True
     # Random instead of center crop of the stage's output square (the paper center-crops).
     random_crop: bool = False
@@ -137,9 +155,13 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW (reference: lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01)."""
 
+    # Peak learning rate, reached after lr_schedule.warmup_steps.
     lr: float = 1e-4
+    # AdamW's decay rates of the gradient's first and second moments.
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW's epsilon (added to the second moment's root).
     eps: float = 1e-8
+    # Decoupled weight decay.
     weight_decay: float = 0.01
     # Which AdamW kernel DeepSpeed steps: "torch-fused" (torch.optim.AdamW(fused=True): ships with
     # torch, on GPUs and CPUs, nothing to compile), "torch-foreach", or "deepspeed-fused"
@@ -160,8 +182,11 @@ class OptimizerConfig:
 class LRScheduleConfig:
     """Linear warm-up, then constant or cosine decay to `min_lr_ratio * lr` at `total_steps`."""
 
+    # Optimizer steps of the linear warm-up from 0 to optim.lr.
     warmup_steps: int = 10_000
+    # After warm-up: constant, or cosine down to min_lr_ratio * lr at training.max_steps.
     decay: Literal["constant", "cosine"] = "constant"
+    # The cosine decay's final learning rate, as a fraction of optim.lr.
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
@@ -173,20 +198,33 @@ class LRScheduleConfig:
 class TrainingConfig:
     """Batch sizes, precision and ZeRO settings; the DeepSpeed config is built from these."""
 
+    # Optimizer steps to train; the run ends with a checkpoint there.
     max_steps: int = 1_000_000
+    # Samples per rank per forward/backward pass.
     micro_batch_size: int = 16
+    # Samples per optimizer step over all ranks (= micro x accumulation x ranks).
     global_batch_size: int = 2048
     # None: derived as global / (micro * world size); given: must agree with them.
     grad_accum_steps: Optional[int] = None
+    # Training precision; fp32 on a CPU (DeepSpeed refuses fp16 there, bf16 convolutions are slow).
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # The dtype the micro batches' gradients are summed in (DeepSpeed's grad_accum_dtype, whose
+    # own default is the model's dtype). "auto": fp32 under bf16 at ZeRO 1-3; the model's
+    # dtype otherwise (DeepSpeed 0.19.8 has no fp32 accumulation without ZeRO).
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + weights sharded over ranks.
     zero_stage: int = 2
+    # Keep the optimizer states in CPU memory (ZeRO-Offload; GPU runs only).
     offload_optimizer: bool = False
+    # Clip the global gradient norm to this (0: no clipping).
     grad_clip: float = 1.0
+    # Seed of the weight initialisation and the training noise.
     seed: int = 0
     # Stop after this many consecutive non-finite losses (the last good checkpoint is kept).
     max_bad_steps: int = 20
     # Collective timeout, so a dead rank never hangs the others.
     dist_timeout_s: int = 1800
+    # Steps between logged training metrics (metrics.jsonl, W&B, the console).
     log_every_steps: int = 10
     # Extra DeepSpeed config keys merged over the generated ones.
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)
@@ -194,12 +232,22 @@ class TrainingConfig:
     # (the weights stay contiguous: DeepSpeed refuses channels_last parameters).
     channels_last: bool = False
     # torch.compile the network (inductor: a C++ compiler on a CPU, Triton on a GPU); the first
-    # steps are slow while it compiles. Checked before training starts.
+    # steps are slow while it compiles. Checked before training starts. Off until a GPU run
+    # measures it faster over a realistic run, compile time included (docs/benchmarks.md).
     compile: bool = False
     # "regional": compile each block the network runs in turn (ResBlocks, attention, resampling):
     # blocks of one shape share their compiled code, so compile time grows with the kinds of
     # block, not their number. "whole": the network as one graph.
     compile_mode: Literal["regional", "whole"] = "regional"
+    # Where inductor keeps compiled graphs and kernels between runs (null: TORCHINDUCTOR_CACHE_DIR,
+    # else ~/.cache/imagen_train/inductor).
+    compile_cache_dir: Optional[str] = None
+    # Where the ResBlocks' GroupNorm -> FiLM -> SiLU regions run as one autograd function
+    # (models/norm_act.py): "auto" (large channels_last CPU float32 maps, where it measured faster),
+    # "never", "always".
+    fused_norm: Literal["auto", "never", "always"] = "auto"
+    # cuDNN's per-shape convolution algorithm search (GPU only; the shapes are fixed per stage).
+    cudnn_benchmark: bool = True
     # Start a new run from exported weights (a .safetensors file from launch/export.py): for
     # fine-tuning, or to change the world size or ZeRO stage. Ignored when a checkpoint is
     # resumed (the checkpoint wins). `init_from_weights` picks the export's "ema" or "raw" ones.
@@ -219,6 +267,11 @@ class TrainingConfig:
         check(self.grad_accum_steps is None or self.grad_accum_steps >= 1, "grad_accum_steps",
                "a positive int or null", self.grad_accum_steps)
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "one of 0, 1, 2, 3", self.zero_stage)
+        check(self.grad_accum_dtype != "bf16" or self.precision == "bf16", "grad_accum_dtype",
+              f"'auto' or 'fp32' with precision={self.precision} (bf16 only for a bf16 run)", "bf16")
+        check(self.grad_accum_dtype != "fp32" or self.zero_stage >= 1 or self.precision == "fp32",
+              "grad_accum_dtype", f"'auto' or '{self.precision}' at zero_stage=0 (DeepSpeed accumulates "
+              f"in fp32 under {self.precision} only at ZeRO 1-3)", "fp32")
         check(self.grad_clip >= 0, "grad_clip", "a non-negative float", self.grad_clip)
         check(self.max_bad_steps >= 1, "max_bad_steps", "a positive int", self.max_bad_steps)
         check(self.dist_timeout_s >= 1, "dist_timeout_s", "a positive int", self.dist_timeout_s)
@@ -249,9 +302,11 @@ class TrainingConfig:
 class EMAConfig:
     """Exponential moving average of the weights (reference: 0.9999 every step)."""
 
+    # EMA decay per update.
     decay: float = 0.9999
     # Effective decay min(decay, (1 + step) / (warmup_steps + step)); 0 disables warm-up.
     warmup_steps: int = 0
+    # Optimizer steps between EMA updates.
     update_every_steps: int = 1
 
     def __post_init__(self) -> None:
@@ -264,7 +319,9 @@ class EMAConfig:
 class CheckpointConfig:
     """When and where checkpoints are written."""
 
+    # Optimizer steps between checkpoints.
     every_steps: int = 1000
+    # Complete checkpoints kept; older ones are removed after a new one is complete.
     keep_last: int = 3
     # None: `<run_dir>/checkpoints`.
     dir: Optional[str] = None
@@ -290,9 +347,12 @@ class EvaluationConfig:
     """Periodic evaluation during training with the EMA weights."""
 
     eval_every_steps: int = 0  # 0: never
+    # Captions of the sample grid (base stage with text.encoder_path; else eval-shard captions).
     prompts: list[str] = field(default_factory=list)
+    # Grid samples per prompt.
     num_images_per_prompt: int = 1
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # Eval-shard samples generated for FID and CLIP score at each evaluation (0: grids only).
     num_fid_samples: int = 0
     inception_path: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID)
     clip_path: Optional[str] = None       # a CLIPModel save_pretrained folder (CLIP score)
@@ -320,10 +380,15 @@ class EvaluationConfig:
 class LoggingConfig:
     """Weights & Biases and console logging."""
 
+    # online: stream to wandb.ai (needs WANDB_API_KEY or `wandb login`); offline: write <run_dir>/wandb for `wandb sync`; disabled: metrics.jsonl only.
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    # W&B project the run is logged to.
     wandb_project: str = "imagen-train"
+    # W&B team or user name (None: your default entity).
     wandb_entity: Optional[str] = None
+    # W&B display name (None: W&B picks one).
     run_name: Optional[str] = None
+    # A tqdm bar on rank 0 (off in logs of batch jobs, if you like).
     progress_bar: bool = True
 
 
@@ -331,10 +396,14 @@ class LoggingConfig:
 class Config:
     """A whole training run of one stage."""
 
+    # Which stage of the cascade this run trains: base64, sr256 or sr1024.
     stage: StageName = "base64"
     # The square size the network trains on (sr1024 trains on 256 px crops).
     train_resolution: Optional[int] = None
-    run_dir: str = "runs/default"
+    # Where the run writes (checkpoints, metrics, the resolved config). None: `runs/<name of the
+    # config file>` when loaded from a file (configs/sr256-400m.yaml -> runs/sr256-400m), else
+    # `runs/<stage>`.
+    run_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -352,6 +421,8 @@ class Config:
 
     def __post_init__(self) -> None:
         spec = get_stage(self.stage)
+        if self.run_dir is None:
+            self.run_dir = f"runs/{self.stage}"
         if self.train_resolution is None:
             self.train_resolution = spec.train_resolution
         res = self.train_resolution

@@ -29,15 +29,20 @@ class NoiseAugConfig:
 class DiffusionConfig:
     """Parameterization, schedule and loss (continuous-time Gaussian diffusion or EDM)."""
 
+    # "edm" (Karras et al. 2022) or "continuous" (continuous-time Gaussian diffusion, log-SNR schedule).
     formulation: Literal["edm", "continuous"] = "edm"
     # Continuous-time model.
     schedule: Literal["cosine", "linear"] = "cosine"
+    # Offset s of the cosine schedule (Nichol & Dhariwal 2021).
     cosine_s: float = 0.008
+    # What the continuous-time network predicts: the noise, v, or the clean image.
     prediction: Literal["eps", "v", "x0"] = "eps"
     # EDM (Karras et al. 2022, table 1).
     sigma_data: float = 0.5
+    # Training noise levels: ln(sigma) ~ N(p_mean, p_std^2).
     p_mean: float = -1.2
     p_std: float = 1.2
+    # sigma_min, sigma_max: the noise range the samplers cover.
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     # Classifier-free guidance: probability of dropping a sample's text at training.
@@ -57,14 +62,20 @@ class DiffusionConfig:
 class SamplerConfig:
     """One stage's sampler settings."""
 
+    # The sampler (imagen_train/diffusion/samplers.py); EDM Heun is the reference.
     name: Literal["ddpm", "ddim", "edm_heun", "edm_stochastic", "dpmpp_2m"] = "edm_heun"
+    # Sampling steps (Heun: 2 * steps - 1 network calls per image).
     steps: int = 30
+    # Classifier-free guidance weight (1: conditional prediction only).
     guidance_scale: float = 7.5
     # [sigma_lo, sigma_hi]: guide only at noise levels sigma_lo < sigma <= sigma_hi, elsewhere the
     # conditional prediction alone (Kynkaanniemi et al. 2024). None: guide at every level.
     guidance_interval: Optional[list[float]] = None
+    # How the predicted clean image is kept in range: dynamic (Imagen), static clamp to [-1, 1], or none.
     thresholding: Literal["dynamic", "static", "none"] = "dynamic"
+    # Dynamic thresholding's percentile of |x0| per sample.
     dynamic_quantile: float = 0.995
+    # edm_stochastic: noise added back per step (s_churn) and its scale (s_noise).
     s_churn: float = 0.0
     s_noise: float = 1.0
     # SR stages: noise-augmentation level of the low-res conditioning image.
@@ -73,6 +84,7 @@ class SamplerConfig:
     # over `final_denoise_draws` fresh noise fields, taken at this sigma after the sampler ends
     # (samplers.final_denoise_average). 0: the sampler's output as it is.
     final_denoise_sigma: float = 0.0
+    # Noise draws the final average takes (with final_denoise_sigma > 0).
     final_denoise_draws: int = 16
 
     def __post_init__(self) -> None:

@@ -5,8 +5,9 @@ with DeepSpeed's own `safe_get_full_fp32_param` (the module's weights in an fp32
 and keeps an EMA of them by hand. At the end it checks the stitched per-rank EMA (stitched
 with each rank's recorded slice bounds) against the hand EMA on every rank. In a bf16 run it
 also checks that an EMA of the bf16 module weights would have differed, so the comparison can
-tell the two apart, and that the periodic evaluator's network (`ema_network`) holds the
-same EMA. Rank 0 saves the hand EMA and its network's output on fixed inputs for
+tell the two apart, and that the network training hands the periodic evaluator
+(`trainer.materialize_ema`, training/ema_network.py) holds exactly the stitched EMA, in one
+window and in windows that cut slices apart, in fp32 and bf16. Rank 0 saves the hand EMA and its network's output on fixed inputs for
 the test to compare with the exported file.
 """
 
@@ -18,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagen_train.config import load_config  # noqa: E402
-from imagen_train.evaluation.periodic import ema_network  # noqa: E402
 from imagen_train.models import build_model  # noqa: E402
 from imagen_train.artifacts import stitch  # noqa: E402
 from imagen_train.training.trainer import Trainer  # noqa: E402
@@ -93,10 +93,17 @@ def main() -> None:
         stitched[name] = stitch(name, entry["numel"], pieces).reshape(entry["shape"])
     worst = max((stitched[n] - hand[n]).abs().max().item() for n in hand)
     assert worst < 1e-6, f"sharded EMA differs from the hand EMA of the fp32 masters by {worst}"
-    # The periodic evaluator's network, built from the same slices one parameter at a time.
-    eval_net = ema_network(cfg, trainer.layout, trainer.ema.shadow, torch.device("cpu"), torch.float32)
-    eval_gap = max((q - hand[n]).abs().max().item() for n, q in eval_net.named_parameters())
-    assert eval_gap < 1e-6, f"the evaluation network differs from the hand EMA by {eval_gap}"
+    # The network training hands the periodic evaluator: exactly the stitched EMA (cast to the
+    # sampling dtype), whether the flat EMA is gathered in one window or in windows of a few
+    # hundred elements that cut slices and parameters apart.
+    materialize = trainer.materialize_ema
+    for window_bytes in (materialize.window_bytes, 1000):
+        materialize.window_bytes = window_bytes
+        for dtype in (torch.float32, torch.bfloat16):
+            eval_net = materialize(dtype, torch.device("cpu"))
+            for n, q in eval_net.named_parameters():
+                assert q.dtype == dtype and torch.equal(q, stitched[n].to(dtype)), (
+                    f"the evaluation network's {n} differs from the stitched EMA ({dtype}, window {window_bytes})")
     lp_gap = max((hand_lp[n] - hand[n]).abs().max().item() for n in hand)
     if cfg.training.precision == "bf16":
         assert lp_gap > 100 * max(worst, 1e-7), (

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from data_tools.make_eval_models import random_clip, random_fid_inception as make_random_inception
 from imagen_train.config import load_preset
 from imagen_train.artifacts import CONFIG_KEY
 from imagen_train.models import build_model
@@ -40,46 +41,10 @@ def export_tiny(stage: str, out: Path, embed_dim: int = 64, seed: int = 0, raw: 
 
 
 def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    """A random-weight CLIPModel (tiny text and vision towers) and a character-level CLIP
-    tokenizer (built with vocab=/merges=, which transformers 5 needs), saved to `folder`."""
-    import string
-
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase + string.digits + ",.!?'-":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0,
-                     "eos_token_id": 1, "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    model = CLIPModel(config).eval()
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    """A random-weight tiny CLIPModel and tokenizer (`data_tools make-eval-models` builds it)."""
+    return random_clip(folder, seed)
 
 
 def random_fid_inception(path: Path, seed: int = 0, drop_batch_counters: bool = True) -> Path:
-    """Our FID Inception with random weights and BatchNorm statistics, saved as a .pth the way the
-    ported TF file is (no num_batches_tracked entries)."""
-    from imagen_train.evaluation.inception import FIDInceptionV3
-
-    net = FIDInceptionV3.random(seed)  # scale-preserving, so features tell images apart
-    torch.manual_seed(seed)
-    state = net.state_dict()
-    for key, value in state.items():
-        if key.endswith("running_mean"):
-            value.normal_(0, 0.1)
-        elif key.endswith("running_var"):
-            value.uniform_(0.5, 1.5)
-    if drop_batch_counters:
-        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
+    """Our FID Inception with random weights and BatchNorm statistics, saved as the ported TF file is."""
+    return make_random_inception(path, seed, drop_batch_counters)

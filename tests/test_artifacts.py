@@ -96,17 +96,32 @@ def test_a_checkpoints_ema_loads_for_inference_without_deepspeed(tmp_path):
 
 def test_resume_refusal_is_one_check_from_files_or_rank_state(tmp_path):
     _, folder = _fake_checkpoint(tmp_path / "checkpoints")
-    artifacts.check_resume_target(folder, "base64", 2)  # the same run: accepted
+    source = artifacts.check_resume_target(folder, "base64", 2, 2)  # the same run: accepted
+    assert (source["world_size"], source["zero_stage"], source["reshardable"]) == (2, 2, False)
     with pytest.raises(artifacts.CheckpointError, match="checkpoint of stage base64, this run trains stage sr256"):
-        artifacts.check_resume_target(folder, "sr256", 2)
-    with pytest.raises(artifacts.CheckpointError, match="written by 2 ranks; this run has 4 .*training.init_from"):
-        artifacts.check_resume_target(folder, "base64", 4)
-    state = artifacts.read_rank_state(folder, 1)  # what Trainer.load_checkpoint checks, same words
-    with pytest.raises(artifacts.CheckpointError, match="written by 2 ranks; this run has 3"):
-        artifacts.refuse_other_run(folder, state["stage"], state["world_size"], "base64", 3)
+        artifacts.check_resume_target(folder, "sr256", 2, 2)
+    state = artifacts.read_rank_state(folder, 1)  # what the resume checks again, same words
+    with pytest.raises(artifacts.CheckpointError, match="checkpoint of stage base64, this run trains stage sr256"):
+        artifacts.refuse_other_run(folder, state["stage"], "sr256")
+    # Another world size or ZeRO stage: re-sliced, if the rank files record their optimizer
+    # layouts (this fake's, like those of older code, do not).
+    for world, zero in ((4, 2), (2, 3)):
+        with pytest.raises(artifacts.CheckpointError, match=r"written by 2 ranks at ZeRO stage 2, and its rank "
+                           r"files record no optimizer layout.*training.init_from"):
+            artifacts.check_resume_target(folder, "base64", world, zero)
+    for layout in (None, {"version": 1}):  # None: a run whose optimizer the re-slice does not know
+        for rank in range(2):
+            state = artifacts.read_rank_state(folder, rank)
+            checkpoints.write_rank_state(folder, rank, {**state, "optimizer_layout": layout})
+        if layout is None:
+            with pytest.raises(artifacts.CheckpointError, match="record no optimizer layout"):
+                artifacts.check_resume_target(folder, "base64", 4, 2)
+    assert artifacts.check_resume_target(folder, "base64", 4, 3)["reshardable"]
+    with pytest.raises(artifacts.CheckpointError, match="'training.offload_optimizer'.*not supported"):
+        artifacts.check_resume_target(folder, "base64", 4, 2, offload_optimizer=True)
     (folder / checkpoints.CONFIG_FILE).write_text("stage: [unclosed")
     with pytest.raises(artifacts.CheckpointError, match="config.yaml cannot be read"):
-        artifacts.check_resume_target(folder, "base64", 2)
+        artifacts.check_resume_target(folder, "base64", 2, 2)
 
 
 def _draw() -> tuple:
@@ -134,28 +149,33 @@ def test_rng_state_round_trips_through_a_checkpoint_file_and_preserves_cached_ga
 
 
 def test_periodic_evaluation_needs_no_trainer(tmp_path, shards_64):
-    """The evaluator is driven with the step, EMA slices, a device, log functions and a folder."""
+    """The evaluator is driven with the step, a callable that builds the EMA network, a device, log
+    functions and a folder; it calls the builder only when a step is due."""
     from imagen_train.evaluation.periodic import make_periodic_evaluator
 
     cfg = load_preset("base64-tiny", [f"data.eval_shards={shards_64.pattern}", "evaluation.eval_every_steps=2",
                                       f"text.embed_dim={shards_64.embed_dim}", "text.max_length=16",
                                       "evaluation.sampler.steps=2", "evaluation.num_images_per_prompt=1"])
     torch.manual_seed(0)
-    weights = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).state_dict()
-    layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
-              for k, v in weights.items()}
-    shadow = {k: v.reshape(-1).clone() for k, v in weights.items()}
+    built = []
+
+    def materialize_ema(dtype, device):
+        built.append((dtype, device))
+        return build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution).to(device, dtype)
+
     metrics, images = [], []
     evaluator = make_periodic_evaluator(cfg)
-    call = dict(ema_layout=layout, ema_shadow=shadow, device=torch.device("cpu"),
+    call = dict(materialize_ema=materialize_ema, device=torch.device("cpu"),
                 log=lambda m, step: metrics.append((step, m)),
                 log_image=lambda key, path, step, caption="": images.append((key, Path(path), step)),
                 out_dir=tmp_path / "samples")
     before = torch.get_rng_state()
     evaluator(step=1, **call)  # not due
-    assert metrics == [] and images == [] and not (tmp_path / "samples").exists()
+    assert metrics == [] and images == [] and built == [] and not (tmp_path / "samples").exists()
     evaluator(step=2, **call)
+    assert built == [(torch.float32, torch.device("cpu"))]
     assert images == [("eval/samples", tmp_path / "samples" / "step_2.png", 2)]
     assert images[0][1].is_file()
     assert [step for step, _ in metrics] == [2] and metrics[0][1]["eval/time_s"] > 0
+    assert metrics[0][1]["eval/received_bytes"] == 0  # one process: nothing comes from another rank
     assert torch.equal(torch.get_rng_state(), before)  # the training RNG is left as it was

@@ -155,42 +155,63 @@ def test_peer_of_a_large_preset_builds_and_runs(preset):
     assert out.shape == (2, m.out_channels, res, res)
 
 
-@pytest.mark.parametrize("baseline", sorted(train_step.BASELINES))
-def test_baseline_trains_beside_ours_with_the_change_undone(baseline, monkeypatch):
-    """--baseline trains a second copy of our network with the baseline's model option set on it
-    and its steps run inside the baseline's context."""
+def test_baselines_train_beside_ours_each_with_its_change(monkeypatch):
+    """--baseline (repeatable) trains a copy of our network per baseline in the same rounds: its
+    config overrides reach the copy through the trainer's own speed functions, its model option is
+    set on it, and its context is entered around its steps only."""
     from imagen_train.models import norm_act
 
     seen = []  # (the module's mode, whether the fused path was taken) per region
     real = norm_act.fused_applies
     monkeypatch.setattr(norm_act, "fused_applies",
                         lambda x, norm, mode="auto": seen.append((mode, real(x, norm, mode))) or seen[-1][1])
-    entered = []
-    before = train_step.BASELINES[baseline]
-    monkeypatch.setitem(train_step.BASELINES, baseline,
-                        before._replace(context=lambda: _recording(entered, before.context())))
+    entered, upcast = [], []
+    math = train_step.BASELINES["math-attention"]
+    monkeypatch.setitem(train_step.BASELINES, "math-attention",
+                        math._replace(context=lambda: _recording(entered, math.context())))
+    copy = train_step.BASELINES["groupnorm-fp32-copy"]
+    monkeypatch.setitem(train_step.BASELINES, "groupnorm-fp32-copy", copy._replace(
+        configure=lambda net: (copy.configure(net), upcast.append(net))))
+    names = ["composed-norm", "fused-norm-everywhere", "math-attention", "groupnorm-fp32-copy",
+             "set:training.channels_last=false"]
     # sr256-tiny's 256 px maps in channels_last are large enough for the fused path.
     result = train_step.main(["--config", str(REPO / "configs" / "sr256-tiny.yaml"), "--set",
-                              "training.channels_last=true"] + SMOKE[2:] + ["--baseline", baseline])
-    ours, base = result["models"]
-    assert (ours["name"], base["name"]) == ("ours", before.label) and result["baseline"] == baseline
-    assert ours["params"] == base["params"]
-    if baseline == "math-attention":  # the math kernel's backward does not recompute the scores
-        assert base["flops_per_sample"] < ours["flops_per_sample"]
-    else:
-        assert base["flops_per_sample"] == ours["flops_per_sample"]
-    # The flop count, the warm-up step, and per round one settling and one timed step of the baseline.
+                              "training.channels_last=true"] + SMOKE[2:] + sum((["--baseline", n] for n in names), []))
+    models = result["models"]
+    labels = [train_step.baseline(n).label for n in names]
+    assert [m["name"] for m in models] == ["ours"] + labels and result["baseline"] == names
+    assert [s["baseline"] for s in result["speedups"]] == names and [s["label"] for s in result["speedups"]] == labels
+    assert len({m["params"] for m in models}) == 1
+    ours, *_ = models
+    for m in models[1:]:  # the math kernel's backward does not recompute the scores
+        assert (m["flops_per_sample"] < ours["flops_per_sample"]) == (m["name"] == labels[2])
+    # The flop count, the warm-up step, and per round one settling and one timed step of that copy.
     assert len(entered) == 1 + 1 + 2 * (1 + 1)
-    assert result["speedup"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
-    auto = [fused for mode, fused in seen if mode == "auto"]
-    assert any(auto) and not all(auto)  # ours fuses the 256 px maps and composes the small ones ...
+    (net,) = upcast
+    assert all(getattr(m, "upcast_input", True) for m in net.modules() if type(m).__name__ == "GroupNorm32")
     modes = {mode for mode, _ in seen}
-    if baseline == "composed-norm":  # ... the composed-norm baseline never fuses ...
-        assert modes == {"auto", "never"} and not any(fused for mode, fused in seen if mode == "never")
-    elif baseline == "fused-norm-everywhere":  # ... and fused-norm-everywhere fuses every map
-        assert modes == {"auto", "always"} and all(fused for mode, fused in seen if mode == "always")
-    else:
-        assert modes == {"auto"}
+    assert modes == {"auto", "never", "always"}
+    auto = [fused for mode, fused in seen if mode == "auto"]
+    assert any(auto) and not all(auto)  # ours fuses the 256 px NHWC maps and composes the rest ...
+    assert not any(fused for mode, fused in seen if mode == "never")  # ... composed-norm never ...
+    assert all(fused for mode, fused in seen if mode == "always")  # ... fused-norm-everywhere always
+    with pytest.raises(SystemExit, match="set:KEY=VALUE"):
+        train_step.baseline("set:training.compile")
+
+
+def test_a_cut_run_leaves_the_compile_and_first_step_figures(tmp_path, monkeypatch):
+    """--json is written once every network is warm, before the timed rounds."""
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_step, "timed_steps", cut)
+    out = tmp_path / "step.json"
+    with pytest.raises(KeyboardInterrupt):
+        train_step.main(SMOKE + ["--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and partial["batch"] == 2
+    (ours,) = partial["prepared"]
+    assert ours["name"] == "ours" and ours["first_step_s"] > 0 and ours["compile_mode"] is None
 
 
 class _recording:

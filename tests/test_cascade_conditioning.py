@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imagen_train.artifacts import load_exported
 from imagen_train.config import ConfigError, load_preset
 from imagen_train.diffusion import Diffusion
 from imagen_train.evaluation import cascade as cascade_module
@@ -37,14 +38,12 @@ def _config(exports, t5, shards, *extra: str):
         *extra])
 
 
-def _ema(export: Path) -> tuple[dict, dict]:
-    """One process's EMA layout and slices (the whole of every parameter) from an export."""
-    from imagen_train.artifacts import load_exported
-
-    net, _ = load_exported(export)
-    state = net.state_dict()
-    layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()} for k, v in state.items()}
-    return layout, {k: v.reshape(-1).clone() for k, v in state.items()}
+def _materialize(export: Path):
+    """`materialize_ema(dtype, device)` as training hands it over: the export's network."""
+    def materialize_ema(dtype, device):
+        net, _ = load_exported(export)
+        return net.to(device, dtype)
+    return materialize_ema
 
 
 def test_the_stage_lifts_what_the_earlier_stages_drew_once(tmp_path, exports, tiny_t5_dir, shards_1024,
@@ -66,10 +65,10 @@ def test_the_stage_lifts_what_the_earlier_stages_drew_once(tmp_path, exports, ti
         return result
 
     monkeypatch.setattr(Diffusion, "sample", spy)
-    layout, shadow = _ema(exports["sr256"])
+    materialize_ema = _materialize(exports["sr256"])
     logged, images = [], []
     for step in (1, 2):
-        evaluator(step=step, ema_layout=layout, ema_shadow=shadow, device=torch.device("cpu"),
+        evaluator(step=step, materialize_ema=materialize_ema, device=torch.device("cpu"),
                   log=lambda m, s: logged.append((s, m)), log_image=lambda key, path, s, caption="": images.append((key, s)),
                   out_dir=tmp_path / "samples")
 

@@ -212,15 +212,136 @@ def test_exact_resume(shards_64, num_workers, resampled):
     resumed.close()
 
 
-def test_resume_refuses_another_layout(shards_64):
+def test_resume_refuses_another_layout_which_resplit_continues(shards_64):
     loader = build_train_loader(make_cfg(shards_64.pattern), 0, 1)
     next(loader)
     state = loader.state_dict()
     other = build_train_loader(make_cfg(shards_64.pattern), 0, 2)
-    with pytest.raises(ValueError, match="world_size"):
+    assert other.changes(state) == ["ranks 1 -> 2"]
+    with pytest.raises(ValueError, match=r"another layout \(ranks 1 -> 2\).*`resplit`"):
         other.load_state_dict(state)
-    other.load_state_dict(state, strict=False)  # a fresh stream instead
+    assert "re-split for 2 rank(s) x 1 worker(s)" in other.resplit([state])
     assert next(other)["image"].shape == (4, 3, 64, 64)
+
+
+# Re-split: another layout continues the stream (data/resplit.py) -----------------------------
+
+def _epoch_keys(loader) -> list[str]:
+    keys = []
+    while True:
+        try:
+            keys += next(loader)["key"]
+        except StopIteration:
+            return keys
+
+
+def _resplit_run(old_cfg, old_world: int, batches: int, new_cfg, new_world: int) -> dict:
+    """`batches` per rank on the old layout, then the rest of the epoch re-split on the new one."""
+    seen, states = [], []
+    for rank in range(old_world):
+        loader = build_train_loader(old_cfg, rank, old_world)
+        seen += [k for _ in range(batches) for k in next(loader)["key"]]
+        states.append(json.loads(json.dumps(loader.state_dict())))  # plain data, as checkpoints hold it
+        loader.close()
+    after, dropped_at_end, notes, skip = [], 0, [], None
+    for rank in range(new_world):
+        loader = build_train_loader(new_cfg, rank, new_world)
+        notes.append(loader.resplit(states))
+        assert skip is None or loader.skip == skip  # every new rank plans the same
+        skip = loader.skip
+        keys = _epoch_keys(loader)
+        after += keys
+        dropped_at_end += loader.stats["samples"] - len(keys)  # each worker's last partial batch
+        loader.close()
+    return {"seen": seen, "after": after, "dropped_at_end": dropped_at_end, "states": states, "notes": notes,
+            "skip": skip or set(), "urls": expand_shards(new_cfg.data.train_shards)}
+
+
+def _check_epoch(run: dict, per_shard: int = 8) -> None:
+    """No sample twice in the epoch; the shards left after the re-split are read whole; what is
+    lost of the started shards is what the old workers held in their buffers plus the unread
+    rest of the shards they had started (shard split), exactly."""
+    shard = lambda key: key.split(":")[0]  # noqa: E731
+    keys = run["seen"] + run["after"]
+    assert len(keys) == len(set(keys)), "a sample was read twice in one epoch"
+    started = {os.path.basename(u) for i, u in enumerate(run["urls"]) if i in run["skip"]}
+    remaining = [os.path.basename(u) for i, u in enumerate(run["urls"]) if i not in run["skip"]]
+    assert {shard(k) for k in run["after"]} <= set(remaining)
+    assert len(run["after"]) + run["dropped_at_end"] == per_shard * len(remaining)
+    old_names = {shard(k) for k in run["seen"]}
+    assert old_names <= started
+    workers = [ws for s in run["states"] for ws in s["workers"].values()]
+    old = run["states"][0]
+    if len(old.get("urls") or run["urls"]) >= old["world_size"] * old["num_workers"]:  # split by shard
+        buffered = sum(len(ws["buffer"]["entries"]) for ws in workers if ws["buffer"])
+        unread = sum(per_shard - ws["reader"]["in_shard"] for ws in workers
+                     if ws["reader"].get("in_shard", 0) > 0 and not ws["done"])
+        lost = per_shard * len(started) - len(run["seen"])
+        assert lost == buffered + unread, (lost, buffered, unread)
+        assert f"dropped for this epoch: {buffered} samples waiting in shuffle buffers" in run["notes"][0]
+
+
+@pytest.mark.parametrize("old,new,batches", [((2, 1), (1, 2), 3), ((2, 1), (3, 1), 2), ((1, 2), (2, 2), 2),
+                                             ((8, 1), (3, 1), 1)])
+def test_resplit_within_a_finite_epoch_reads_no_sample_twice(shards_64, old, new, batches):
+    """(ranks, workers) before and after. 6 shards of 8: split by shard over up to 6 workers, by
+    sample over 8 ranks (every worker reads every shard)."""
+    buffer = 0 if old[0] == 8 else 4  # 8 ranks reading a sample in 8: keep some shards unstarted
+    old_cfg = make_cfg(shards_64.pattern, batch=2, shuffle_buffer=buffer, resampled=False, num_workers=old[1], seed=5)
+    new_cfg = make_cfg(shards_64.pattern, batch=2, shuffle_buffer=4, resampled=False, num_workers=new[1], seed=5)
+    run = _resplit_run(old_cfg, old[0], batches, new_cfg, new[0])
+    _check_epoch(run)
+    assert 0 < len(run["skip"]) < 6 and run["after"]  # the epoch went on, on the shards left
+    assert "no sample is read twice this epoch" in run["notes"][0]
+    # Deterministic: the same states give the same stream.
+    again = _resplit_run(old_cfg, old[0], batches, new_cfg, new[0])
+    assert again["after"] == run["after"]
+
+
+@pytest.mark.parametrize("key", ["num_workers", "shuffle_buffer", "train_shards"])
+def test_changing_a_data_key_between_runs_resplits_with_a_notice(shards_64, key):
+    """Each of the three keys that made resuming crash or silently lose exactness: the change is
+    named, and the stream goes on re-split (finite epoch: nothing read twice)."""
+    subset = "::".join(shards_64.urls[:4])
+    old_sets = {"num_workers": 1, "shuffle_buffer": 4, "train_shards": subset if key == "train_shards" else shards_64.pattern}
+    new_sets = {**old_sets, key: {"num_workers": 2, "shuffle_buffer": 2, "train_shards": shards_64.pattern}[key]}
+    old_cfg = make_cfg(old_sets.pop("train_shards"), batch=2, resampled=False, seed=2, **old_sets)
+    new_cfg = make_cfg(new_sets.pop("train_shards"), batch=2, resampled=False, seed=2, **new_sets)
+    first = build_train_loader(old_cfg, 0, 1)
+    next(first)
+    name = {"num_workers": "data.num_workers 1 -> 2", "shuffle_buffer": "data.shuffle_buffer 4 -> 2",
+            "train_shards": "data.train_shards (another shard list)"}[key]
+    assert build_train_loader(new_cfg, 0, 1).changes(first.state_dict()) == [name]
+    first.close()
+    run = _resplit_run(old_cfg, 1, 2, new_cfg, 1)
+    assert f"changed: {name})" in run["notes"][0]
+    _check_epoch(run)
+    if key == "train_shards":  # the two shards added join the epoch
+        assert {"00004.tar", "00005.tar"} <= {k.split(":")[0] for k in run["after"]}
+
+
+def test_resplit_of_a_resampled_stream_draws_anew(shards_64):
+    cfg = make_cfg(shards_64.pattern, batch=2, shuffle_buffer=4, seed=9)
+    states = []
+    for rank in range(2):
+        loader = build_train_loader(cfg, rank, 2)
+        take(loader, 3)
+        states.append(loader.state_dict())
+    keys = []
+    for _ in range(2):
+        loader = build_train_loader(cfg, 0, 1)
+        note = loader.resplit(states)
+        keys.append([k for b in take(loader, 6) for k in b["key"]])
+    assert keys[0] == keys[1]  # deterministic
+    fresh = [k for b in take(build_train_loader(cfg, 0, 1), 6) for k in b["key"]]
+    assert keys[0] != fresh  # not the 1-rank stream from its start again
+    assert "drawn with replacement, the draws go on from new seeds (re-split 1)" in note
+    # Saved and resumed exactly after the re-split, on the same layout.
+    state = json.loads(json.dumps(loader.state_dict()))
+    tail = take(loader, 3)
+    resumed = build_train_loader(cfg, 0, 1)
+    resumed.load_state_dict(state)
+    _same_batches(tail, take(resumed, 3))
 
 
 def test_text_pads_to_the_longest_caption_or_to_max_length():

@@ -221,13 +221,82 @@ def test_precompute_skips_and_names_bad_samples(tmp_path, capsys, shards_64, tin
     src = [s for u in shards_64.urls[:2] for s in iter_raw_samples(u)]
     corrupt_shards(src, tmp_path / "bad")
     code, summary = run_cli(capsys, "precompute-embeddings", "--shards", str(tmp_path / "bad" / "{00000..00001}.tar"),
-                            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"))
-    assert code == 0 and summary["shards_written"] == 2
-    assert summary["skipped"]["bad_image"] == 1 and summary["skipped"]["no_caption"] == 1
-    assert summary["skipped"]["bad_shard"] == 1
+                            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"), "--read-retries", "0")
+    # 00000.tar: bad samples skipped and named; 00001.tar is cut short: no output, exit 1, named.
+    assert code == 1 and not summary["ok"] and summary["shards_written"] == 1
+    assert summary["skipped"] == {"bad_image": 1, "no_caption": 1}
     assert summary["skipped_samples"]["bad_image"][0].endswith(":badjpeg")
-    assert summary["samples_written"] == 4  # good0, wrongwidth (re-embedded), t0 and t1 before the cut
-    assert tarfile.is_tarfile(tmp_path / "emb" / "00001.tar")
+    assert summary["samples_written"] == 2  # good0, wrongwidth (re-embedded)
+    assert [f["shard"] for f in summary["failed_shards"]] == [str(tmp_path / "bad" / "00001.tar")]
+    assert "truncated" in summary["failed_shards"][0]["problem"]
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["00000.tar", "00000.tar.json"]
+    record = json.loads((tmp_path / "emb" / "00000.tar.json").read_text())
+    assert record["input_samples"] == 4 and record["output_samples"] == 2
+    assert record["skipped_keys"] == {"bad_image": ["badjpeg"], "no_caption": ["nocaption"]}
+
+
+def _raw_shards(capsys, folder: Path, n_shards: int = 3, per_shard: int = 2) -> str:
+    run_cli(capsys, "synthetic", "--out", str(folder), "--num-samples", str(n_shards * per_shard),
+            "--shard-size", str(per_shard))
+    return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def test_precompute_makes_no_output_for_a_missing_shard_and_a_rerun_retries_it(tmp_path, capsys, tiny_t5_dir):
+    """Issue 27: a missing input shard once became an empty output shard, exit 0, and was never
+    retried. Now: no output, exit 1 naming it; once it is back, a rerun writes exactly it."""
+    pattern = _raw_shards(capsys, tmp_path / "raw")
+    held = tmp_path / "raw" / "00001.tar.away"
+    (tmp_path / "raw" / "00001.tar").rename(held)
+    args = ["precompute-embeddings", "--shards", pattern, "--encoder", str(tiny_t5_dir),
+            "--out", str(tmp_path / "emb"), "--read-retries", "0"]
+    code = main([*args, "--no-progress"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out[captured.out.index("{\n"):])
+    assert code == 1 and not summary["ok"] and summary["shards_written"] == 2
+    assert "raw/00001.tar could not be read" in captured.err
+    assert summary["failed_shards"][0]["shard"].endswith("raw/00001.tar")
+    assert not (tmp_path / "emb" / "00001.tar").exists()
+    # verify against the inputs fails while the shard is missing
+    code, check = run_cli(capsys, "verify", "--shards", str(tmp_path / "emb" / "{00000..00002}.tar"),
+                          "--inputs", pattern)
+    assert code == 1 and any("00001.tar" in b["sample"] for b in check["bad"])
+    held.rename(tmp_path / "raw" / "00001.tar")
+    code, rerun = run_cli(capsys, *args)
+    assert code == 0 and rerun["ok"] and rerun["shards_written"] == 1 and rerun["shards_skipped_existing"] == 2
+    assert rerun["samples_written"] == 2
+    code, check = run_cli(capsys, "verify", "--shards", str(tmp_path / "emb" / "{00000..00002}.tar"),
+                          "--inputs", pattern, "--require-embeddings")
+    assert code == 0 and check["ok"] and check["samples"] == 6 and check["inputs_checked"] == 3
+
+
+def test_verify_fails_on_an_empty_shard_a_count_off_its_record_and_a_shortfall(tmp_path, capsys, tiny_t5_dir):
+    """What the old precompute left behind (an empty output shard) and a shard that lost samples
+    after it was written are both caught, with and without the inputs."""
+    from data_tools.common import write_tar_atomic
+
+    pattern = _raw_shards(capsys, tmp_path / "raw")
+    out = tmp_path / "emb"
+    code, _ = run_cli(capsys, "precompute-embeddings", "--shards", pattern, "--encoder", str(tiny_t5_dir),
+                      "--out", str(out))
+    assert code == 0
+    outputs = str(out / "{00000..00002}.tar")
+    write_tar_atomic(out / "00001.tar", [])  # the old bug's 10 KiB empty tar
+    one = list(iter_raw_samples(str(out / "00002.tar")))[:1]
+    write_tar_atomic(out / "00002.tar", [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+                                        for s in one])  # a sample lost after writing
+    code, plain = run_cli(capsys, "verify", "--shards", outputs)
+    problems = {b["sample"].rsplit("/", 1)[-1]: b["problem"] for b in plain["bad"]}
+    assert code == 1 and problems["00001.tar"] == "shard holds no samples"
+    assert "holds 1 samples, its record 00002.tar.json says 2" in problems["00002.tar"]
+    (out / "00002.tar.json").unlink()  # without a record, only the inputs can tell
+    code, against = run_cli(capsys, "verify", "--shards", outputs, "--inputs", pattern)
+    problems = {b["sample"].rsplit("/", 1)[-1]: b["problem"] for b in against["bad"]}
+    assert code == 1 and "no precompute record" in problems["00002.tar"]
+    record = json.loads((out / "00000.tar.json").read_text())
+    (out / "00002.tar.json").write_text(json.dumps({**record, "input": "raw/00002.tar"}))
+    code, against = run_cli(capsys, "verify", "--shards", outputs, "--inputs", pattern)
+    problems = {b["sample"].rsplit("/", 1)[-1]: b["problem"] for b in against["bad"]}
+    assert code == 1 and problems["00002.tar"].startswith("shortfall: 1 samples; input")
 
 
 def test_cli_entry_point_help():
@@ -354,3 +423,98 @@ def test_prompt_following_scores_each_attribute():
     assert scores == {"colour": 0.5, "shape": 1.0, "position": 1.0, "background": 1.0, "all": 0.5}
     with pytest.raises(ValueError, match="1 images for 2 prompts"):
         prompt_following(np.asarray(img)[None], prompts)
+
+
+def test_make_shards_resizes_crops_and_gives_the_same_shards_with_any_number_of_workers(tmp_path, capsys):
+    items = _images(tmp_path / "in", n=6)  # 48 px wide, 40..80 px high, JPEG and PNG
+    for path, _, cap in items:
+        path.with_suffix(".txt").write_text(cap)
+    outs = {}
+    for workers in (1, 2):
+        code, summary = run_cli(capsys, "make-shards", "--input", str(tmp_path / "in"), "--out",
+                                str(tmp_path / f"w{workers}"), "--resize", "32", "--center-crop", "--min-size", "44",
+                                "--workers", str(workers), "--shard-size", "2")
+        assert code == 0 and summary["samples"] == 5 and summary["skipped"] == {"too_small": 1}
+        outs[workers] = [(tmp_path / f"w{workers}" / f"{i:05d}.tar").read_bytes() for i in range(3)]
+    assert outs[1] == outs[2]  # byte for byte
+    samples = read_all(tmp_path / "w2")
+    for s in samples:
+        ext = "jpg" if "jpg" in s else "png"
+        meta = json.loads(s["json"])
+        assert Image.open(io.BytesIO(s[ext])).size == (32, 32) and (meta["width"], meta["height"]) == (32, 32)
+        assert meta["original_width"] == 48 and meta["original_height"] >= 48
+    # A JPEG stays a JPEG, a PNG a PNG; the crop is the centre of the resized image.
+    by_path = {json.loads(s["json"])["original_path"]: s for s in samples}
+    assert "jpg" in by_path[str(items[4][0])] and "png" in by_path[str(items[5][0])]
+    src = Image.open(items[5][0]).convert("RGB")  # 48 x 80 PNG -> 32 x 53 -> rows 10..42
+    expected = np.asarray(src.resize((32, 53), Image.BICUBIC, reducing_gap=None))[10:42]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(by_path[str(items[5][0])]["png"]))), expected)
+
+
+def test_coco_recipe_draws_captions_and_a_manifest_of_their_images(tmp_path, capsys):
+    code, _ = run_cli(capsys, "synthetic", "--layout", "coco", "--out", str(tmp_path / "coco"), "--num-samples", "5",
+                      "--resolution", "64")
+    annotations = tmp_path / "coco" / "annotations" / "captions_val2014.json"
+    data = json.loads(annotations.read_text())
+    data["annotations"].append({"id": 99, "image_id": 2, "caption": "A second\ncaption of image two."})
+    annotations.write_text(json.dumps(data))
+    args = ["coco", "--annotations", str(annotations), "--images", str(tmp_path / "coco" / "val2014"),
+            "--num", "3", "--seed", "4"]
+    code, summary = run_cli(capsys, *args, "--out", str(tmp_path / "a"))
+    assert code == 0 and summary["pairs"] == 3
+    captions = (tmp_path / "a" / "captions.txt").read_text().splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "reference.jsonl").read_text().splitlines()]
+    assert len(captions) == 3 and [r["caption"] for r in rows] == captions
+    assert len({r["image"] for r in rows}) == 3 and all(Path(r["image"]).is_file() for r in rows)
+    from data_tools.coco import coco_pairs  # every image, one caption each: COCO's stray newlines made spaces
+    pairs = coco_pairs(annotations, tmp_path / "coco" / "val2014", num=0, seed=1)
+    assert len(pairs) == 5 and all("\n" not in c for _, c in pairs)
+    drawn = {c for seed in range(20) for _, c in coco_pairs(annotations, tmp_path / "coco" / "val2014", 0, seed)}
+    assert "A second caption of image two." in drawn  # each image's caption is drawn among its captions
+    run_cli(capsys, *args, "--out", str(tmp_path / "b"))  # seeded: the same draw
+    assert (tmp_path / "b" / "captions.txt").read_text() == (tmp_path / "a" / "captions.txt").read_text()
+    code, shards = run_cli(capsys, "make-shards", "--manifest", str(tmp_path / "a" / "reference.jsonl"),
+                           "--out", str(tmp_path / "a" / "shards"), "--workers", "1")
+    assert code == 0 and shards["samples"] == 3
+    (tmp_path / "coco" / "val2014" / Path(rows[0]["image"]).name).unlink()
+    with pytest.raises(SystemExit, match="drawn images are not in"):
+        main([*args, "--out", str(tmp_path / "c"), "--num", "0"])
+
+
+def test_img2dataset_shards_are_read_as_they_are(tmp_path, capsys, tiny_t5_dir):
+    """An img2dataset webdataset shard (jpg, txt, json with its fields; a parquet and stats file
+    beside it) is embedded with every entry kept, its metadata unread."""
+    from data_tools.common import write_tar_atomic
+
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    samples = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((64, 80, 3), 40 * i, np.uint8)).save(buf, format="JPEG")
+        meta = {"url": f"https://example.com/{i}.jpg", "key": f"00000000{i}", "status": "success",
+                "error_message": None, "width": 80, "height": 64, "original_width": 800,
+                "original_height": 640, "exif": "{}", "sha256": "0" * 64, "caption": f"photo number {i}"}
+        samples.append((f"00000000{i}", {"jpg": buf.getvalue(), "txt": f"photo number {i}".encode(),
+                                         "json": json.dumps(meta).encode()}))
+    write_tar_atomic(folder / "00000.tar", samples)
+    (folder / "00000.parquet").write_bytes(b"PAR1 not read")
+    (folder / "00000_stats.json").write_text("{}")
+    code, summary = run_cli(capsys, "precompute-embeddings", "--shards", str(folder / "00000.tar"),
+                            "--encoder", str(tiny_t5_dir), "--out", str(tmp_path / "emb"))
+    assert code == 0 and summary["samples_written"] == 3
+    out = list(iter_raw_samples(str(tmp_path / "emb" / "00000.tar")))
+    assert [s["json"] for s in out] == [e["json"] for _, e in samples]  # carried unread
+    code, check = run_cli(capsys, "verify", "--shards", str(tmp_path / "emb" / "00000.tar"), "--inputs",
+                          str(folder / "00000.tar"), "--require-embeddings")
+    assert code == 0 and check["ok"]
+
+
+def test_synthetic_folder_layout_is_make_shards_input(tmp_path, capsys):
+    code, _ = run_cli(capsys, "synthetic", "--layout", "folder", "--out", str(tmp_path / "imgs"),
+                      "--num-samples", "3", "--resolution", "64")
+    assert code == 0 and len(list((tmp_path / "imgs").glob("*.png"))) == 3
+    code, summary = run_cli(capsys, "make-shards", "--input", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"))
+    assert code == 0 and summary["samples"] == 3
+    from data_tools.synthetic import draw_sample
+    assert [s["txt"].decode() for s in read_all(tmp_path / "s")] == [draw_sample(0, i, 64)[1] for i in range(3)]

@@ -251,13 +251,15 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ema_network_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
-    """One process (one slice per parameter; tests/dist_ema_check.py covers 2 ranks with uneven
-    ZeRO-2 bounds): each parameter is placed from its slice, cast to the sampling dtype, and no
-    parameter is left on the meta device."""
+def test_materialize_ema_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
+    """One process (one slice per parameter, placed without a gather; the windows of the gather are
+    tested below with simulated ranks, and at 2 and 4 ranks by tests/dist_ema_check.py and
+    bench/eval_traffic.py): each parameter is placed from its slice, cast to the sampling
+    dtype, and no parameter is left on the meta device."""
     from imagen_train.config import load_preset
-    from imagen_train.evaluation.periodic import ema_network, sampling_dtype
+    from imagen_train.evaluation.periodic import sampling_dtype
     from imagen_train.models import build_model
+    from imagen_train.training.ema_network import EMANetwork
 
     cfg = load_preset("base64-tiny", [])
     torch.manual_seed(3)
@@ -265,17 +267,51 @@ def test_ema_network_fills_a_meta_built_network_in_the_sampling_dtype(dtype):
              .state_dict().items()}
     layout = {k: {"shape": list(v.shape), "numel": v.numel(), "start": 0, "end": v.numel()}
               for k, v in state.items()}
-    net = ema_network(cfg, layout, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
+    shadow = {k: v.reshape(-1) for k, v in state.items()}
+    net = EMANetwork(cfg, layout, shadow)(dtype, torch.device("cpu"))
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     for name, p in net.named_parameters():
         assert p.device.type == "cpu" and p.dtype == dtype
         assert torch.equal(p, state[name].to(dtype)), name
     assert sampling_dtype(torch.device("cpu")) == torch.float32
     # A layout that does not cover a parameter is refused, not sampled with garbage.
+    from imagen_train.artifacts import CheckpointError
     name = next(iter(layout))
     short = {**layout, name: {**layout[name], "end": layout[name]["end"] - 1}}
-    with pytest.raises(ValueError, match=f"EMA slices of '{name}' cover"):
-        ema_network(cfg, short, {k: v.reshape(-1) for k, v in state.items()}, torch.device("cpu"), dtype)
+    with pytest.raises(CheckpointError, match=f"EMA slices of '{name}' cover"):
+        EMANetwork(cfg, short, shadow)(dtype, torch.device("cpu"))
+
+
+def test_flat_ema_windows_place_every_ranks_slices_exactly():
+    """Three simulated ranks with uneven bounds (a parameter whole on one rank as under ZeRO-1/2,
+    parameters cut over several ranks as under ZeRO-3, empty slices): each rank's flat EMA, cut
+    into windows that split slices and parameters, lands exactly where its bounds say."""
+    from imagen_train.training.ema_network import FlatLayout, fill_window, place_window
+
+    numels = [7, 1, 12, 5, 9]
+    full = [torch.arange(n, dtype=torch.float32) + 100 * i for i, n in enumerate(numels)]
+    cuts = [[(0, 7), (0, 1), (0, 0), (0, 0), (0, 3)],      # rank 0: two whole parameters, a slice
+            [(0, 0), (1, 1), (0, 12), (0, 2), (3, 9)],     # rank 1
+            [(7, 7), (1, 1), (12, 12), (2, 5), (9, 9)]]    # rank 2: one slice only
+    flats = [FlatLayout.from_bounds(bounds) for bounds in cuts]
+    assert [f.length for f in flats] == [11, 20, 3]
+    for width in (1, 3, 4, 20):
+        longest = max(f.length for f in flats)
+        out = [torch.full((n,), -1.0) for n in numels]
+        for begin in range(0, longest, width):
+            rows = []
+            for bounds, flat in zip(cuts, flats):  # what each rank sends
+                window = torch.zeros(min(width, longest - begin))
+                fill_window(window, flat, begin, [t[s:e] for t, (s, e) in zip(full, bounds)])
+                rows.append(window)
+            for row, flat in zip(rows, flats):  # what every rank places from the gathered rows
+                place_window(row, flat, begin, out)
+        for i, (got, want) in enumerate(zip(out, full)):
+            assert torch.equal(got, want), (width, i, got)
+    # The flat EMA of rank 1 is its slices in parameter order.
+    window = torch.zeros(20)
+    fill_window(window, flats[1], 0, [t[s:e] for t, (s, e) in zip(full, cuts[1])])
+    assert torch.equal(window, torch.cat([full[2], full[3][:2], full[4][3:]]))
 
 
 def test_eval_memory_benchmark_measures_both_paths(tmp_path):
@@ -297,10 +333,87 @@ def test_eval_memory_benchmark_measures_both_paths(tmp_path):
     with torch.device("meta"):
         numel = count_parameters(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution))
     assert row["parameters"] == numel and row["net_bytes"] == 4 * numel and row["dtype"] == "float32"
-    for method in ("ema_network", "before"):
+    for method in ("materialize_ema", "before"):
         for part in ("build", "build+sample"):
             m = row[f"{method}/{part}"]
             assert m["peak_added_bytes"] >= 0 and m["kind"] in ("cpu_vmhwm", "cpu_maxrss")
+
+
+@pytest.fixture(scope="module")
+def eval_traffic(tmp_path_factory, tiny_t5_dir) -> dict[int, list[dict]]:
+    """bench/eval_traffic.py at 1, 2 and 4 CPU ranks of base64-tiny, ZeRO 2 and 3 (ZeRO-1 cuts the
+    EMA as ZeRO-2 does, ZeRO-0 as ZeRO-3; docs/benchmarks.md has all four). {world size: one row
+    per rank and stage}."""
+    import json
+    import subprocess
+    import sys
+
+    from train_helpers import free_port, train_env
+
+    repo = Path(__file__).resolve().parent.parent
+    out = {}
+    for world in (1, 2, 4):
+        folder = tmp_path_factory.mktemp(f"traffic{world}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               f"--master_port={free_port()}", str(repo / "bench" / "eval_traffic.py"), "--t5", str(tiny_t5_dir),
+               "--stages", "2", "3", "--run-dir", str(folder / "run"), "--json", str(folder / "out.json")]
+        proc = subprocess.run(cmd, cwd=repo, env=train_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        out[world] = json.loads((folder / "out.json").read_text())["rows"]
+    return out
+
+
+def test_each_rank_receives_about_one_model_per_evaluation_at_any_world_size(eval_traffic):
+    """The bytes a rank receives in one periodic evaluation stay within one model in the sampling
+    dtype (fp32 on a CPU) plus the stated small terms, at 1, 2 and 4 ranks and ZeRO 2 and 3; the
+    per-parameter gather this replaced would break that bound under ZeRO-2 at 4 ranks."""
+    from imagen_train.config import load_preset
+    from imagen_train.models import build_model
+
+    cfg = load_preset("base64-tiny", ["text.max_length=16"])
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    numel, tensors = sum(p.numel() for p in net.parameters()), len(list(net.parameters()))
+    model_bytes = 4 * numel                                       # fp32: the CPU sampling dtype
+    prompts, length, width, res = 2, 16, 64, cfg.train_resolution  # bench/eval_traffic.py's grid
+    for world, rows in eval_traffic.items():
+        stages = {r["zero_stage"] for r in rows}
+        assert sorted((r["rank"], r["zero_stage"]) for r in rows) == sorted(
+            (rank, stage) for rank in range(world) for stage in stages)
+        # The bound, term by term: the model; the flat EMAs' padding to the longest rank (at most
+        # one element per tensor per rank where ZeRO cuts each tensor evenly, or DeepSpeed's
+        # alignment of 2 x world elements); every rank's slice bounds (int64 pairs, first call
+        # only); the prompt embeddings (fp32) and masks; the grid's images gathered from the
+        # other ranks (fp32, ceil(prompts / world) rows each, with their row count); 4 KiB for
+        # the pickled metadata of the broadcasts.
+        padding = (world - 1) * (tensors + 2 * world) * 4
+        bounds = (world - 1) * tensors * 16
+        embeddings = prompts * length * (width * 4 + 1)
+        grid = (world - 1) * (8 + -(-prompts // world) * 3 * res * res * 4)
+        bound = model_bytes + padding + bounds + embeddings + grid + 4096
+        for r in rows:
+            assert r["parameters"] == numel and r["matches_initial_weights"], r
+            assert r["counter_check_bytes"] == (world - 1) * 4000
+            for call in ("first", "again", "resumed"):
+                got = r[call]["received_bytes"]
+                assert r[call]["logged_received_bytes"] == got
+                assert got <= bound, (world, r["zero_stage"], r["rank"], call, got, bound)
+                # Everything this rank does not hold must arrive: the counter sees the gather.
+                assert got >= 4 * (numel - r["own_elements"]), (world, r["zero_stage"], call, got)
+            if world == 4 and r["zero_stage"] == 2:
+                assert r["old_per_parameter_gather_bytes"] > 2 * bound  # ~3 models: the bound tells them apart
+    assert all(r[c]["received_bytes"] == 0 for r in eval_traffic[1] for c in ("first", "again", "resumed"))
+
+
+def test_only_rank_0_loads_the_text_encoder_once(eval_traffic):
+    """evaluation.prompts are encoded once, on rank 0; the other ranks never load a text encoder
+    (nor import transformers), and a new evaluator over the same run folder (a resumed run)
+    reads the embeddings back instead of loading the encoder again."""
+    for world, rows in eval_traffic.items():
+        for r in rows:
+            first = 1 if r["rank"] == 0 else 0
+            assert [r[c]["encoder_loads"] for c in ("first", "again", "resumed")] == [first, 0, 0], (world, r)
+            assert r["transformers_imported"] == (r["rank"] == 0), (world, r["rank"])
 
 
 def test_random_inception_tells_images_apart():
@@ -335,14 +448,14 @@ def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_di
     net = load_fid_inception(str(inception_file))
     gen = torch.Generator().manual_seed(1)
     real = torch.randint(0, 255, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
-    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz")
+    stats = FeatureStats.from_features(net(real)).save(tmp_path / "stats.npz", resolution="64")
     from launch.evaluate import main
 
-    sets = {"checkpoints.base64": base, "target_resolution": 64, "encoder_path": tiny_t5_dir,
-            "device": "cpu", "num_images_per_prompt": 2, "samplers.base64.steps": 2,
+    sets = {"checkpoints.base64": base, "evaluation.resolution": 64, "encoder_path": tiny_t5_dir,
+            "device": "cpu", "evaluation.images_per_caption": 2, "samplers.base64.steps": 2,
             "evaluation.captions_file": captions, "evaluation.guidance_scales": "[1.0, 5.0]",
             "evaluation.fid_stats_path": stats, "evaluation.inception_path": inception_file,
-            "evaluation.clip_path": clip_dir}
+            "evaluation.clip_path": clip_dir, "evaluation.save_images": True}
     argv = ["--config", str(REPO / "configs" / "inference_pipeline.yaml"), "--out", str(tmp_path / "sweep")]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
@@ -351,6 +464,9 @@ def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_di
     assert [float(r["guidance_scale"]) for r in rows] == [1.0, 5.0]
     assert all(float(r["fid"]) >= 0 and -1 <= float(r["clip_score"]) <= 1 for r in rows)
     assert all(int(r["num_images"]) == 6 for r in rows)  # 3 captions x 2 images
+    for scale in ("1", "5"):  # evaluation.save_images: every sampled image, per guidance scale
+        saved = sorted((tmp_path / "sweep" / "images" / f"g{scale}").glob("*.png"))
+        assert len(saved) == 6 and Image.open(saved[0]).size == (64, 64)
     assert all(float(r["fid"]) > 0 for r in rows)
     assert rows[0]["clip_score"] != rows[1]["clip_score"]  # the guidance scale reaches the sampler
     assert "| guidance | FID | CLIP score |" in (tmp_path / "sweep" / "sweep.md").read_text()

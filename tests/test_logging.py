@@ -29,7 +29,7 @@ JOB = textwrap.dedent("""
     run_dir, run_id, fresh, kill = sys.argv[1], sys.argv[2] or None, sys.argv[3] == "1", sys.argv[4] == "1"
     logger = MetricLogger(LoggingConfig(wandb_mode="offline", progress_bar=False), Path(run_dir), {{}},
                           run_id=run_id, fresh=fresh)
-    print(logger.run_id, flush=True)
+    print("RUN_ID=" + logger.run_id, flush=True)
     for step in map(int, sys.argv[5:]):
         logger.log({{"train/loss": 1.0 / step}}, step)
     if kill:
@@ -46,7 +46,7 @@ def _job(run_dir: Path, steps, run_id: str | None = None, fresh: bool = False, k
                            str(int(kill)), *map(str, steps)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == (-signal.SIGKILL if kill else 0), proc.stderr[-3000:]
-    return proc.stdout.split()[0]
+    return next(line[len("RUN_ID="):] for line in proc.stdout.splitlines() if line.startswith("RUN_ID="))
 
 
 def wandb_history(run_dir: Path, run_id: str) -> list[int]:

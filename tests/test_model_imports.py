@@ -60,7 +60,7 @@ def load_in_fresh_interpreter(package: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("package", ["imagen_train.models", "imagen_train.diffusion"])
+@pytest.mark.parametrize("package", ["imagen_train.models", "imagen_train.diffusion", "imagen_train.speedups"])
 def test_package_loads_nothing_distributed_or_io(package):
     result = load_in_fresh_interpreter(package)
     assert result["loaded"] == [], f"importing {package} loaded {result['loaded']}"

@@ -1,9 +1,12 @@
-"""The fused GroupNorm -> FiLM -> SiLU region (imagen_train/models/norm_act.py)."""
+"""The fused GroupNorm -> FiLM -> SiLU region (imagen_train/models/norm_act.py) and GroupNorm32 on
+half-precision inputs (imagen_train/models/layers.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from imagen_train.models.layers import GroupNorm32, ResBlock
 from imagen_train.models.norm_act import fused_applies, fused_norm_film_silu, norm_film_silu
@@ -105,7 +108,7 @@ def test_always_fuses_every_affine_map_and_refuses_unknown_modes():
 def test_resblock_is_unchanged_by_the_fused_path():
     torch.manual_seed(0)
     block = ResBlock(16, 32, 24, num_groups=8)
-    assert block.fused_norm_act == "auto"
+    assert block.fused_norm_act == "never"  # plain PyTorch unless set from outside (speedups.apply_fused_norm)
     torch.nn.init.normal_(block.conv2.weight, std=0.05)  # zero-initialised: would hide its input's gradient
     x = torch.randn(2, 16, 64, 64).contiguous(memory_format=torch.channels_last)
     assert fused_applies(x, block.norm1)
@@ -137,3 +140,104 @@ def _graph_names(out: torch.Tensor) -> set[str]:
         names.add(node.name())
         todo += [n for n, _ in node.next_functions]
     return names
+
+
+def test_always_in_bf16_matches_the_composition_within_bf16_rounding():
+    """Outside the measured CPU float32 path the statistics come from var_mean over a grouped view
+    (no normalised copy written); in bf16 the result stays within bf16's rounding of the composed
+    region, values and gradients."""
+    inputs = _inputs(2, 16, 16, torch.channels_last, torch.bfloat16)
+    results = {}
+    for mode in ("always", "never"):
+        norm = GroupNorm32(8, 16).bfloat16()  # a bf16 network's weights
+        with torch.no_grad():
+            norm.weight.copy_(inputs[1])
+            norm.bias.copy_(inputs[2])
+        leaves = [t.detach().clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
+        out = norm_film_silu(norm, *leaves, fused=mode)
+        grads = torch.autograd.grad(out, leaves + [norm.weight, norm.bias], torch.ones_like(out))
+        results[mode] = out, grads
+    (out_f, grads_f), (out_c, grads_c) = results["always"], results["never"]
+    assert out_f.dtype == torch.bfloat16 and out_f.grad_fn.name() == "_NormFiLMSiLUBackward"
+    scale = out_c.float().abs().max()
+    assert (out_f.float() - out_c.float()).abs().max() <= 2**-6 * scale  # 2 bf16 ulps of the largest value
+    for gf, gc in zip(grads_f, grads_c):
+        assert (gf.float() - gc.float()).abs().max() <= 2**-4 * gc.float().abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# GroupNorm32 on bf16/fp16 input: float32 statistics without a float32 copy of the input.
+
+class _BigFloat32(TorchDispatchMode):
+    """Records every operator whose output is a float32 tensor of at least `numel` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.seen.append(str(func))
+        return out
+
+
+def _norm(dtype, groups=8, channels=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    norm = GroupNorm32(groups, channels)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+        norm.bias.copy_(torch.randn(channels, generator=gen))
+    return norm.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_groupnorm_on_half_input_makes_no_float32_copy_and_keeps_fp32_accuracy(dtype):
+    """Within one rounding of the output's dtype of the float64 reference, as the float32-copy path
+    is (stated tolerance: 2 ulps of the largest output for the values, 4 for the input gradient),
+    while neither forward nor backward writes a full-size float32 tensor and autograd keeps the
+    half-precision input, not a float32 copy, for backward."""
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 32, 16, 16, generator=gen) * 3 + 2).to(dtype)  # an offset mean: variance needs fp32
+    grad = torch.randn(4, 32, 16, 16, generator=gen).to(dtype)
+    norm = _norm(dtype)
+    ref_x = x.double().requires_grad_()
+    ref = F.group_norm(ref_x, 8, norm.weight.double(), norm.bias.double(), norm.eps)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, grad.double())
+    ulp = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+    results = {}
+    for upcast in (False, True):
+        norm.upcast_input = upcast
+        xi = x.clone().requires_grad_()
+        watch = _BigFloat32(x.numel())
+        saved = []
+        with watch, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = norm(xi)
+            (x_grad,) = torch.autograd.grad(out, xi, grad)
+        assert out.dtype == dtype and x_grad.dtype == dtype
+        results[upcast] = watch.seen, saved
+        assert (out.double() - ref.detach()).abs().max() <= 2 * ulp * ref.abs().max(), upcast
+        assert (x_grad.double() - ref_grad).abs().max() <= 4 * ulp * ref_grad.abs().max(), upcast
+    copies_now, saved_now = results[False]
+    copies_before, saved_before = results[True]
+    assert copies_now == [] and copies_before  # the old path wrote float32 maps; the new one none
+    assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved_now)
+    assert any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved_before)
+
+
+def test_groupnorm_float32_path_is_unchanged():
+    """Float32 inputs (the CPU configs, the golden loss) run exactly as before: F.group_norm itself."""
+    norm = _norm(torch.float32)
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.equal(norm(x), F.group_norm(x, 8, norm.weight, norm.bias, norm.eps))
+
+
+def test_groupnorm_keeps_the_copy_for_channels_last_half_maps_on_a_cpu():
+    """PyTorch's CPU mixed-type kernel on channels_last bf16 maps measured 2-15x slower than the copy
+    (docs/benchmarks.md), so those keep it; contiguous ones do not."""
+    norm = _norm(torch.bfloat16)
+    x = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16)
+    assert norm._copies(x.contiguous(memory_format=torch.channels_last)) and not norm._copies(x)
+    assert norm._copies(x.float())  # float32: the float32 path (a no-op copy)
+    torch.testing.assert_close(norm(x.contiguous(memory_format=torch.channels_last)), norm(x), rtol=0.02, atol=0.02)

@@ -2,10 +2,12 @@
 
 A stop signal sent to the `deepspeed` command, to DeepSpeed's `launch.py` or to a rank ends in one
 complete checkpoint from every rank, no process left behind, and a resume that ends where an
-uninterrupted run does. Each test goes through the real processes: `deepspeed --num_gpus 2` on
-2 CPU ranks (gloo), the tiny base64 preset, one DataLoader worker per rank. The shipped SLURM
-script is run with stand-ins for `srun` and `scontrol`, and the hostfile example is read by
-DeepSpeed's own parser.
+uninterrupted run does; a stop before the first step ends every process at once. Each test goes
+through the real processes: `deepspeed --num_gpus 2` on 2 CPU ranks (gloo), the tiny base64
+preset, one DataLoader worker per rank. The start-up and loop phases where a stop may land are
+reached on purpose by tests/stop_phases/sitecustomize.py. The shipped SLURM script's dry run is
+checked here (tests/test_slurm.py runs it on a real cluster), and the hostfile example is read
+by DeepSpeed's own parser (tests/test_hostfile.py runs a hostfile launch over ssh).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import preemption
 from imagen_train.training.export import export_checkpoint
-from train_helpers import REPO, free_port, tiny_overrides, train_env
+from train_helpers import REPO, free_port, read_metrics, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -151,23 +153,27 @@ def _resume_matches(run_dir: Path, shards, straight, tmp_path: Path, step: int) 
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, shards_64) -> dict[str, torch.Tensor]:
-    """The exported weights of an uninterrupted run to MAX_STEPS."""
+def straight_run(tmp_path_factory, shards_64) -> tuple[dict[str, torch.Tensor], int]:
+    """An uninterrupted run to MAX_STEPS: its exported weights and its master port."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    proc = subprocess.run(_deepspeed(_sets(run_dir, shards_64)), cwd=REPO, env=train_env(),
+    port = free_port()
+    proc = subprocess.run(_deepspeed(_sets(run_dir, shards_64), port), cwd=REPO, env=train_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return _weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors")
+    return _weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors"), port
 
 
-def test_cpu_run_leaves_no_shared_memory_buffers(tmp_path, shards_64):
+@pytest.fixture(scope="module")
+def straight(straight_run) -> dict[str, torch.Tensor]:
+    """The exported weights of an uninterrupted run to MAX_STEPS."""
+    return straight_run[0]
+
+
+def test_cpu_run_leaves_no_shared_memory_buffers(straight_run):
     """DeepSpeed's CPU all-reduce makes a ~66 MB /dev/shm buffer per rank (named after the uid,
     master address and port, and rank) and never removes it; the trainer unlinks each once all
-    ranks have mapped them. Without that unlink this run leaves two behind."""
-    port = free_port()
-    proc = subprocess.run(_deepspeed(_sets(tmp_path / "run", shards_64, **{"training.max_steps": 2}), port),
-                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks have mapped them. Without that unlink the uninterrupted run leaves two behind."""
+    port = straight_run[1]
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     assert not left, f"shared-memory buffers left behind: {left}"
 
@@ -212,36 +218,115 @@ def test_stop_signal_saves_exits_and_resumes_exactly(tmp_path, shards_64, straig
     _resume_matches(run_dir, shards_64, straight, tmp_path, step)
 
 
+# A stop at any moment: each phase reached on purpose --------------------------------------------
+# tests/stop_phases/sitecustomize.py holds a rank at a named phase (PYTHONPATH, from the test side:
+# the production code has no hook for it) and writes a marker file; the signal goes in then.
+
+STOP_PHASES = REPO / "tests" / "stop_phases"
+START_EXIT_BOUND_S = 20  # before the first step: from the signal to the last process gone
+
+
+def _phase_env(markers: Path, pause: str) -> dict[str, str]:
+    markers.mkdir()
+    return {"IMAGEN_TRAIN_TEST_PAUSE": pause, "IMAGEN_TRAIN_TEST_MARKERS": str(markers),
+            "PYTHONPATH": os.pathsep.join([str(STOP_PHASES), str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def _wait_for_markers(markers: Path, names: list[str], proc: subprocess.Popen, lines: list[str]) -> None:
+    deadline = time.monotonic() + 300
+    while not all((markers / name).exists() for name in names):
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        assert time.monotonic() < deadline, f"no {names} in {markers}\n" + "".join(lines)[-4000:]
+        time.sleep(0.1)
+
+
+def _rank(tree: list[psutil.Process], local_rank: int) -> psutil.Process:
+    return next(p for p in tree if f"--local_rank={local_rank}" in _cmd(p) and "launch/train.py" in _cmd(p)
+                and p.parent() and "deepspeed.launcher.launch" in _cmd(p.parent()))
+
+
+@pytest.mark.parametrize("phase,target", [("import", "runner"), ("build", "rank1")])
+def test_stop_before_the_first_step_exits_at_once(tmp_path, shards_64, phase, target):
+    """A stop during start-up ends every process within seconds, with nothing saved. `import`:
+    both ranks held while importing torch, and SIGTERM to the `deepspeed` command (the ranks see
+    it gone); `build`: rank 0 held in DeepSpeed's build of its CPU comm op while rank 1 waits in
+    the rendezvous (in C++, where no Python signal handler runs), and SIGTERM to rank 1 only
+    (its launcher then stops rank 0): the case that once left `launch.py` and a rank running."""
+    run_dir, markers = tmp_path / "run", tmp_path / "markers"
+    pause, waits = {"import": ("import", ["import-rank0", "import-rank1"]),
+                    "build": ("build@0", ["build-rank0", "rendezvous-rank1"])}[phase]
+    job = _start(_deepspeed(_sets(run_dir, shards_64)), **_phase_env(markers, pause))
+    log = _drain(job)
+    try:
+        _wait_for_markers(markers, waits, job, log)
+        time.sleep(1.0)  # rank 1 well inside init_process_group
+        tree = _tree(job)
+        (tree[0] if target == "runner" else _rank(tree, 1)).send_signal(signal.SIGTERM)
+        _wait_all_gone(tree, START_EXIT_BOUND_S, log)
+        job.wait(timeout=10)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    text = "".join(log)
+    assert "stop before the first step (" in text and "nothing to save" in text, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    # The runner dies of the signal; otherwise launch.py passes the rank's code on.
+    assert job.returncode == {"runner": -signal.SIGTERM, "rank1": preemption.STOPPED_BEFORE_START}[target]
+    assert not (run_dir / "metrics.jsonl").exists()  # no step ran
+    assert not (run_dir / "checkpoints").exists() or not ckpt.list_complete(run_dir / "checkpoints")
+
+
+LOOP_PHASES = {
+    # phase: (pause, marker, signal target, signal, extra settings, extra environment)
+    "eval": ("eval@0", "eval-rank0", "launcher", signal.SIGTERM, {
+        "evaluation.eval_every_steps": 2, "evaluation.batch_size": 1, "evaluation.sampler.steps": 2}, {}),
+    "save": ("save@1", "save-rank1", "rank", signal.SIGINT, {"checkpoint.every_steps": 2}, {}),
+    "nan": ("nan@0", "nan-rank0", "runner", signal.SIGTERM, {}, {"IMAGEN_TRAIN_FAULT_NAN_STEPS": "3"}),
+}
+
+
+@pytest.mark.parametrize("phase", list(LOOP_PHASES))
+def test_stop_in_the_loop_is_honoured_where_it_lands(tmp_path, shards_64, phase):
+    """`eval`: a stop during an evaluation (4 grid samples, 1 per batch: 2 batches per rank)
+    ends it after the batch in progress; `save`: a stop during the step-2 save exits right after
+    it, with no second save; `nan`: a stop at an update skipped for a NaN loss (step 3) saves
+    step 2 and exits, instead of redoing step 3. Each: one complete checkpoint of step 2, every
+    process gone."""
+    pause, marker, target, sig, extra, env = LOOP_PHASES[phase]
+    run_dir, markers = tmp_path / "run", tmp_path / "markers"
+    if phase == "eval":
+        extra = {**extra, "data.eval_shards": shards_64.pattern}
+    job = _start(_deepspeed(_sets(run_dir, shards_64, **extra)), **_phase_env(markers, pause), **env)
+    log = _drain(job)
+    try:
+        _wait_for_markers(markers, [marker], job, log)
+        tree = _tree(job)
+        victim = {"runner": tree[0], "rank": _rank(tree, 1),
+                  "launcher": next(p for p in tree if "deepspeed.launcher.launch" in _cmd(p))}[target]
+        victim.send_signal(sig)
+        _wait_all_gone(tree, EXIT_BOUND_S, log)
+        job.wait(timeout=10)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    text = "".join(log)
+    assert "Traceback" not in text and "killed by signal" not in text, text[-4000:]
+    assert _assert_one_complete_checkpoint(run_dir / "checkpoints") == 2, text[-4000:]
+    assert text.count("[train] checkpoint ") == 1, text[-4000:]
+    assert "saved step 2 and exiting" in text, text[-4000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    if phase == "eval":  # one sampling batch per rank, of two
+        assert "[eval] step 2: a stop was requested after 1 sampling batches" in text, text[-4000:]
+        for r in range(2):
+            assert len((markers / f"calls-eval-rank{r}").read_text().splitlines()) == 1
+    if phase == "nan":
+        assert "non-finite loss at step 3" in text, text[-4000:]
+
+
 # SLURM and the hostfile ----------------------------------------------------------------------
 
 FAKE_SRUN = r"""#!/bin/bash
-# Stand-in for srun: runs SLURM_NTASKS local tasks with srun's task variables, forwards the
-# signals srun forwards, and exits non-zero if a task failed. It records its own arguments.
 echo "$*" > "$FAKE_SLURM_LOG/srun.args"
-while [[ "$1" == --* ]]; do
-  if [[ "$1" == --export=ALL,* ]]; then
-    IFS=, read -ra pairs <<< "${1#--export=ALL,}"
-    for pair in "${pairs[@]}"; do export "${pair?}"; done
-  fi
-  shift
-done
-pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do
-  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
-  pids+=($!)
-done
-forward() { echo "srun $1" >> "$FAKE_SLURM_LOG/signals"; kill -s "$1" "${pids[@]}" 2>/dev/null; }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-rc=0
-for pid in "${pids[@]}"; do
-  while true; do
-    wait "$pid"; status=$?
-    kill -0 "$pid" 2>/dev/null || break
-  done
-  [[ $status -ne 0 ]] && rc=$status
-done
-exit $rc
 """
 
 FAKE_SCONTROL = r"""#!/bin/bash
@@ -251,6 +336,7 @@ if [[ "$1 $2" == "show hostnames" ]]; then echo node-001; echo node-002; fi
 
 
 def _fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """What the batch shell sees inside an allocation, with stand-ins for `scontrol` and `srun`."""
     bin_dir, log_dir = tmp_path / "bin", tmp_path / "slurm-log"
     bin_dir.mkdir()
     log_dir.mkdir()
@@ -263,6 +349,9 @@ def _fake_slurm(tmp_path: Path) -> dict[str, str]:
 
 
 def test_sbatch_script_parses_and_dry_run_builds_the_command(tmp_path):
+    """The dry run prints the srun command inside an allocation (the first node as
+    MASTER_ADDR), and outside one as documented, with a placeholder; without DRY_RUN, outside an
+    allocation, it refuses. tests/test_slurm.py runs the script on a real SLURM cluster."""
     assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
     env = {**os.environ, **_fake_slurm(tmp_path), "DRY_RUN": "1"}
     proc = subprocess.run(["bash", str(SBATCH), "configs/sr256-400m.yaml", "--set", "optim.lr=3e-5"],
@@ -270,41 +359,42 @@ def test_sbatch_script_parses_and_dry_run_builds_the_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "srun" in out and "--kill-on-bad-exit=1" in out
-    assert "MASTER_ADDR=node-001" in out and "MASTER_PORT=" in out
+    assert "MASTER_ADDR=node-001" in out and "MASTER_PORT=29742" in out  # 29500 + job id % 1000
     assert "launch/train.py --config configs/sr256-400m.yaml --set optim.lr=3e-5" in out
     assert not (tmp_path / "slurm-log" / "srun.args").exists()  # a dry run starts nothing
-    # The directives ask for the advance warning the script traps.
+    # Outside an allocation (no SLURM_* variables at all), as docs/fault-tolerance.md shows it.
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SBATCH), "configs/sr256-400m.yaml"], cwd=REPO,
+                          env={**bare, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "MASTER_ADDR=FIRST_NODE" in proc.stdout and "launch/train.py --config configs/sr256-400m.yaml" in proc.stdout
+    assert "placeholder" in proc.stderr
+    proc = subprocess.run(["bash", str(SBATCH), "configs/sr256-400m.yaml"], cwd=REPO, env=bare,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "not inside a SLURM allocation" in proc.stderr
+    # The directives ask for the advance warning the script traps, with the documented lead.
     directives = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
-    assert "#SBATCH --signal=B:USR1@300" in directives
+    assert f"#SBATCH --signal=B:USR1@{_documented_lead_s()}" in directives
 
 
-def test_sbatch_advance_warning_saves_and_requeues(tmp_path, shards_64):
-    """SLURM's `--signal=B:USR1@300` reaches the batch shell only: the script forwards it to srun
-    (which forwards it to every task), every rank saves the same step and exits 0, and the
-    script requeues the job."""
-    run_dir = tmp_path / "run"
-    env = _fake_slurm(tmp_path)
-    sets = _sets(run_dir, shards_64, **{"data.num_workers": 0})
-    cmd = ["bash", str(SBATCH), str(REPO / "configs" / "base64-tiny.yaml")]
-    for item in sets:
-        cmd += ["--set", item]
-    job = _start(cmd, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **env)
-    log = _drain(job)
-    try:
-        _wait_for_steps(run_dir, job, log, SIGNAL_AFTER)
-        tree = _tree(job)
-        job.send_signal(signal.SIGUSR1)  # the batch shell, as SLURM's B: prefix does
-        _wait_all_gone(tree, EXIT_BOUND_S, log)
-        job.wait(timeout=10)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    text = "".join(log)
-    assert job.returncode == 0, text[-4000:]
-    assert "[train] stop requested (SIGUSR1 received)" in text
-    assert (tmp_path / "slurm-log" / "signals").read_text().split("\n")[0] == "srun USR1"
-    assert "requeue 4242" in (tmp_path / "slurm-log" / "scontrol").read_text()
-    _assert_one_complete_checkpoint(run_dir / "checkpoints")
+def _documented_lead_s() -> int:
+    """The lead that follows from docs/fault-tolerance.md's save-time table (its slowest node
+    save, by bench/checkpoint_save.py's rule); the doc states the same number."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import checkpoint_save
+
+    doc = (REPO / "docs" / "fault-tolerance.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(doc) if "| the node through one disk |" in line)
+    column = [c.strip() for c in doc[header].split("|")].index("the node through one disk")
+    seconds = []
+    for line in doc[header + 2:]:
+        if not line.startswith("|"):
+            break
+        seconds.append(float(line.split("|")[column].strip().lstrip("~").split()[0]))
+    assert len(seconds) == 4, seconds  # the four full presets
+    lead = checkpoint_save.usr1_lead_s(max(seconds))
+    assert f"within the warning's lead ({lead} s)" in doc[header]
+    return lead
 
 
 def test_hostfile_example_parses_and_builds_a_launch():
@@ -355,6 +445,84 @@ def test_stop_request_catches_signals_and_restores(tmp_path):
         os.kill(os.getpid(), signal.SIGUSR2)  # a second signal is noted, never fatal
         assert stop.requested and stop.reason == "SIGUSR2 received"
     assert signal.getsignal(signal.SIGUSR2) is before
+
+
+EXIT_BEFORE_START = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from imagen_train.training.preemption import StopRequest
+    stop = StopRequest(["SIGUSR1"], exit_before_start=6, poll_s=0.1).install()
+    if sys.argv[2] == "started":
+        stop.started()
+    # As torch builds an op at run time: the build folder's lock held, `ninja` running in it.
+    build = sys.argv[3]
+    open(os.path.join(build, "lock"), "w").close()
+    ninja = subprocess.Popen([os.path.join(build, "ninja")], cwd=build, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.3)
+    print(ninja.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.5)
+    print("requested", stop.requested, stop.reason, flush=True)
+    os.killpg(ninja.pid, signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("when", ["starting", "started"])
+def test_stop_before_start_exits_with_children_and_after_start_only_asks(tmp_path, when):
+    """With `exit_before_start`, a stop signal before `started()` ends the process at once with
+    that code, its children SIGKILLed (a run-time op build's `ninja` among them, whose build
+    folder lock is removed, or every later run would wait on it); after `started()` the same
+    signal only sets the request."""
+    script, build = tmp_path / "stop.py", tmp_path / "build"
+    script.write_text(EXIT_BEFORE_START)
+    build.mkdir()
+    (build / "ninja").write_text("#!/bin/sh\nsleep 60\n")
+    (build / "ninja").chmod(0o755)
+    proc = subprocess.run([sys.executable, str(script), str(REPO), when, str(build)], capture_output=True,
+                          text=True, timeout=60)
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    if when == "starting":
+        assert proc.returncode == 6, proc.stderr
+        assert "stop before the first step (SIGUSR1 received): nothing to save" in proc.stderr
+        assert "requested" not in proc.stdout
+        assert not (build / "lock").exists()  # the killed build's lock is given back
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert "requested True SIGUSR1 received" in proc.stdout
+        assert (build / "lock").exists()
+
+
+CLOSED_OUTPUT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from imagen_train.utils.signals import survive_closed_output
+    survive_closed_output(lambda: sys.argv[2])
+    sys.stdin.readline()  # the reader has closed our stdout by now
+    for i in range(3):
+        print("line", i, flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+""")
+
+
+def test_output_survives_a_closed_reader(tmp_path):
+    """A rank whose stdout reader is gone (ssh closed) keeps running; what it prints goes to the
+    fallback file. Without the wrapper the first print raises BrokenPipeError."""
+    script, fallback = tmp_path / "out.py", tmp_path / "logs" / "rank0.log"
+    script.write_text(CLOSED_OUTPUT)
+    proc = subprocess.Popen([sys.executable, str(script), str(REPO), str(fallback)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    proc.stdin.write("go\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert "line 0" in fallback.read_text() and "line 2" in fallback.read_text()
+    assert "to stderr" in proc.stderr.read()  # stderr's reader was still there: left alone
 
 
 def test_launcher_death_is_a_stop_request(tmp_path):
@@ -434,3 +602,5 @@ def test_save_time_fit_separates_fixed_cost_and_rate():
     fixed, rate = checkpoint_save.fit(rows)
     assert fixed == pytest.approx(0.5) and rate == pytest.approx(100e6)
     assert checkpoint_save.fit(rows[:1]) == (0.0, pytest.approx(1e6 / rows[0]["median_s"]))
+    # The advance warning: twice the slowest node save, in whole minutes.
+    assert [checkpoint_save.usr1_lead_s(s) for s in (10, 30, 123, 150, 151)] == [60, 60, 300, 300, 360]

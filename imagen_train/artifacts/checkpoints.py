@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -105,12 +106,23 @@ def read_rank_state(folder: Path, rank: int) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_all_rank_states(folder: Path) -> list[dict]:
-    """Every rank's state, in rank order; refuses a folder missing some of them."""
+def pickled_bytes(path: Path) -> int:
+    """Size of the pickled structure of a torch.save file: what a memory-mapped load reads whole
+    (its tensors are read only where touched)."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist() if info.filename.endswith(".pkl"))
+
+
+def read_all_rank_states(folder: Path, mmap: bool = False) -> list[dict]:
+    """Every rank's state, in rank order; refuses a folder missing some of them.
+
+    `mmap`: tensors (the EMA slices) are memory-mapped, so only the parts used are read: what
+    lets every rank of a re-sliced resume open every old rank's file.
+    """
     files = sorted(folder.glob(RANK_STATE_GLOB))
     if not files:
         raise CheckpointError(f"{folder} holds no {RANK_STATE_GLOB} files")
-    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    states = [torch.load(f, map_location="cpu", weights_only=True, mmap=mmap) for f in files]
     world = states[0]["world_size"]
     if len(states) != world:
         raise CheckpointError(f"{folder} has {len(states)} rank files, the run had {world} ranks")
@@ -201,10 +213,20 @@ def find_resume_tag(root: Path, log: Callable[[str], None] = print, checksums: b
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself or from a checkpoints root (its `latest`)."""
+    """A checkpoint folder from itself or from a checkpoints root (its `latest`); CheckpointError
+    for a path that does not exist or a root that holds no checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (a run writes its checkpoints to "
+                              f"<run_dir>/checkpoints; run_dir defaults to runs/<config name>)")
     if (path / LATEST).is_file():
         return path / (path / LATEST).read_text().strip()
+    if path.is_dir() and not (path / MANIFEST).is_file() and not _TAG_RE.match(path.name):
+        complete = list_complete(path)
+        if not complete:
+            raise CheckpointError(f"{path} holds no complete checkpoint (no {LATEST}, no step_NNNNNNNN "
+                                  f"folder with a {MANIFEST})")
+        return path / complete[-1]
     return path
 
 
@@ -217,24 +239,51 @@ def read_config(folder: Path) -> Config:
     return from_dict(upgrade_stored(yaml.safe_load(path.read_text())), Config, str(path))
 
 
-def refuse_other_run(folder: Path, saved_stage: Any, saved_world: Optional[int], stage: str,
-                     world_size: int) -> None:
-    """Refuse resuming a checkpoint of another stage, or one written by another number of ranks."""
+def refuse_other_run(folder: Path, saved_stage: Any, stage: str) -> None:
+    """Refuse resuming a checkpoint of another stage."""
     if saved_stage != stage:
         raise CheckpointError(f"{folder} is a checkpoint of stage {saved_stage}, this run trains stage "
                               f"{stage}: point checkpoint.dir or --resume elsewhere")
-    if saved_world is not None and saved_world != world_size:
-        raise CheckpointError(f"{folder} was written by {saved_world} ranks; this run has {world_size} "
-                              f"(export the weights and start a new run with training.init_from to "
-                              f"change the size)")
 
 
-def check_resume_target(folder: Path, stage: str, world_size: int) -> None:
-    """`refuse_other_run` from the folder's config.yaml and manifest (cheap: no tensors read)."""
+def resume_source(folder: Path) -> dict[str, Any]:
+    """What a resume must know of a checkpoint before anything loads (cheap: no tensor is read).
+
+    {"stage", "world_size", "zero_stage", "offload_optimizer", "precision",
+    "reshardable": whether its rank files record their optimizer layouts (written by code that
+    can resume it at another world size or ZeRO stage)}.
+    """
     config_file = folder / CONFIG_FILE
     try:
-        saved_stage = (yaml.safe_load(config_file.read_text()) or {}).get("stage")
+        saved = yaml.safe_load(config_file.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise CheckpointError(f"{config_file} cannot be read: {err}") from None
-    saved_world = json.loads((folder / MANIFEST).read_text()).get("world_size")
-    refuse_other_run(folder, saved_stage, saved_world, stage, world_size)
+    training = saved.get("training") or {}
+    rank0 = torch.load(rank_state_path(folder, 0), map_location="cpu", weights_only=True, mmap=True) \
+        if rank_state_path(folder, 0).is_file() else {}
+    return {"stage": saved.get("stage"), "world_size": json.loads((folder / MANIFEST).read_text()).get("world_size"),
+            "zero_stage": training.get("zero_stage"), "offload_optimizer": bool(training.get("offload_optimizer")),
+            "precision": training.get("precision"), "reshardable": rank0.get("optimizer_layout") is not None}
+
+
+def check_resume_target(folder: Path, stage: str, world_size: int, zero_stage: int,
+                        offload_optimizer: bool = False) -> dict[str, Any]:
+    """Refuse, before anything loads, a checkpoint that this run cannot resume; returns its
+    `resume_source`. Another stage is refused; another world size or ZeRO stage is resumed by
+    re-slicing, which needs rank files that record their optimizer layouts and no offloaded
+    optimizer on either side."""
+    source = resume_source(folder)
+    refuse_other_run(folder, source["stage"], stage)
+    if source["world_size"] in (None, world_size) and source["zero_stage"] in (None, zero_stage):
+        return source
+    was = f"{source['world_size']} ranks at ZeRO stage {source['zero_stage']}"
+    now = f"{world_size} ranks at ZeRO stage {zero_stage}"
+    if not source["reshardable"]:
+        raise CheckpointError(f"{folder} was written by {was}, and its rank files record no optimizer layout "
+                              f"(older code, or an optimizer the re-slice does not know), so it cannot be "
+                              f"re-sliced for {now}: resume it at {was}, or export it and start a new run "
+                              f"from it with training.init_from")
+    if source["offload_optimizer"] or offload_optimizer:
+        raise CheckpointError(f"config key 'training.offload_optimizer': re-slicing {folder} ({was}) for {now} "
+                              f"is not supported with offloaded optimizer states (untested); resume it at {was}")
+    return source

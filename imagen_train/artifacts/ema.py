@@ -2,9 +2,9 @@
 
 Every rank keeps the EMA of its own slice of each flattened parameter, with the slice's bounds
 (`layout[name] = {"shape", "numel", "start", "end"}`); the full tensor is the slices placed at
-their bounds (`stitch`). Export stitches them from a checkpoint's rank files
-(`ema_state_dict`); periodic evaluation gathers them over the ranks and places them with the
-same `stitch`.
+their bounds (`stitch`), which must tile it (`check_tiling`). Export stitches them from a
+checkpoint's rank files (`ema_state_dict`); during training, `training.ema_network` gathers the
+live slices into the evaluation network, with the same tiling check.
 """
 
 from __future__ import annotations
@@ -30,6 +30,20 @@ def slice_bounds(entry: dict, rank: int, world: int) -> tuple[int, int]:
     return min(rank * part, numel), min((rank + 1) * part, numel)
 
 
+def check_tiling(name: str, numel: int, bounds: list[tuple[int, int]]) -> None:
+    """Refuse [start, end) slices of the flat parameter `name` that leave a gap, overlap or
+    do not cover its `numel` elements (CheckpointError naming the parameter); empty ones are
+    ignored."""
+    covered = 0
+    for start, end in sorted((s, e) for s, e in bounds if e > s):
+        if start != covered:
+            raise CheckpointError(f"EMA slices of '{name}' do not tile it: a gap or overlap at "
+                                  f"element {covered} (next slice starts at {start})")
+        covered = end
+    if covered != numel:
+        raise CheckpointError(f"EMA slices of '{name}' cover {covered} of its {numel} elements")
+
+
 def stitch(name: str, numel: int, pieces: list[tuple[int, int, torch.Tensor]],
            dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The flat parameter `name` (numel,) from its ranks' (start, end, slice) pieces.
@@ -38,17 +52,12 @@ def stitch(name: str, numel: int, pieces: list[tuple[int, int, torch.Tensor]],
     a new tensor in `dtype`. Pieces longer than their bounds (padded slices) are cut; pieces
     that leave a gap or overlap are refused, naming the parameter.
     """
+    check_tiling(name, numel, [(start, end) for start, end, _ in pieces])
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=pieces[0][2].device if pieces else "cpu")
-    covered = 0
-    for start, end, piece in sorted((x for x in pieces if x[1] > x[0]), key=lambda item: item[0]):
-        if start != covered:
-            raise CheckpointError(f"EMA slices of '{name}' do not tile it: a gap or overlap at "
-                                  f"element {covered} (next slice starts at {start})")
-        out[start:end] = piece.reshape(-1)[: end - start]
-        covered = end
-    if covered != numel:
-        raise CheckpointError(f"EMA slices of '{name}' cover {covered} of its {numel} elements")
+    for start, end, piece in pieces:
+        if end > start:
+            out[start:end] = piece.reshape(-1)[: end - start]
     return out
 
 
@@ -64,11 +73,31 @@ def ema_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def ema_slices_for(folder: Path, layout: dict[str, dict]) -> dict[str, torch.Tensor]:
+def ema_slices_for(folder: Path, layout: dict[str, dict], states: Optional[list[dict]] = None
+                   ) -> dict[str, torch.Tensor]:
     """This rank's EMA slices under `layout`, cut from a checkpoint saved with other bounds.
 
-    Resuming a checkpoint written before the EMA followed the fp32 masters (its slices were cut
-    in equal parts) re-cuts its EMA to the current bounds; same world size only.
+    For a resume at another world size or ZeRO stage, or of a checkpoint whose EMA was cut in
+    equal parts. Only the saved slices that overlap the new bounds are read: pass `states`
+    memory-mapped (`read_all_rank_states(folder, mmap=True)`, the default) and each rank reads
+    about its own share of the EMA.
     """
-    full = ema_state_dict(folder)
-    return {name: full[name].reshape(-1)[e["start"]:e["end"]].clone() for name, e in layout.items()}
+    states = read_all_rank_states(folder, mmap=True) if states is None else states
+    world = len(states)
+    out = {}
+    for name, entry in layout.items():
+        start, end = int(entry["start"]), int(entry["end"])
+        piece, covered = torch.empty(end - start, dtype=torch.float32), 0
+        for rank, state in enumerate(states):
+            if name not in state["layout"]:
+                raise CheckpointError(f"{folder}: rank {rank} kept no EMA of '{name}' (another network?)")
+            lo, hi = slice_bounds(state["layout"][name], rank, world)
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                piece[a - start:b - start] = state["ema"]["shadow"][name].reshape(-1)[a - lo:b - lo]
+                covered += b - a
+        if covered != end - start:
+            raise CheckpointError(f"EMA slices of '{name}' in {folder} cover {covered} of the {end - start} "
+                                  f"elements [{start}, {end}) this rank needs")
+        out[name] = piece
+    return out

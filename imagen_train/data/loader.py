@@ -12,6 +12,8 @@ re-reads (without decoding) only the samples its buffer held and the read part o
 shard, and the DataLoader's round-robin is rotated to start with the worker that was next.
 Result: 10 steps + save + new process + load + 10 steps yields the same batches as 20 steps
 straight, and what a resume reads does not grow with the step (docs/training.md, "Resume").
+A state saved under another layout (ranks, workers, shuffle buffer, shard list, seed) is not
+continued exactly but re-split over this one (`resplit`, data/resplit.py).
 
 Ranks and workers never share samples: with at least ranks x workers shards each worker owns
 the shards `urls[g::ranks*workers]` (g = rank * workers + worker); with fewer, every worker
@@ -25,6 +27,7 @@ not expose.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -32,9 +35,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from imagen_train.data.resplit import mask_to_set, plan_resplit, set_to_mask
 from imagen_train.data.schema import KNOWN_KEYS, is_unsafe_key
 from imagen_train.data.shards import expand_shards, iter_raw_samples
-from imagen_train.data.stream import ShuffleBuffer, TailReader, seeded_rng
+from imagen_train.data.stream import ShuffleBuffer, TailReader, epoch_order, seeded_rng, shard_split
 from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
 from imagen_train.utils.signals import worker_init
 
@@ -49,14 +53,20 @@ def _fresh_worker_state() -> dict[str, Any]:
 
 
 class StageStream(IterableDataset):
-    """Batches of one stage for one rank; each DataLoader worker yields its own batches."""
+    """Batches of one stage for one rank; each DataLoader worker yields its own batches.
+
+    `skip`: indices of `data.train_shards` left out of this epoch (those a re-split found
+    started by the layout before it); `generation`: how many re-splits the stream has been through.
+    """
 
     def __init__(self, cfg: Any, rank: int, world_size: int, worker_states: dict[int, dict[str, Any]],
-                 rotation: int = 0):
+                 rotation: int = 0, generation: int = 0, skip: Optional[set[int]] = None):
         super().__init__()
         if not cfg.data.train_shards:
             raise ValueError("config key 'data.train_shards' is not set: name the training shards")
-        self.urls = expand_shards(cfg.data.train_shards)
+        self.all_urls = expand_shards(cfg.data.train_shards)
+        self.urls = [u for i, u in enumerate(self.all_urls) if i not in skip] if skip else self.all_urls
+        self.generation = generation
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.num_workers = max(1, cfg.data.num_workers)
         self.geo = StageGeometry.from_config(cfg)
@@ -65,26 +75,21 @@ class StageStream(IterableDataset):
         self.rotation = rotation
 
     def _ids(self, worker: int) -> tuple[int, ...]:
-        return (self.cfg.data.seed, self.rank, self.world_size, self.num_workers, worker)
+        tail = (self.generation,) if self.generation else ()
+        return (self.cfg.data.seed, self.rank, self.world_size, self.num_workers, worker, *tail)
 
     def _shard_sequence(self, worker: int, epoch: int
                         ) -> tuple[Callable[[int], Optional[str]], Optional[tuple[int, int]]]:
         """(shard URL by shard counter k, (index, stride) of the sample-level split or None).
 
-        With at least ranks x workers shards a worker owns `urls[g::ranks*workers]`; with fewer,
-        every worker reads the same sequence and keeps every (ranks x workers)-th sample. Each
-        resampled draw is seeded by k itself, so shard k needs no replay of draws 0..k-1.
+        See `shard_split`. Each resampled draw is seeded by k itself, so shard k needs no replay
+        of draws 0..k-1.
         """
-        total = self.world_size * self.num_workers
-        g = self.rank * self.num_workers + worker
-        if len(self.urls) >= total:
-            own, split, key = self.urls[g::total], None, (1, *self._ids(worker), epoch)
-        else:
-            own, split, key = list(self.urls), (g, total), (2, self.cfg.data.seed, epoch)
+        own, split, key = shard_split(self.urls, self.cfg.data.seed, self.rank, self.world_size,
+                                      self.num_workers, worker, epoch, self.generation)
         if self.cfg.data.resampled:
             return (lambda k: own[seeded_rng(*key, k).randrange(len(own))]), split
-        order = list(own)
-        seeded_rng(*key).shuffle(order)
+        order = epoch_order(own, key)
         return (lambda k: order[k] if k < len(order) else None), split
 
     def _reader(self, worker: int, epoch: int, state: dict[str, Any], stats: dict[str, Any]) -> TailReader:
@@ -194,8 +199,10 @@ class TrainLoader:
         self.batches = 0          # batches handed out since the start of training
         self.next_worker = 0
         self.worker_states: dict[int, dict[str, Any]] = {}
+        self.generation = 0       # re-splits onto another layout so far (data/resplit.py)
+        self.skip: Optional[set[int]] = None  # shards a re-split left out of this epoch
         self._it: Optional[Iterator[dict[str, Any]]] = None
-        StageStream(cfg, rank, world_size, {})  # fail now on a bad shard spec, not in a worker
+        self.urls = StageStream(cfg, rank, world_size, {}).all_urls  # fail now on a bad shard spec
 
     # Iteration ------------------------------------------------------------------------------
     def __iter__(self) -> "TrainLoader":
@@ -210,6 +217,7 @@ class TrainLoader:
             except StopIteration:
                 self._close()
                 self.epoch += 1  # a finite epoch is over; the next iteration starts the next one
+                self.skip = None
                 self.worker_states = {w: {**_fresh_worker_state(), "epoch": self.epoch,
                                           "stats": s["stats"]} for w, s in self.worker_states.items()}
                 self.next_worker = 0
@@ -227,7 +235,8 @@ class TrainLoader:
         states = {w: s for w, s in self.worker_states.items()}
         for w in range(self.num_workers):
             states.setdefault(w, {**_fresh_worker_state(), "epoch": self.epoch})
-        dataset = StageStream(self.cfg, self.rank, self.world_size, states, rotation=self.next_worker)
+        dataset = StageStream(self.cfg, self.rank, self.world_size, states, rotation=self.next_worker,
+                              generation=self.generation, skip=self.skip)
         if self.cfg.data.num_workers == 0:
             return iter(dataset)
         # Workers ignore stop signals: the rank saves, exits and then stops them. The generator:
@@ -269,39 +278,63 @@ class TrainLoader:
         return total
 
     # Resume ---------------------------------------------------------------------------------
+    def _layout(self) -> dict[str, Any]:
+        return {"seed": self.cfg.data.seed, "world_size": self.world_size, "num_workers": self.num_workers,
+                "resampled": self.cfg.data.resampled, "shuffle_buffer": self.cfg.data.shuffle_buffer,
+                "shards": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16]}
+
     def state_dict(self) -> dict[str, Any]:
         """Position of the stream after the last batch handed out (plain Python, JSON-safe)."""
-        return {"version": STATE_VERSION, "seed": self.cfg.data.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_workers": self.num_workers,
-                "resampled": self.cfg.data.resampled, "epoch": self.epoch, "batches": self.batches,
-                "next_worker": self.next_worker,
-                "workers": {str(w): copy.deepcopy(s) for w, s in self.worker_states.items()}}
+        state = {"version": STATE_VERSION, "rank": self.rank, **self._layout(), "num_shards": len(self.urls),
+                 "epoch": self.epoch, "batches": self.batches, "next_worker": self.next_worker,
+                 "generation": self.generation, "skip": set_to_mask(self.skip),
+                 "workers": {str(w): copy.deepcopy(s) for w, s in self.worker_states.items()}}
+        if self.rank == 0:  # for a re-split after data.train_shards changed (data/resplit.py)
+            state["urls"] = list(self.urls)
+        return state
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Continue exactly after the saved position; the layout must match unless not strict."""
+    def changes(self, state: dict[str, Any]) -> list[str]:
+        """What differs between the layout a state was saved with and this loader's, by config
+        key ('data.num_workers 0 -> 2'); empty when `load_state_dict` continues it exactly.
+        States written before a key was recorded are taken to match on it."""
+        names = {"seed": "data.seed", "world_size": "ranks", "num_workers": "data.num_workers",
+                 "resampled": "data.resampled", "shuffle_buffer": "data.shuffle_buffer",
+                 "shards": "data.train_shards"}
+        return [f"{names[k]} {state[k]} -> {v}" if k != "shards" else "data.train_shards (another shard list)"
+                for k, v in self._layout().items() if k in state and state[k] != v]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the saved position; the layout must match (else `resplit`)."""
         self._close()
-        layout = ("seed", "rank", "world_size", "num_workers", "resampled")
-        mine = {"seed": self.cfg.data.seed, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "resampled": self.cfg.data.resampled}
-        diff = {k: (state.get(k), mine[k]) for k in layout if state.get(k) != mine[k]}
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} cannot be continued by this "
                              f"loader (version {STATE_VERSION}: the shard sequence and buffer state changed)")
+        changes = self.changes(state) + ([f"rank {state['rank']} -> {self.rank}"] if state["rank"] != self.rank else [])
+        if changes:
+            raise ValueError(f"loader state was saved with another layout ({', '.join(changes)}): exact resume "
+                             f"is impossible; `resplit` continues it re-split over this layout")
         self.batches = int(state["batches"])
-        if diff:
-            msg = "loader state was saved with a different " + ", ".join(
-                f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in diff.items())
-            if strict:
-                raise ValueError(msg + "; exact resume is impossible (pass strict=False to start "
-                                       "a fresh stream instead)")
-            # Not exact: start a fresh stream whose seed differs from the one already consumed.
-            log.warning("%s; starting a fresh data stream", msg)
-            self.epoch = int(state["epoch"]) + 1
-            self.worker_states, self.next_worker = {}, 0
-            return
         self.epoch = int(state["epoch"])
         self.next_worker = int(state["next_worker"])
+        self.generation = int(state.get("generation", 0))
+        self.skip = mask_to_set(state.get("skip")) or None
         self.worker_states = {int(w): copy.deepcopy(s) for w, s in state["workers"].items()}
+
+    def resplit(self, states: list[dict[str, Any]]) -> str:
+        """Continue the stream that every old rank's state (in rank order) describes, re-split
+        over this loader's layout; returns what changed and what it cost (data/resplit.py)."""
+        self._close()
+        for state in states:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"loader state version {state.get('version')!r} cannot be re-split by this "
+                                 f"loader (version {STATE_VERSION})")
+        layout = f"{self.world_size} rank(s) x {self.num_workers} worker(s)"
+        plan = plan_resplit(states, self.urls, self.cfg.data.resampled, layout, self.changes(states[0]))
+        self.epoch, self.generation, self.skip = plan.epoch, plan.generation, plan.skip
+        self.batches = max(int(s["batches"]) for s in states)
+        self.worker_states, self.next_worker = {}, 0
+        log.info("%s", plan.note)
+        return plan.note
 
 
 def build_train_loader(cfg: Any, rank: int = 0, world_size: int = 1) -> TrainLoader:

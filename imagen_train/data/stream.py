@@ -29,6 +29,29 @@ def seeded_rng(*parts: int) -> random.Random:
     return random.Random(int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0]))
 
 
+def shard_split(urls: list[str], seed: int, rank: int, world_size: int, num_workers: int, worker: int,
+                epoch: int, generation: int = 0) -> tuple[list[str], Optional[tuple[int, int]], tuple[int, ...]]:
+    """One worker's share of `urls`: (its shards, (index, stride) of the sample-level split or None,
+    the key that seeds their order).
+
+    With at least ranks x workers shards a worker owns `urls[g::ranks*workers]`; with fewer,
+    every worker reads the same sequence and keeps every (ranks x workers)-th sample. After a
+    re-split (generation > 0) every key differs from those of the streams before it.
+    """
+    total, g = world_size * num_workers, rank * num_workers + worker
+    tail = (generation,) if generation else ()
+    if len(urls) >= total:
+        return urls[g::total], None, (1, seed, rank, world_size, num_workers, worker, *tail, epoch)
+    return list(urls), (g, total), (2, seed, epoch, *tail)
+
+
+def epoch_order(own: list[str], key: tuple[int, ...]) -> list[str]:
+    """The order in which a worker reads its shards in one finite epoch."""
+    order = list(own)
+    seeded_rng(*key).shuffle(order)
+    return order
+
+
 class ShuffleBuffer:
     """A seeded reservoir shuffle whose entries wait at most `2 * size` arrivals.
 

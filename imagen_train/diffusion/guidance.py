@@ -25,8 +25,8 @@ class ClassifierFreeGuidance:
     in eps. The network runs once per call on a batch of 2B: [conditional; unconditional].
 
     With `interval` (sigma_lo, sigma_hi) the guidance applies only at noise levels
-    sigma_lo < sigma <= sigma_hi, and elsewhere the conditional prediction is returned from one
-    pass of B (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): at low noise
+    sigma_lo < sigma <= sigma_hi (decided on the host value the samplers attach, without waiting
+    for the device), and elsewhere the conditional prediction is returned from one pass of B (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): at low noise
     the image is laid out already, and guiding there only scales up the network's pixel-level
     error (docs/training.md, "Where the grain comes from").
     """
@@ -49,16 +49,26 @@ class ClassifierFreeGuidance:
         self._doubled = (given, doubled)
         return doubled
 
+    def _inside(self, sigma: Tensor) -> Optional[bool | Tensor]:
+        """Whether guidance applies at `sigma`: None (everywhere, no interval), one bool for the
+        batch when the sampler gave the level's host value (`sigma.host_sigma`, samplers.py), else
+        a (B,) device tensor, whose tests in __call__ wait for the device (a caller's own sigma)."""
+        if self.interval is None:
+            return None
+        lo, hi = self.interval
+        host = getattr(sigma, "host_sigma", None)
+        if host is not None:
+            return lo < host <= hi
+        return (sigma > lo) & (sigma <= hi)
+
     def __call__(self, x: Tensor, sigma: Tensor, text_emb: Tensor, text_mask: Tensor, **cond) -> Tensor:
-        inside = None
-        if self.interval is not None:
-            inside = (sigma > self.interval[0]) & (sigma <= self.interval[1])
-            if not inside.any():
-                return self.denoiser(x, sigma, text_emb=text_emb, text_mask=text_mask, **cond)
+        inside = self._inside(sigma)
+        if inside is False or (isinstance(inside, Tensor) and not inside.any()):
+            return self.denoiser(x, sigma, text_emb=text_emb, text_mask=text_mask, **cond)
         denoised = self.denoiser(_double(x), _double(sigma), **self._double_conditioning(text_emb, text_mask, cond))
         d_cond, d_uncond = denoised.chunk(2)
         guided = d_uncond + self.guidance_scale * (d_cond - d_uncond)
-        if inside is None or bool(inside.all()):
+        if not isinstance(inside, Tensor) or bool(inside.all()):
             return guided
         return torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, d_cond)
 

@@ -11,7 +11,10 @@ doubled batch). `callback` receives a dict {i, x, sigma, sigma_hat, denoised} af
 
 Branches on the noise levels read a host copy of `sigmas` taken once per run: a test on a GPU
 tensor (`if sigma_next > 0`, `float(sigma)`) waits for every queued kernel, so the host could not
-queue the next network call while the current one runs. The arithmetic stays on the device.
+queue the next network call while the current one runs. The arithmetic stays on the device. The
+(B,) noise level handed to the denoiser carries its host value too, as `sigma.host_sigma` (a
+float), for wrappers that branch on it (guidance's interval): no step of a sampler reads the
+device (tests/test_sampling.py counts the reads).
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _full(sigma: Tensor, x: Tensor) -> Tensor:
-    """A scalar sigma as a (B,) tensor (a broadcast view, no kernel)."""
-    return sigma.to(x.dtype).expand(x.shape[0])
+def _full(sigma: Tensor, x: Tensor, host: float) -> Tensor:
+    """A scalar sigma as a (B,) tensor (a broadcast view, no kernel) carrying its value on the host,
+    `host`, as `host_sigma`."""
+    out = sigma.to(x.dtype).expand(x.shape[0])
+    out.host_sigma = float(host)
+    return out
 
 
 def _report(callback: Optional[Callable], i: int, x: Tensor, sigma: Tensor, sigma_hat: Tensor,
@@ -60,16 +66,16 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Optio
     """
     extra_args = extra_args or {}
     nfe = 0
-    host = torch.tensor(sigmas.tolist(), dtype=sigmas.dtype)
+    host = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, _full(sigma, x), **extra_args)
+        denoised = denoiser(x, _full(sigma, x, host[i]), **extra_args)
         nfe += 1
         sigma_up = eta * sigma_next * (1 - (sigma_next / sigma) ** 2).clamp_min(0).sqrt()
         sigma_down = (sigma_next**2 - sigma_up**2).clamp_min(0).sqrt()
         eps = (x - denoised) / sigma
         x = denoised + sigma_down * eps
-        if eta * host[i + 1] * (1 - (host[i + 1] / host[i]) ** 2).clamp_min(0).sqrt() > 0:  # sigma_up > 0
+        if eta * host[i + 1] * math.sqrt(max(0.0, 1 - (host[i + 1] / host[i]) ** 2)) > 0:  # sigma_up > 0
             x = x + sigma_up * _randn_like(x, generator)
         _report(callback, i, x, sigma, sigma, denoised)
     return SamplerOutput(x, nfe)
@@ -103,13 +109,13 @@ def sample_edm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Option
         if gamma > 0:
             x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * _randn_like(x, generator)
         # Euler step from sigma_hat to sigma_next.
-        denoised = denoiser(x, _full(sigma_hat, x), **extra_args)
+        denoised = denoiser(x, _full(sigma_hat, x, host[i] * (1 + gamma)), **extra_args)
         nfe += 1
         d = (x - denoised) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
         # Second-order correction unless sigma_next = 0.
         if host[i + 1] > 0:
-            denoised_next = denoiser(x_next, _full(sigma_next, x), **extra_args)
+            denoised_next = denoiser(x_next, _full(sigma_next, x, host[i + 1]), **extra_args)
             nfe += 1
             d_next = (x_next - denoised_next) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_next)
@@ -136,7 +142,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, extra_args: O
     host = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, _full(sigma, x), **extra_args)
+        denoised = denoiser(x, _full(sigma, x, host[i]), **extra_args)
         nfe += 1
         if host[i + 1] == 0:
             x = denoised  # The exact solution's limit: x(0) = x0 prediction.
@@ -180,6 +186,7 @@ def final_denoise_average(denoiser: Denoiser, x: Tensor, sigma: float, draws: in
     """
     extra_args = extra_args or {}
     sigma_b = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
+    sigma_b.host_sigma = float(sigma)
     total = torch.zeros_like(x)
     for _ in range(draws):
         total += denoiser(x + sigma * _randn_like(x, generator), sigma_b, **extra_args)

@@ -17,11 +17,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from imagen_train import speedups
 from imagen_train.artifacts import load_network, stage_config
 from imagen_train.config import Config, ConfigError, SamplerConfig
 from imagen_train.diffusion import SampleResult, build_diffusion
@@ -103,24 +104,64 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Precision:
-    """Weight dtype and autocast for one of the reference's precision modes on a device."""
+    """Weight dtype and autocast for an `inference_precision` mode on a device.
 
-    def __init__(self, mode: int | str, device: torch.device):
-        self.mode, self.device = mode, device
+    "auto": float32 on a CPU (bf16 convolutions are ~70x slower on AVX2 CPUs); on a GPU bf16 where
+    it has bf16 (weights trained in bf16 or fp32 keep their range: bf16 has float32's exponent),
+    else the training precision when that was fp16, else float32. "bf16": bf16 anywhere. 16: fp16
+    on a GPU (bf16 on a CPU, which has no fp16 convolutions): weights trained in bf16 can overflow
+    it, so `check_finite` refuses a stage's non-finite output. 32: float32. "AMP": float32 weights
+    under autocast (fp16 on a GPU, bf16 on a CPU). `trained`: the stage's `training.precision`.
+    """
+
+    def __init__(self, mode: int | str, device: torch.device, trained: Optional[str] = None):
+        self.mode, self.device, self.trained = mode, device, trained
         half = torch.float16 if device.type == "cuda" else torch.bfloat16  # no fp16 convs on CPU
-        self.weight_dtype = half if mode == 16 else torch.float32
+        self.weight_dtype = {16: half, "bf16": torch.bfloat16, "auto": self._auto()}.get(mode, torch.float32)
         self.autocast_dtype = half if mode == "AMP" else None
 
-    def caller(self, net: torch.nn.Module) -> NetworkCaller:
+    def _auto(self) -> torch.dtype:
+        if self.device.type != "cuda":
+            return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if self.trained == "fp16" else torch.float32
+
+    def caller(self, net: Callable) -> NetworkCaller:
         """`net` called in this precision, its output in the sampler's float32; the conditioning is
         cast once per run (the same tensors at every step)."""
         return NetworkCaller(net, dtype=self.weight_dtype, autocast=self.autocast_dtype, cache_conditioning=True)
+
+    def check_finite(self, images: Tensor, stage: str) -> None:
+        """Raise if a stage's output (a CPU copy: no device sync) holds inf or NaN, naming the setting."""
+        if bool(torch.isfinite(images).all()):
+            return
+        hint = (f"fp16 overflowed on weights trained in {self.trained}; set inference_precision to 'auto' "
+                "or 'bf16' (bf16 has float32's range)") if self.weight_dtype == torch.float16 else \
+            "the checkpoint's weights or this precision give inf/NaN"
+        raise FloatingPointError(f"stage {stage} produced non-finite images with inference_precision="
+                                 f"{self.mode!r} ({self.name}): {hint}")
 
     @property
     def name(self) -> str:
         if self.autocast_dtype is not None:
             return f"amp_{str(self.autocast_dtype).removeprefix('torch.')}"
         return str(self.weight_dtype).removeprefix("torch.")
+
+
+def network_call(net: torch.nn.Module, how: str, device: torch.device) -> Callable:
+    """`net` as the sampler calls it (`network_call`): as it is ("eager"), through torch.compile of
+    the whole network ("compile"; compiled at the first call, so the first batch pays it), or
+    replayed from CUDA graphs captured per input shape ("cuda_graphs", GPU only)."""
+    if how == "eager":
+        return net
+    if how == "cuda_graphs":
+        if device.type != "cuda":
+            raise ConfigError("network_call", "'eager' or 'compile' on a CPU (CUDA graphs need a GPU)", how)
+        return speedups.CUDAGraphCall(net)
+    speedups.check_compile(device.type, key="network_call")
+    speedups.apply_compile(net, "whole")
+    return net
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,12 +221,14 @@ def sample_in_batches(diffusion, caller, sampler: SamplerConfig, resolution: int
 
 def draw_stage(path: str, sampler: SamplerConfig, emb: Tensor, mask: Tensor, device: torch.device,
                precision: Precision, lowres: Optional[Tensor], generator: torch.Generator, batch_size: int,
-               ema: bool = True, stage: Optional[str] = None) -> tuple[Tensor, StageStats, Optional[Tensor]]:
+               ema: bool = True, stage: Optional[str] = None, how: str = "eager"
+               ) -> tuple[Tensor, StageStats, Optional[Tensor]]:
     """Load the stage at `path`, sample one image per row (in batches), release it.
 
     emb (N, L, D) / mask (N, L): one row per output image. lowres: (N, 3, h, w) or None. `stage`,
-    when given, must be the checkpoint's stage. Returns the images (N, 3, H, W) float32 on CPU,
-    unclamped, what the stage cost, and the images before the final denoising average (or None).
+    when given, must be the checkpoint's stage; `how`: the `network_call` mode. Returns the images
+    (N, 3, H, W) float32 on CPU, unclamped, what the stage cost, and the images before the final
+    denoising average (or None).
     """
     start = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -194,11 +237,12 @@ def draw_stage(path: str, sampler: SamplerConfig, emb: Tensor, mask: Tensor, dev
         load_s = time.perf_counter() - start
         if stage is not None and stage_cfg.stage != stage:
             raise ValueError(f"checkpoints.{stage}={path} holds a {stage_cfg.stage} model")
-        caller = precision.caller(net)
+        caller = precision.caller(network_call(net, how, device))
         L = stage_cfg.text.max_length
         images, before_final, result, batch_s = sample_in_batches(
             build_diffusion(stage_cfg.diffusion), caller, sampler, stage_cfg.output_resolution, emb[:, :L],
             mask[:, :L], lowres, batch_size, generator, device)
+        precision.check_finite(images, stage_cfg.stage)
         del net, caller
         release(device)
     nfe, factor, final_nfe = (result.nfe, result.net_batch_factor, result.final_nfe) if result else (0, 1, 0)
@@ -216,7 +260,7 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
     """One stage of the pipeline `cfg` (its checkpoint, sampler and batch size): `draw_stage`."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return draw_stage(getattr(cfg.checkpoints, stage), cfg.sampler_for(stage), emb, mask, device, precision,
-                      lowres, generator, cfg.batch_size, cfg.run_ema_model, stage)
+                      lowres, generator, cfg.batch_size, cfg.run_ema_model, stage, cfg.network_call)
 
 
 def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optional[torch.device] = None,
@@ -228,8 +272,8 @@ def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optio
     `seed_offset` gives each rank of a distributed evaluation its own noise.
     """
     device = device or resolve_device(cfg.device)
-    precision = Precision(cfg.inference_precision, device)
     configs = {stage: stage_config(getattr(cfg.checkpoints, stage)) for stage in cfg.stages}
+    precision = Precision(cfg.inference_precision, device)  # the text encoder's
     max_length = max(c.text.max_length for c in configs.values())
     stats: list[StageStats] = []
     if text is None:
@@ -245,7 +289,8 @@ def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optio
     emb, mask = emb.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (P*K, L, D), prompt-major
     images, stage_images, before = None, {}, {}
     for index, stage in enumerate(cfg.stages):
-        images, s, before_final = run_stage(cfg, stage, emb, mask, device, precision, images,
+        stage_precision = Precision(cfg.inference_precision, device, configs[stage].training.precision)
+        images, s, before_final = run_stage(cfg, stage, emb, mask, device, stage_precision, images,
                                             seed=cfg.seed * 1000 + index * 100 + seed_offset)
         stats.append(s)
         if keep_stage_images:
@@ -280,5 +325,5 @@ def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: 
 
 
 __all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "draw_stage", "sample_in_batches",
-           "load_stage", "stage_config",
-           "CascadeResult", "StageStats", "Precision", "resolve_device", "time_to_first_image"]
+           "load_stage", "stage_config", "CascadeResult", "StageStats", "Precision", "network_call",
+           "resolve_device", "time_to_first_image"]

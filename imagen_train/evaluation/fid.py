@@ -12,7 +12,8 @@ is missing or is not ours (`inception.FID_PIPELINE`): pytorch-fid's statistics f
 other whose features came through another resize or scaling, would give a wrong FID without any
 error. Statistics known to come from the same pipeline (torch-fidelity, or torchmetrics with
 antialias=False, with the TF-Inception weights) can be labelled on purpose by saving their mu and
-sigma again through `FeatureStats(mu, sigma, n).save(path)`.
+sigma again through `FeatureStats(mu, sigma, n).save(path, resolution=R)`. The file records the
+size of the images it was computed from (`resolution`); an evaluation at another size is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 from torch import Tensor
+
+from imagen_train.config import ConfigError
 
 from .inception import FID_PIPELINE
 from .weights import require_file
@@ -64,22 +67,28 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, setting: str = "evaluation.fid_stats_path") -> "FeatureStats":
-        """Read an .npz written by `save`; refuse one that does not carry our pipeline label."""
-        file = require_fid_stats(path, setting)
+    def load(cls, path: str | Path, setting: str = "evaluation.fid_stats_path",
+             resolution: Optional[int] = None) -> "FeatureStats":
+        """Read an .npz written by `save`; refuse one that does not carry our pipeline label, or
+        (given `resolution`) whose images were of another size."""
+        file = require_fid_stats(path, setting, resolution)
         with np.load(file) as data:
             n = int(data["num_samples"]) if "num_samples" in data else -1
             return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n)
 
 
-def require_fid_stats(path: Optional[str | Path], setting: str = "evaluation.fid_stats_path") -> Path:
+def require_fid_stats(path: Optional[str | Path], setting: str = "evaluation.fid_stats_path",
+                      resolution: Optional[int] = None) -> Path:
     """The statistics file at `path`, if it exists and is labelled with our `FID_PIPELINE`; else
-    MissingWeightsError or FIDStatsPipelineError naming `setting`, the file and what to do. Reads
-    only the label, so start-up checks stay cheap."""
+    MissingWeightsError or FIDStatsPipelineError naming `setting`, the file and what to do. Given
+    `resolution` (the size of the images the evaluation compares), a file of another resolution,
+    or one that records none, is a ConfigError naming both. Reads only the labels, so start-up
+    checks stay cheap."""
     file = require_file(str(path) if path else None, setting,
                         "reference FID statistics (an .npz from `python -m data_tools fid-stats`)")
     with np.load(file) as data:
         label = str(data["pipeline"]) if "pipeline" in data else None
+        saved = str(data["resolution"]) if "resolution" in data else None
     if label != FID_PIPELINE:
         found = "carry no pipeline label" if label is None else f"are labelled {label!r}"
         raise FIDStatsPipelineError(
@@ -88,7 +97,11 @@ def require_fid_stats(path: Optional[str | Path], setting: str = "evaluation.fid
             f"would give a wrong FID. Ours: {FID_PIPELINE}. Recompute them with `python -m data_tools "
             "fid-stats --shards ... --inception ... --out FILE`; or, if they come from torch-fidelity or "
             "torchmetrics (antialias=False) with the TF-Inception weights, label them on purpose: "
-            "FeatureStats(mu, sigma, n).save(FILE).")
+            "FeatureStats(mu, sigma, n).save(FILE, resolution=R).")
+    if resolution is not None and saved != str(resolution):
+        found = "records no image resolution" if saved is None else f"holds statistics of {saved} px images"
+        raise ConfigError(setting, f"statistics of {resolution} px images (the size this evaluation compares; "
+                          f"`data_tools fid-stats --resolution {resolution}` makes them)", f"{file}, which {found}")
     return file
 
 

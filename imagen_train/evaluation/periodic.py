@@ -3,24 +3,30 @@
     trainer = Trainer(cfg, evaluator=make_periodic_evaluator(cfg))
 
 The trainer calls the evaluator after every optimizer step, on every rank, with only what it
-needs (never the Trainer): the step, this rank's EMA slices and their bounds, the device, a
-metric and an image log function, and the folder for sample grids. Every
-`evaluation.eval_every_steps` optimizer steps, on every rank:
-1. a plain (non-DeepSpeed) copy of the network is built on the meta device and filled one
-   parameter at a time from the gathered EMA slices, directly in the sampling dtype (bf16 on a
-   GPU, fp32 on a CPU), so evaluation adds one copy of the network in that dtype per rank and
-   never a full fp32 one; it is freed after the evaluation (every rank enters the same
-   collectives, whatever the ZeRO stage);
+needs (never the Trainer): the step, `materialize_ema(dtype, device) -> nn.Module` (training's
+callable that builds the EMA network; see `training.ema_network`), the device, a metric and an
+image log function, and the folder for sample grids. The evaluator knows nothing of how ZeRO
+slices the weights. Every `evaluation.eval_every_steps` optimizer steps, on every rank:
+1. `materialize_ema` builds the EMA network in the sampling dtype (bf16 on a GPU, fp32 on a
+   CPU): a collective in which each rank receives about one model's bytes in that dtype,
+   whatever the world size, and no full fp32 copy is made; the network is freed after the
+   evaluation;
 2. a grid of samples is drawn and saved to <out_dir>/step_N.png (run_dir/samples) and logged;
 3. when `evaluation.num_fid_samples` > 0 and the Inception (FID) and/or CLIP weights are
    configured, that many samples are drawn (split over the ranks, features gathered) and FID
    and CLIP score (plain cosine) are logged under eval/.
+`eval/received_bytes` logs what this rank (rank 0) received from the others during the
+evaluation (`utils.dist.received_bytes`); `eval/time_s` its duration.
 
 Conditioning. Base stage with `text.encoder_path` set: the grid shows `evaluation.prompts`,
-encoded once. Otherwise (no encoder, or an SR stage) the grid shows the first
-len(prompts) (4 if none) samples of `data.eval_shards`, using their captions' precomputed
-embeddings and, for SR stages, their ground-truth low-res images. FID/CLIP always condition on
-the first `num_fid_samples` eval-shard samples; FID compares with those samples' images unless
+encoded once per run on rank 0 alone (on the training device, in the encoder's default dtype
+there, as `data_tools precompute-embeddings` does; the encoder is freed right after) and kept
+in <out_dir>/prompt_embeddings.pt, so a resumed run reads them back instead of loading T5
+again; the other ranks receive the embeddings by broadcast and never load a text encoder.
+Otherwise (no encoder, or an SR stage) the grid shows the first len(prompts) (4 if none)
+samples of `data.eval_shards`, using their captions' precomputed embeddings and, for SR
+stages, their ground-truth low-res images. FID/CLIP always condition on the first
+`num_fid_samples` eval-shard samples; FID compares with those samples' images unless
 `evaluation.fid_stats_path` names cached statistics.
 
 Through the cascade. An SR stage with `evaluation.cascade_from` (the earlier stages' exports, each
@@ -37,6 +43,7 @@ and engine are never touched (eval shards are read directly with the data layer)
 from __future__ import annotations
 
 import gc
+import os
 import random
 import time
 from dataclasses import replace
@@ -46,19 +53,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from imagen_train.artifacts.ema import stitch
 from imagen_train.config import Config, ConfigError
 from imagen_train.data import expand_shards, iter_raw_samples
 from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
 from imagen_train.diffusion import build_diffusion
 from imagen_train.diffusion.caller import NetworkCaller
-from imagen_train.models import build_model
 from imagen_train.stages import get_stage
 from imagen_train.text import load_text_encoder
 from imagen_train.utils import dist
 from imagen_train.utils.rng import preserved_rng
 
-from .cascade import sample_in_batches
 from .cascade_conditioning import CascadeConditioning
 from .clip_score import CLIP_HOW_TO, ClipScorer
 from .fid import FeatureStats, extract_features, fid_from_stats, require_fid_stats, to_uint8
@@ -69,6 +73,8 @@ from .weights import require_file
 DEFAULT_GRID_SAMPLES = 4
 LogFn = Callable[[dict[str, float], int], None]
 LogImageFn = Callable[..., None]  # log_image(key, path, step, caption="")
+MaterializeFn = Callable[[torch.dtype, torch.device], torch.nn.Module]  # materialize_ema(dtype, device)
+PROMPT_CACHE = "prompt_embeddings.pt"
 
 
 def sampling_dtype(device: torch.device) -> torch.dtype:
@@ -77,45 +83,6 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-@torch.no_grad()
-def ema_network(cfg: Config, layout: dict[str, dict], shadow: dict[str, Tensor], device: torch.device,
-                dtype: torch.dtype) -> torch.nn.Module:
-    """The EMA network on every rank, in `dtype`, from each rank's slices (any ZeRO stage).
-
-    `layout[name]` holds this rank's [start, end) of the flattened parameter and `shadow[name]`
-    the EMA of that slice. The network is built on the meta device, given storage once in
-    `dtype`, and filled one parameter at a time: a parameter's slices are cast, gathered and
-    placed, then freed, so no full fp32 copy ever exists (peak: the network in `dtype` plus one
-    parameter's gather buffer). Two collectives per parameter, the same on every rank.
-    """
-    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution, device="meta")
-    if next(net.buffers(), None) is not None:
-        # Buffers computed at construction would be left uninitialised by to_empty; the networks
-        # hold none today, so say so loudly rather than sample with garbage.
-        raise RuntimeError(f"{type(net).__name__} has buffers: ema_network must recompute them after to_empty")
-    net = net.to(dtype).to_empty(device=device).eval().requires_grad_(False)
-    params = dict(net.named_parameters())
-    names = list(layout)
-    if set(names) != set(params):
-        raise ValueError(f"EMA layout and network differ: {sorted(set(names) ^ set(params))[:5]}")
-    bounds = torch.tensor([[layout[n]["start"], layout[n]["end"]] for n in names], dtype=torch.long,
-                          device=device)
-    all_bounds = dist.all_gather_tensor(bounds[None]).cpu()          # (world, P, 2)
-    for i, name in enumerate(names):
-        starts, ends = all_bounds[:, i, 0].tolist(), all_bounds[:, i, 1].tolist()
-        flat = params[name].view(-1)
-        covered = sum(e - s for s, e in zip(starts, ends))
-        if covered != flat.numel():  # same bounds on every rank, so every rank raises
-            raise ValueError(f"EMA slices of '{name}' cover {covered} of its {flat.numel()} elements")
-        mine = shadow[name].reshape(-1)[: layout[name]["end"] - layout[name]["start"]]
-        local = torch.zeros(1, max(e - s for s, e in zip(starts, ends)), dtype=dtype, device=device)
-        local[0, : mine.numel()] = mine.to(device=device, dtype=dtype)
-        gathered = dist.all_gather_tensor(local)                     # (world, width)
-        stitch(name, flat.numel(), [(s, e, row) for s, e, row in zip(starts, ends, gathered)], out=flat)
-        del local, gathered
-    return net
 
 
 def free_memory() -> None:
@@ -156,6 +123,14 @@ def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
     return out
 
 
+class EvaluationStopped(Exception):
+    """`should_stop()` answered yes between two sampling batches (every rank alike)."""
+
+
+def _never() -> bool:
+    return False
+
+
 def _take(batch: dict[str, Any], index: list[int]) -> dict[str, Any]:
     return {k: ([v[i] for i in index] if isinstance(v, list) else v[index]) for k, v in batch.items()}
 
@@ -176,7 +151,8 @@ class PeriodicEvaluator:
         if self.fid_on:
             require_file(self.ev.inception_path, "evaluation.inception_path", "the FID Inception weights")
             if self.ev.fid_stats_path:
-                require_fid_stats(self.ev.fid_stats_path, "evaluation.fid_stats_path")  # exists, our pipeline
+                # exists, our pipeline, and of the size this evaluation samples
+                require_fid_stats(self.ev.fid_stats_path, "evaluation.fid_stats_path", cfg.train_resolution)
         if self.clip_on:
             require_file(self.ev.clip_path, "evaluation.clip_path", CLIP_HOW_TO, folder=True)
         if not self.use_prompts or self.fid_on or self.clip_on:
@@ -190,37 +166,86 @@ class PeriodicEvaluator:
         self._metric_cond: Optional[dict[str, Any]] = None
         self._inception = self._clip = None
         self._real_stats: dict[str, FeatureStats] = {}
+        self._should_stop: Callable[[], bool] = _never
         # SR stages with evaluation.cascade_from: also lift the earlier stages' samples.
         self.cascade = CascadeConditioning(cfg) if self.ev.cascade_from else None
         self._cascade_rows: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------------
-    def __call__(self, *, step: int, ema_layout: dict[str, dict], ema_shadow: dict[str, Tensor],
-                 device: torch.device, log: LogFn, log_image: LogImageFn, out_dir: Path) -> None:
+    def __call__(self, *, step: int, materialize_ema: MaterializeFn, device: torch.device, log: LogFn,
+                 log_image: LogImageFn, out_dir: Path, should_stop: Callable[[], bool] = _never) -> None:
         """Evaluate when `step` is due (on every rank: it enters collectives).
 
-        `ema_layout[name]` is this rank's [start, end) of each flattened parameter (with its
-        shape and numel), `ema_shadow[name]` the EMA of that slice; `log(metrics, step)` and
-        `log_image(key, path, step, caption=)` record results; grids go to `out_dir`.
+        `materialize_ema(dtype, device)` returns the EMA network (called on every rank at once,
+        only when a step is due); `log(metrics, step)` and `log_image(key, path, step,
+        caption=)` record results; grids go to `out_dir`. `should_stop()` is asked before every
+        sampling batch, on every rank (a collective answer: the trainer's agreed stop request);
+        yes ends the evaluation there, unlogged.
         """
         if self.every <= 0 or step % self.every:
             return
-        with preserved_rng(), torch.no_grad():
-            self.evaluate(step, ema_layout, ema_shadow, device, log, log_image, Path(out_dir))
+        self._should_stop, stopped = should_stop, None
+        try:
+            with preserved_rng(), torch.no_grad():
+                self.evaluate(step, materialize_ema, device, log, log_image, Path(out_dir))
+        except EvaluationStopped as err:
+            stopped = str(err)
+        finally:
+            self._should_stop = _never
+        if stopped is not None:  # out of the except block: its traceback held the EMA network
+            free_memory()
+            dist.print0(f"[eval] step {step}: {stopped}; the evaluation is not logged")
 
-    def _prompt_conditioning(self) -> dict[str, Any]:
-        """`evaluation.prompts`, encoded with `text.encoder_path`, each num_images_per_prompt times."""
-        enc = load_text_encoder(self.cfg.text.encoder_path, "cpu", torch.float32, self.cfg.text.max_length)
+    def _prompt_embeddings(self, device: torch.device, out_dir: Path) -> tuple[Tensor, Tensor]:
+        """`evaluation.prompts` encoded on rank 0 only (or read from its cache file) and
+        broadcast: (emb (P, L, D) float32, mask (P, L) bool) on every rank, on the CPU."""
+        emb = mask = None
+        error = None
+        if dist.is_main():
+            try:
+                emb, mask = self._encode_or_read(device, out_dir / PROMPT_CACHE)
+            except Exception as err:  # the other ranks wait in the broadcast below: tell them
+                error = err
+        message = dist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0 could not encode evaluation.prompts: {message}")
+        emb = dist.broadcast_tensor(emb, device=device).cpu().float()
+        mask = dist.broadcast_tensor(mask, device=device).cpu()
+        return emb, mask
+
+    def _encode_or_read(self, device: torch.device, cache: Path) -> tuple[Tensor, Tensor]:
+        """The prompts' embeddings from `cache` when it holds these prompts of this encoder, else
+        from the encoder (loaded on `device`, then freed), written to `cache` for a resumed run."""
+        key = {"prompts": list(self.ev.prompts), "encoder_path": str(self.cfg.text.encoder_path),
+               "max_length": int(self.cfg.text.max_length)}
+        if cache.is_file():
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+            if {k: stored.get(k) for k in key} == key:
+                return stored["emb"], stored["mask"]
+        enc = load_text_encoder(self.cfg.text.encoder_path, device, None, self.cfg.text.max_length)
         emb, mask = enc.encode(self.ev.prompts, pad_to_max_length=True)
+        emb, mask = emb.cpu(), mask.cpu()
         del enc
+        free_memory()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(cache.name + ".partial")
+        torch.save({**key, "emb": emb, "mask": mask}, partial)
+        os.replace(partial, cache)  # never a half-written cache, even if killed here
+        return emb, mask
+
+    def _prompt_rows(self, device: torch.device, out_dir: Path) -> dict[str, Any]:
+        """`evaluation.prompts` (`_prompt_embeddings`), each num_images_per_prompt times."""
+        emb, mask = self._prompt_embeddings(device, out_dir)
         k = self.ev.num_images_per_prompt
         return {"text_emb": emb.float().repeat_interleave(k, 0), "text_mask": mask.repeat_interleave(k, 0),
                 "caption": [p for p in self.ev.prompts for _ in range(k)]}
 
-    def _grid_conditioning(self) -> dict[str, Any]:
+    def _grid_conditioning(self, device: torch.device, out_dir: Path) -> dict[str, Any]:
         if self._grid_cond is None:
             if self.use_prompts:
-                self._grid_cond = self._prompt_conditioning()
+                self._grid_cond = self._prompt_rows(device, out_dir)
             else:
                 n = len(self.ev.prompts) or DEFAULT_GRID_SAMPLES
                 k = self.ev.num_images_per_prompt
@@ -229,21 +254,38 @@ class PeriodicEvaluator:
                 self._grid_cond = _take(batch, index)
         return self._grid_cond
 
-    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device,
+    def _sample(self, net, cond: dict[str, Any], seed: int, device: torch.device, gather: bool = True,
                 resolution: Optional[int] = None) -> Tensor:
-        """Samples for this rank's share (rows rank::world) of `cond`, gathered in rank order.
+        """Samples for this rank's share (rows rank::world) of `cond`, `resolution` px (default
+        train_resolution: T).
 
-        Returns (N, 3, R, R) on every rank (R: `resolution`, default train_resolution), ordered by
-        rank then row (see `_order`).
+        Returns this rank's (rows, 3, T, T) on the CPU, or with `gather` every rank's (N, 3, T, T)
+        on every rank, ordered by rank then row (see `_order`).
         """
+        diffusion = build_diffusion(self.cfg.diffusion)
         rank, world = dist.rank(), dist.world_size()
-        part = _take(cond, list(range(rank, len(cond["caption"]), world)))
+        mine = list(range(rank, len(cond["caption"]), world))
+        part = _take(cond, mine)
+        res = resolution or self.cfg.train_resolution
         gen = torch.Generator(device=device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
-        local, _, _, _ = sample_in_batches(build_diffusion(self.cfg.diffusion), NetworkCaller(net),  # the EMA net's dtype
-                                        self.ev.sampler, resolution or self.cfg.train_resolution,
-                                        part["text_emb"], part["text_mask"], part.get("lowres"),
-                                        self.ev.batch_size, gen, device)
-        return dist.all_gather_tensor(local.to(device)).cpu()
+        caller = NetworkCaller(net)  # in the EMA network's dtype
+        out = [torch.zeros(0, 3, res, res)]
+        # As many batches on every rank (rank 0 has the most rows), so the stop question, a
+        # collective, is asked the same number of times everywhere.
+        most_rows = -(-len(cond["caption"]) // world)
+        for batch, i in enumerate(range(0, most_rows, self.ev.batch_size)):
+            if self._should_stop():
+                raise EvaluationStopped(f"a stop was requested after {batch} sampling batches")
+            if i >= len(mine):
+                continue
+            emb = part["text_emb"][i:i + self.ev.batch_size].to(device)
+            mask = part["text_mask"][i:i + self.ev.batch_size].to(device)
+            low = part["lowres"][i:i + self.ev.batch_size].to(device) if "lowres" in part else None
+            result = diffusion.sample(caller, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
+                                      lowres=low, generator=gen)
+            out.append(result.images.float().cpu())
+        local = torch.cat(out)
+        return dist.all_gather_tensor(local.to(device)).cpu() if gather else local
 
     @staticmethod
     def _order(n: int) -> list[int]:
@@ -251,12 +293,12 @@ class PeriodicEvaluator:
         world = dist.world_size()
         return [i for r in range(world) for i in range(r, n, world)]
 
-    def evaluate(self, step: int, ema_layout: dict[str, dict], ema_shadow: dict[str, Tensor],
-                 device: torch.device, log: LogFn, log_image: LogImageFn, out_dir: Path) -> None:
+    def evaluate(self, step: int, materialize_ema: MaterializeFn, device: torch.device, log: LogFn,
+                 log_image: LogImageFn, out_dir: Path) -> None:
         """Build the EMA network, draw the grid (and metrics), log them, free the network."""
-        start = time.perf_counter()
-        net = ema_network(self.cfg, ema_layout, ema_shadow, device, sampling_dtype(device))
-        cond = self._grid_conditioning()
+        start, received = time.perf_counter(), dist.received_bytes()
+        net = materialize_ema(sampling_dtype(device), device).eval().requires_grad_(False)
+        cond = self._grid_conditioning(device, out_dir)
         images = self._sample(net, cond, seed=0, device=device)
         order = self._order(len(cond["caption"]))
         images = images[torch.argsort(torch.tensor(order))]  # back to prompt order
@@ -275,6 +317,7 @@ class PeriodicEvaluator:
         del net  # the only reference: its storage goes here
         free_memory()
         metrics["eval/time_s"] = time.perf_counter() - start
+        metrics["eval/received_bytes"] = float(dist.received_bytes() - received)
         log(metrics, step)
         dist.print0(f"[eval] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                     + f"; grid {path}")
@@ -286,7 +329,7 @@ class PeriodicEvaluator:
         resolution (cascade_conditioning.py), logged under eval/cascade/."""
         assert self.cascade is not None
         dtype = next(net.parameters()).dtype
-        sets = {"grid": self._cascade_grid_rows()}
+        sets = {"grid": self._cascade_grid_rows(device, out_dir)}
         if self.fid_on or self.clip_on:
             # Whole images at the output resolution: what the cascade's samples are compared with.
             full = replace(self.cfg, train_resolution=self.cfg.output_resolution)
@@ -306,44 +349,44 @@ class PeriodicEvaluator:
         return self._metrics(net, device, self.cascade.lift("metrics", sets["metrics"], device, dtype),
                              "eval/cascade/", resolution=res)
 
-    def _cascade_grid_rows(self) -> dict[str, Any]:
+    def _cascade_grid_rows(self, device: torch.device, out_dir: Path) -> dict[str, Any]:
         """The cascade grid's rows: `evaluation.prompts` when `text.encoder_path` can encode them,
         else the eval-shard captions of the ground-truth grid."""
         if not (self.ev.prompts and self.cfg.text.encoder_path):
-            return self._grid_conditioning()
+            return self._grid_conditioning(device, out_dir)
         if self._cascade_rows is None:
-            self._cascade_rows = self._prompt_conditioning()
+            self._cascade_rows = self._prompt_rows(device, out_dir)
         return self._cascade_rows
 
     def _metrics(self, net, device: torch.device, cond: dict[str, Any], prefix: str,
                  resolution: Optional[int] = None) -> dict[str, float]:
-        """FID and CLIP score (`prefix`fid, `prefix`clip_score) of samples for the rows of `cond`,
-        FID against `cond["image"]` (or evaluation.fid_stats_path)."""
+        """FID and CLIP score (`prefix`fid, `prefix`clip_score) of samples for the rows of `cond` at
+        `resolution` (default train_resolution), FID against `cond["image"]` (or
+        evaluation.fid_stats_path, whose statistics are of train_resolution images)."""
         n = len(cond["caption"])
-        fake = to_uint8(self._sample(net, cond, seed=1, device=device, resolution=resolution))  # rank-major
-        captions = [cond["caption"][i] for i in self._order(n)]
+        res = resolution or self.cfg.train_resolution
+        # Each rank scores the samples it drew (rows rank::world): only their features and cosines
+        # are gathered, never the images (2048 floats per image, not 3 x T x T).
+        mine = list(range(dist.rank(), n, dist.world_size()))
+        fake = to_uint8(self._sample(net, cond, seed=1, device=device, gather=False, resolution=res))
         out: dict[str, float] = {}
-        # Features are computed on each rank for its share, then gathered.
-        rank, world = dist.rank(), dist.world_size()
-        share = slice(rank * -(-n // world), (rank + 1) * -(-n // world))
         if self.fid_on:
             if self._inception is None:
                 self._inception = load_fid_inception(self.ev.inception_path, device)
-            feats = dist.all_gather_tensor(extract_features(self._inception, fake[share], 32, device)
-                                           .to(device)).cpu()
+            feats = dist.all_gather_tensor(extract_features(self._inception, fake, 32, device).to(device)).cpu()
             if prefix not in self._real_stats:  # per prefix: the cascade's reals are whole images
-                if self.ev.fid_stats_path:
-                    self._real_stats[prefix] = FeatureStats.load(self.ev.fid_stats_path)
+                if self.ev.fid_stats_path and res == self.cfg.train_resolution:
+                    self._real_stats[prefix] = FeatureStats.load(self.ev.fid_stats_path, resolution=res)
                 else:
-                    real = to_uint8(cond["image"])
+                    real = to_uint8(cond["image"][mine])
                     real_feats = dist.all_gather_tensor(
-                        extract_features(self._inception, real[share], 32, device).to(device)).cpu()
+                        extract_features(self._inception, real, 32, device).to(device)).cpu()
                     self._real_stats[prefix] = FeatureStats.from_features(real_feats)
             out[f"{prefix}fid"] = fid_from_stats(self._real_stats[prefix], FeatureStats.from_features(feats))
         if self.clip_on:
             if self._clip is None:
                 self._clip = ClipScorer(self.ev.clip_path, device)
-            cos = self._clip.cosine(fake[share], captions[share]).to(device)
+            cos = self._clip.cosine(fake, [cond["caption"][i] for i in mine]).to(device)
             out[f"{prefix}clip_score"] = float(dist.all_gather_tensor(cos).mean())
         out[f"{prefix}num_samples"] = float(n)
         return out
@@ -354,5 +397,4 @@ def make_periodic_evaluator(cfg: Config) -> PeriodicEvaluator:
     return PeriodicEvaluator(cfg)
 
 
-__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "ema_network", "read_eval_samples", "free_memory",
-           "sampling_dtype"]
+__all__ = ["make_periodic_evaluator", "PeriodicEvaluator", "read_eval_samples", "free_memory", "sampling_dtype"]

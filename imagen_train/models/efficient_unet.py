@@ -20,7 +20,7 @@ from torch import nn
 
 from imagen_train.models.attention import text_attention_blocks
 from imagen_train.models.conditioning import Conditioning, noise_feature_dim
-from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample, run_block
+from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample
 from imagen_train.schema import ModelConfig
 
 
@@ -38,7 +38,6 @@ class EfficientUNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, text_dim: int, train_resolution: int = 256):
         super().__init__()
-        self.checkpointing = cfg.activation_checkpointing
         embed_dim = cfg.time_embed_mult * cfg.model_channels
         self.cond = Conditioning(noise_feature_dim(cfg.model_channels), embed_dim, text_dim, cfg.cond_dim,
                                  cfg.num_head_channels, lowres=True)
@@ -107,14 +106,14 @@ class EfficientUNet(nn.Module):
         skips = []
         for step in self.down:
             for block in step:
-                h = run_block(block, self.checkpointing, h, emb, text, text_mask)
+                h = block(h, emb, text, text_mask)
             skips.append(h)
         skips.pop()  # the lowest level's output is the up path's input, not a skip
         for i, step in enumerate(self.up):
             if i > 0:
                 h = torch.cat([h, skips.pop() * SKIP_SCALE], dim=1)
             for block in step:
-                h = run_block(block, self.checkpointing, h, emb, text, text_mask)
+                h = block(h, emb, text, text_mask)
         return self.out(h).to(x.dtype)
 
 

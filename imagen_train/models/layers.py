@@ -1,7 +1,8 @@
 """Building blocks shared by both UNets: norms, noise-level features, ResNet blocks, resampling.
 
-Every block maps `(x, emb, text, text_mask) -> x` so that the UNets can run (and checkpoint) a
-list of them uniformly; a block ignores the arguments it does not need.
+Every block maps `(x, emb, text, text_mask) -> x` so that the UNets run a list of them uniformly
+and imagen_train/speedups.py can checkpoint or compile each one from outside; a block ignores the
+arguments it does not need.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,9 +24,35 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in float32 (bf16/fp16 variance is unstable)."""
+    """GroupNorm with float32 statistics whatever the input dtype (bf16/fp16 variance is unstable).
+
+    A float32 input is normalised in float32. A bf16/fp16 input is handed to PyTorch's kernel as
+    it is, without a full-size float32 copy: both kernels accumulate the mean and variance in
+    float32 and write the output in the input's dtype (CPU: ATen/native/cpu/moments_utils.h,
+    Welford in `opmath_t`, float for bf16/fp16; CUDA: group_norm_kernel.cu, Welford in
+    `acc_type<T, true>`, float). The CUDA kernel takes its weights in the input's dtype, the CPU
+    kernel in float32 ("mixed type", which also keeps the statistics it saves for backward in
+    float32; CUDA saves them in the input's dtype). Exception: a channels_last bf16/fp16 map on a
+    CPU, where PyTorch's mixed-type kernel measured 2-15x slower than the copy (bench/norm_act.py
+    --dtype bf16, docs/benchmarks.md), keeps the copy. `upcast_input` restores the old path
+    everywhere (`speedups.apply_groupnorm_upcast`, a benchmark baseline).
+    """
+
+    upcast_input = False
+
+    def _copies(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes through a float32 copy (see the class docstring)."""
+        if x.dtype not in (torch.float16, torch.bfloat16) or self.upcast_input:
+            return True
+        return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._copies(x):
+            dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+            weight = None if self.weight is None else self.weight.to(dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
@@ -71,11 +97,12 @@ class ResBlock(nn.Module):
 
     x -> GN -> SiLU -> conv -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv (zero-init), plus
     a (1x1-projected) identity. `fused_norm_act`: where its two GN -> SiLU regions run as one
-    autograd function (norm_act.FUSED_MODES); the same values either way.
+    autograd function (norm_act.FUSED_MODES; set from outside by `speedups.apply_fused_norm`); the
+    same values either way.
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float = 0.0,
-                 fused_norm_act: str = "auto"):
+                 fused_norm_act: str = "never"):
         super().__init__()
         self.fused_norm_act = check_fused_mode(fused_norm_act)
         self.norm1 = GroupNorm32(num_groups, in_ch)
@@ -119,7 +146,7 @@ class Upsample(nn.Module):
 class OutputHead(nn.Module):
     """GN -> SiLU -> zero-initialised 3x3 conv to the output channels (`fused_norm_act` as ResBlock's)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_groups: int, fused_norm_act: str = "auto"):
+    def __init__(self, in_ch: int, out_ch: int, num_groups: int, fused_norm_act: str = "never"):
         super().__init__()
         self.fused_norm_act = check_fused_mode(fused_norm_act)
         self.norm = GroupNorm32(num_groups, in_ch)
@@ -128,9 +155,3 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(norm_film_silu(self.norm, x, fused=self.fused_norm_act))
 
-
-def run_block(block: nn.Module, checkpointing: bool, x, emb, text, text_mask) -> torch.Tensor:
-    """Run one block; with `checkpointing` (training, grad enabled) recompute it in backward."""
-    if checkpointing and block.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, x, emb, text, text_mask, use_reentrant=False)
-    return block(x, emb, text, text_mask)

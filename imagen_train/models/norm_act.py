@@ -9,14 +9,16 @@ statistics are kept, and the backward recomputes the pre-activation and needs tw
 over `x` and the incoming gradient.
 
 Where the fused function runs is an option of each module that runs the region (one of
-`FUSED_MODES`: ResBlock's and OutputHead's `fused_norm_act`, passed to `norm_film_silu` as `fused`;
-`training.speed.set_fused_norm_act` sets it on a whole network):
-- "auto" (the default): channels_last CPU float32 maps of at least `MIN_ELEMENTS` elements per
-  sample, outside `torch.compile`, where it measured faster than the composition
-  (docs/benchmarks.md, "The GroupNorm -> FiLM -> SiLU region alone"). On smaller maps
-  its extra (B, C)-sized operations cost as much as the passes they save; on contiguous maps
-  PyTorch's own GroupNorm backward is fast; `torch.compile` fuses the composition itself; GPUs and
-  half precision are unmeasured, so they keep the composition too.
+`FUSED_MODES`: ResBlock's and OutputHead's `fused_norm_act`, passed to `norm_film_silu` as `fused`).
+The modules default to "never", plain PyTorch; whoever runs the network sets it from outside
+(`speedups.apply_fused_norm`; the trainer and bench/train_step.py apply `training.fused_norm`,
+default "auto"):
+- "auto": channels_last CPU float32 maps of at least `MIN_ELEMENTS` elements per sample, outside
+  `torch.compile`, where it measured faster than the composition (docs/benchmarks.md, "The
+  GroupNorm -> FiLM -> SiLU region alone"). On smaller maps its extra (B, C)-sized operations cost
+  as much as the passes they save; on contiguous maps PyTorch's own GroupNorm backward is fast;
+  `torch.compile` fuses the composition itself (the GPU's fused path); GPUs and half precision are
+  unmeasured, so they keep the composition too.
 - "never": always the composition (bench/train_step.py's `composed-norm` baseline).
 - "always": every 4-D map with affine weights, outside `torch.compile`, whatever its device,
   dtype, size or layout (the `fused-norm-everywhere` baseline: would it pay here too?).
@@ -59,6 +61,23 @@ def _gain_offset(mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, scale
     return gain, offset
 
 
+def _group_stats(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Mean and 1 / std per (sample, group), (B, G) each, without a normalised copy of x.
+
+    CPU float32 (the measured "auto" path) takes them from PyTorch's GroupNorm kernel, which also
+    writes an output that is dropped. Elsewhere `var_mean` over a grouped view (a view in any
+    layout) reads x once and writes nothing of its size; its statistics come out in x's dtype
+    (bf16/fp16 kernels accumulate in float32), as CUDA's GroupNorm saves them for backward.
+    """
+    b, c = x.shape[:2]
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        _, mean, rstd = torch.native_group_norm(x, None, None, b, c, x.numel() // (b * c), groups, eps)
+        return mean, rstd
+    var, mean = torch.var_mean(x.view(b, groups, c // groups, *x.shape[2:]), dim=tuple(range(2, x.dim() + 1)),
+                               correction=0)
+    return mean, (var + eps).rsqrt()
+
+
 class _NormFiLMSiLU(torch.autograd.Function):
     """The region's forward and a backward that recomputes the pre-activation from `x`."""
 
@@ -66,7 +85,7 @@ class _NormFiLMSiLU(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                 groups: int, eps: float) -> Tensor:
         b, c = x.shape[:2]
-        _, mean, rstd = torch.native_group_norm(x, None, None, b, c, x.numel() // (b * c), groups, eps)
+        mean, rstd = _group_stats(x, groups, eps)
         gain, offset = _gain_offset(mean, rstd, weight, bias, scale, shift)
         ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
         return F.silu(torch.addcmul(offset.view(b, c, 1, 1), x, gain.view(b, c, 1, 1)), inplace=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from imagen_train.models.attention import text_attention_blocks
 from imagen_train.models.conditioning import Conditioning, noise_feature_dim
-from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample, run_block
+from imagen_train.models.layers import Downsample, OutputHead, ResBlock, Upsample
 from imagen_train.schema import ModelConfig
 
 
@@ -27,7 +27,6 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, text_dim: int, train_resolution: int = 64):
         super().__init__()
-        self.checkpointing = cfg.activation_checkpointing
         embed_dim = cfg.time_embed_mult * cfg.model_channels
         self.cond = Conditioning(noise_feature_dim(cfg.model_channels), embed_dim, text_dim, cfg.cond_dim,
                                  cfg.num_head_channels, lowres=False)
@@ -91,7 +90,7 @@ class UNet(nn.Module):
 
         def run(step: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
             for block in step:
-                h = run_block(block, self.checkpointing, h, emb, text, text_mask)
+                h = block(h, emb, text, text_mask)
             return h
 
         h = self.input(x.to(self.input.weight.dtype))  # (B, C0, H, W)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from imagen_train.config import Config, ConfigError
+from imagen_train.config import Config, ConfigError, TrainingConfig
 from imagen_train.training import speed
 from imagen_train.training.lr_schedule import build_lr_scheduler
 
@@ -100,7 +100,25 @@ def build_deepspeed_config(cfg: Config, world_size: int, on_cpu: bool) -> dict[s
     elif training.precision == "fp16":
         ds_config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    if grad_accum_dtype(training) is not None:
+        ds_config["data_types"] = {"grad_accum_dtype": grad_accum_dtype(training)}
     return _merge(ds_config, training.deepspeed_extra)
+
+
+def grad_accum_dtype(training: TrainingConfig) -> str | None:
+    """DeepSpeed's `data_types.grad_accum_dtype` for `training.grad_accum_dtype`; None leaves
+    DeepSpeed's default (the model's dtype).
+
+    DeepSpeed 0.19.8 honours it at ZeRO 1-3 (engine.get_data_types): ZeRO-1 under bf16 then
+    runs BF16_Optimizer with fp32 gradient buffers for the whole model, ZeRO-2 sums each
+    rank's reduced gradient partition into an fp32 buffer, ZeRO-3 keeps its gradient
+    partitions in fp32. Without ZeRO it refuses a dtype other than the model's.
+    """
+    if training.precision == "fp32":
+        return None
+    if training.grad_accum_dtype == "auto":
+        return "fp32" if training.precision == "bf16" and training.zero_stage >= 1 else None
+    return training.grad_accum_dtype
 
 
 # optim.implementation -> the AdamW params that make DeepSpeed step torch's AdamW (its
@@ -196,13 +214,9 @@ def create_engine(cfg: Config, model: torch.nn.Module):
         lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.lr_schedule, cfg.training.max_steps))
     _check_optimizer(cfg, engine)
     _skip_nonfinite_steps(engine)
-    if cfg.training.compile:
-        if cfg.training.compile_mode == "whole":
-            # torch.compile of the module in place (nn.Module.compile): parameter names, and so
-            # checkpoints and the EMA, are unchanged.
-            engine.compile()
-        else:
-            speed.compile_regions(engine.module)
+    # Activation checkpointing, the fused norm, cuDNN's search and torch.compile, applied to the
+    # module in place (parameter names, checkpoints and the EMA unchanged): training/speed.py.
+    speed.apply_speed_options(engine.module, cfg)
     return engine
 
 

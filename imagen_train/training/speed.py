@@ -1,8 +1,8 @@
-"""Speed options applied to the network from outside the model code: channels_last activations,
-torch.compile, and where the fused GroupNorm -> FiLM -> SiLU function runs (torchtitan's split:
-the model is written for one device, the trainer decides how it runs). The trainer and
-bench/train_step.py call the network through `network_caller`, so the benchmark times the same
-step the trainer takes.
+"""The training config's speed options, applied to the network from outside the model code
+(imagen_train/speedups.py holds the options themselves; sampling uses them too). The trainer
+(engine.create_engine) and bench/train_step.py apply them through `apply_model_options` and
+`apply_compile`, and call the network through `network_caller`, so the benchmark times the step
+the trainer takes.
 """
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from imagen_train.config import Config, ConfigError, TrainingConfig
+from imagen_train import speedups
+from imagen_train.config import Config, TrainingConfig
 from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.models import build_model
-from imagen_train.models.layers import OutputHead, ResBlock
-from imagen_train.models.norm_act import check_fused_mode
 from imagen_train.utils import dist
+
+# One compile check for the trainer's preflight, the bench and sampling (speedups.check_compile).
+check_compile = speedups.check_compile
 
 
 def memory_format(training: TrainingConfig) -> torch.memory_format:
@@ -38,63 +40,29 @@ def network_caller(net: Callable, training: TrainingConfig, dtype: torch.dtype) 
     return NetworkCaller(net, dtype=dtype, memory_format=memory_format(training))
 
 
-def set_fused_norm_act(net: nn.Module, mode: str) -> int:
-    """Where every ResBlock and output head of `net` runs its GroupNorm -> FiLM -> SiLU regions as
-    one autograd function (models/norm_act.py's FUSED_MODES); returns how many modules it set.
-
-    An option of each module, not of the process: two networks in one process (a benchmark's
-    before and after) can run the region differently.
-    """
-    check_fused_mode(mode)
-    modules = [m for m in net.modules() if isinstance(m, (ResBlock, OutputHead))]
-    for module in modules:
-        module.fused_norm_act = mode
-    return len(modules)
+def apply_model_options(net: nn.Module, cfg: Config) -> None:
+    """Everything but compile, in place: activation checkpointing (`model.activation_checkpointing`),
+    the fused GroupNorm -> FiLM -> SiLU mode (`training.fused_norm`), and cuDNN's algorithm search
+    (`training.cudnn_benchmark`, process-wide, GPU only)."""
+    speedups.apply_activation_checkpointing(net, cfg.model.activation_checkpointing)
+    speedups.apply_fused_norm(net, cfg.training.fused_norm)
+    speedups.set_cudnn_benchmark(cfg.training.cudnn_benchmark)
 
 
-def check_compile(device: Optional[str] = None) -> None:
-    """Raise ConfigError('training.compile') unless torch.compile builds and runs a kernel here.
-
-    Inductor compiles lazily, at the first call: without this check a missing C++ compiler (CPU)
-    or Triton (GPU) would surface as a long backend traceback in the middle of the first step.
-    """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def probe(x: Tensor) -> Tensor:
-        return torch.nn.functional.silu(x) * 2.0
-
-    try:
-        torch.compile(probe, dynamic=False)(torch.randn(8, device=device))
-    except Exception as err:  # inductor raises many types (InductorError, BackendCompilerFailed, ...)
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise ConfigError("training.compile", "false, or a machine where torch.compile's inductor backend "
-                          f"works on {device} (a C++ compiler on a CPU, Triton on a GPU)",
-                          f"true ({type(err).__name__}: {first})") from None
-
-
-def compile_regions(net: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile, in place, every block the network runs in turn; returns how many.
-
-    The blocks are the entries of the network's ModuleLists (a ResBlock, an attention layer, a
-    down- or upsampling step): what `run_block` calls. Compiled in place (`nn.Module.compile`),
-    parameter names, checkpoints and the EMA are unchanged. Blocks of the same class and shapes
-    reuse one compiled graph, so a 2B network compiles about as fast as a tiny one.
-    """
-    blocks = [child for module in net.modules() if isinstance(module, nn.ModuleList)
-              for child in module if not isinstance(child, nn.ModuleList)]
-    for block in blocks:
-        block.compile(backend=backend)
-    return len(blocks)
-
-
-def apply_compile(net: nn.Module, training: TrainingConfig) -> None:
-    """`training.compile` in `training.compile_mode`, applied in place to `net`."""
+def apply_compile(net: nn.Module, training: TrainingConfig, log: Callable[[str], None] = dist.print0,
+                  backend: str = "inductor") -> Optional[speedups.CompileState]:
+    """`training.compile` in `training.compile_mode`, in place (after `apply_model_options`); None when
+    off. `backend`: inductor, or eager (dynamo alone: tests and CPU rehearsals)."""
     if not training.compile:
-        return
-    if training.compile_mode == "regional":
-        compile_regions(net)
-    else:
-        net.compile()
+        return None
+    return speedups.apply_compile(net, training.compile_mode, backend=backend,
+                                  cache_dir=training.compile_cache_dir, log=log)
+
+
+def apply_speed_options(net: nn.Module, cfg: Config) -> Optional[speedups.CompileState]:
+    """All of the config's speed options on the network the trainer steps, in their order."""
+    apply_model_options(net, cfg)
+    return apply_compile(net, cfg.training)
 
 
 def count_flops_per_sample(cfg: Config) -> Optional[float]:

@@ -5,6 +5,7 @@ config -> data loader -> network -> diffusion loss -> DeepSpeed engine -> EMA ->
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -23,13 +24,14 @@ from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import engine
-from imagen_train.training import export, faults, preemption, speed
+from imagen_train.training import engine, engine_reshard
+from imagen_train.training import export, faults, preemption, resume as resuming, speed
 from imagen_train.training.ema import EMA
+from imagen_train.training.ema_network import EMANetwork
 from imagen_train.training.preflight import checkpoint_root, preflight
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
-from imagen_train.utils.rng import rng_state, set_rng_state
+from imagen_train.utils.rng import rng_state
 
 
 class TrainingStopped(RuntimeError):
@@ -43,6 +45,17 @@ class TrainResult:
     last_checkpoint: Optional[Path]
 
 
+def noise_seed(seed: int, step: int, attempt: int, micro_batch: int) -> int:
+    """The seed of one micro batch's diffusion noise (and any other draw of its step).
+
+    `micro_batch` is the global index `accumulation step x ranks + rank`, so the noise of a
+    batch is the same whatever the ranks and accumulation steps: runs of any layout, and a run
+    resumed onto another, draw the same noise for the same batch. `attempt` counts the updates
+    skipped in a row (a redone step draws new noise).
+    """
+    return int(np.random.SeedSequence([seed, step, attempt, micro_batch]).generate_state(1, np.uint64)[0])
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -54,8 +67,10 @@ class Trainer:
 
     `callbacks` are called as `callback(trainer)` after every optimizer step and EMA update, on
     every rank. `evaluator` (periodic evaluation) is called after them, on every rank, with
-    only what it needs: `evaluator(step=, ema_layout=, ema_shadow=, device=, log=, log_image=,
-    out_dir=)` (see evaluation/periodic.py); it decides itself whether the step is due. `stop`:
+    only what it needs: `evaluator(step=, materialize_ema=, device=, log=, log_image=, out_dir=,
+    should_stop=)`, where `materialize_ema(dtype, device)` builds the EMA network
+    (training/ema_network.py; see evaluation/periodic.py); it decides itself whether the step is
+    due, and asks `should_stop()` (the ranks' agreed stop request) between its batches. `stop`:
     a StopRequest installed by the caller for the whole process (launch/train.py); None: `run()`
     installs one for its own duration.
     """
@@ -71,11 +86,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = checkpoint_root(cfg)
         preflight(cfg, dist.world_size())
-        # Refuse a checkpoint of another stage or world size before building anything (file sizes
-        # only here; the checksums are split over the ranks once the process group exists).
+        # Refuse a checkpoint of another stage, or one that cannot be re-sliced for this layout,
+        # before building anything (file sizes only here; the checksums are split over the ranks
+        # once the process group exists).
         candidates = self._resume_candidates(resume)
         if candidates:
-            artifacts.check_resume_target(candidates[0], cfg.stage, dist.world_size())
+            resuming.plan(candidates[0], cfg, dist.world_size())
+            artifacts.refuse_other_model(candidates[0], cfg)  # names every setting that differs
         engine.init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
@@ -94,6 +111,7 @@ class Trainer:
         self.flops_per_sample = speed.count_flops_per_sample(cfg)
         self.engine = engine.create_engine(cfg, net)
         dist.print0(f"[train] optimizer {engine.describe_optimizer(self.engine)}")
+        self.optimizer_layout = engine_reshard.optimizer_layout(self.engine)  # saved for a re-sliced resume
         if init_from:
             # The fp32 masters from the file itself, not from the (maybe bf16) module; the EMA
             # below starts from them.
@@ -108,13 +126,15 @@ class Trainer:
         self.ema = EMA(engine.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
                        cfg.ema.update_every_steps)
         self.layout = engine.partition_layout(self.engine)
+        self.materialize_ema = EMANetwork(cfg, self.layout, self.ema.shadow)  # for the evaluator
         self.accum = self.engine.gradient_accumulation_steps()  # from our config (engine.build_deepspeed_config)
         self.step = 0
         self.bad_steps = 0
         self.skipped_total = 0  # updates skipped for non-finite values, this process
         self.wandb_id: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
-        # Different noise on every rank from here on.
+        # Different draws on every rank from here on (the noise of each micro batch is seeded
+        # in `run`, by `noise_seed`).
         _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
         self.faults = faults.Faults()
         self.faults.arm_teardown_abort(dist.rank())
@@ -123,6 +143,8 @@ class Trainer:
             dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
         if dist.is_main():
             save_config(cfg, self.run_dir / "config.yaml")
+            ds_config = engine.build_deepspeed_config(cfg, dist.world_size(), engine.device_type() == "cpu")
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
         self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id,
                                    fresh=resume == "none")
         self.wandb_id = self.logger.run_id
@@ -160,14 +182,9 @@ class Trainer:
         return None
 
     def load_checkpoint(self, folder: Path) -> None:
-        state = ckpt.load_rank_state(folder)
-        artifacts.refuse_other_run(folder, state["stage"], state["world_size"], self.cfg.stage, dist.world_size())
-        engine.load_engine(self.engine, str(folder.parent), folder.name)
-        if state.get("layout") != self.layout:  # an older checkpoint: its EMA cut in equal parts
-            state["ema"]["shadow"] = artifacts.ema_slices_for(folder, self.layout)
-        self.ema.load_state_dict(state["ema"])
-        self.loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        """Resume `folder`: exactly on its own layout, re-sliced onto another (training/resume.py)."""
+        plan = resuming.plan(folder, self.cfg, dist.world_size())
+        state = resuming.restore(plan, self.engine, self.ema, self.loader, self.layout)
         self.step = int(state["step"])
         self.bad_steps = int(state["bad_steps"])
         self.wandb_id = state.get("wandb_id")
@@ -190,6 +207,7 @@ class Trainer:
             ckpt.save_rank_state(staging, {
                 "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
                 "rank": rank, "ema": self.ema.state_dict(), "layout": self.layout,
+                "optimizer_layout": self.optimizer_layout,
                 "data": self.loader.state_dict(), "rng": rng_state(), "bad_steps": self.bad_steps,
                 "wandb_id": self.wandb_id})
             if dist.is_main():
@@ -220,6 +238,7 @@ class Trainer:
                             unit="step", dynamic_ncols=True)
         window = self._new_window()
         stopped_by_signal = False
+        stop.started()  # a stop from here on is saved at a step boundary
         try:
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
@@ -228,10 +247,11 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)  # sum of this step's finite losses
                 nonfinite_losses = torch.zeros((), device=self.device)
                 step_samples = 0
-                for _ in range(self.accum):
+                for micro in range(self.accum):
                     wait_start = time.perf_counter()
                     batch = self._to_device(next(data_iter))
                     window["data_s"] += time.perf_counter() - wait_start
+                    torch.manual_seed(noise_seed(t.seed, self.step, self.bad_steps, micro * dist.world_size() + rank))
                     loss = self.diffusion.training_loss(
                         self.net, batch["image"], batch["text_emb"], batch["text_mask"],
                         lowres=batch.get("lowres")).mean()
@@ -254,6 +274,9 @@ class Trainer:
                     cause = "loss" if dist.any_true(bool(nonfinite_losses > 0), self.device) else "gradient"
                     self._bad_step(f"non-finite {cause} at step {self.step + 1}; the update was skipped "
                                    f"on every rank")
+                    stopped_by_signal = self._checkpoint(stop, due=False)
+                    if stopped_by_signal:
+                        break
                     continue
                 window["loss"] += step_loss
                 window["micro"] += self.accum
@@ -268,9 +291,10 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self)
                 if self.evaluator is not None:
-                    self.evaluator(step=self.step, ema_layout=self.layout, ema_shadow=self.ema.shadow,
-                                   device=self.device, log=self.logger.log, log_image=self.logger.log_image,
-                                   out_dir=self.run_dir / "samples")
+                    self.evaluator(step=self.step, materialize_ema=self.materialize_ema, device=self.device,
+                                   log=self.logger.log, log_image=self.logger.log_image,
+                                   out_dir=self.run_dir / "samples",
+                                   should_stop=lambda: dist.any_true(stop.requested, self.device))
 
                 # Log.
                 if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
@@ -280,14 +304,9 @@ class Trainer:
                     progress.update(1)
 
                 # Checkpoint (every N steps, at the end, or when asked to stop).
-                stopped_by_signal = dist.any_true(stop.requested, self.device)
-                if (self.step % cfg.checkpoint.every_steps == 0 or self.step == t.max_steps
-                        or stopped_by_signal):
-                    path = self.save_checkpoint()
-                    dist.print0(f"[train] checkpoint {path}")
+                stopped_by_signal = self._checkpoint(stop, due=(
+                    self.step % cfg.checkpoint.every_steps == 0 or self.step == t.max_steps))
                 if stopped_by_signal:
-                    dist.print0(f"[train] stop requested ({stop.reason or 'on another rank'}): "
-                                f"saved step {self.step} and exiting")
                     break
         finally:
             if stop is not self.stop:
@@ -296,6 +315,23 @@ class Trainer:
                 progress.close()
             self.logger.close()
         return TrainResult(self.step, stopped_by_signal, self.last_checkpoint)
+
+    def _checkpoint(self, stop: preemption.StopRequest, due: bool) -> bool:
+        """Save if `due` or a stop is asked for; True (on every rank alike) when the run must stop.
+
+        A stop asked for while the save was written is honoured right after it, without a
+        second save of the step; a step already saved (a skipped update after a save) is not
+        written again.
+        """
+        stopping = dist.any_true(stop.requested, self.device)
+        saved = self.last_checkpoint is not None and self.last_checkpoint.name == ckpt.tag_for(self.step)
+        if (due or stopping) and not saved:
+            dist.print0(f"[train] checkpoint {self.save_checkpoint()}")
+            stopping = stopping or dist.any_true(stop.requested, self.device)
+        if stopping:
+            dist.print0(f"[train] stop requested ({stop.reason or 'on another rank'}): "
+                        f"saved step {self.step} and exiting")
+        return stopping
 
     def _new_window(self) -> dict:
         """Sums over the steps since the last log line; the loss stays on the device until then."""

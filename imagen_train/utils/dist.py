@@ -1,18 +1,39 @@
-"""Rank helpers: who am I, print on rank 0, agree across ranks, leave. Safe without a process group."""
+"""Rank helpers: who am I, print on rank 0, agree across ranks, leave. Safe without a process group.
+
+Every collective here adds what this rank receives from the other ranks to a per-process
+counter (`received_bytes()`): the payload the collective's result is made of, not counting this
+rank's own part (an all-gather of n bytes per rank: (world - 1) x n; a broadcast: n on every
+rank but the source; an all-reduce: (world - 1) x n, though a ring moves about 2n). Periodic
+evaluation logs the difference over one evaluation as `eval/received_bytes`.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import sys
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
 
+_received_bytes = 0
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def received_bytes() -> int:
+    """Bytes this process has received from other ranks through this module's collectives."""
+    return _received_bytes
+
+
+def _count(nbytes: int) -> None:
+    global _received_bytes
+    _received_bytes += int(nbytes)
 
 
 def rank() -> int:
@@ -100,6 +121,7 @@ def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _count((world_size() - 1) * t.nbytes)
     return bool(t.item() > 0)
 
 
@@ -109,6 +131,7 @@ def all_gather_object(obj) -> list:
         return [obj]
     out: list = [None] * world_size()
     dist.all_gather_object(out, obj)
+    _count(sum(len(pickle.dumps(o)) for r, o in enumerate(out) if r != rank()))
     return out
 
 
@@ -118,6 +141,7 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
         return t
     t = t.clone()
     dist.all_reduce(t)
+    _count((world_size() - 1) * t.nbytes)
     return t / world_size()
 
 
@@ -127,7 +151,39 @@ def broadcast_object(obj, src: int = 0):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
+    if rank() != src:
+        _count(len(pickle.dumps(box[0])) + 8)  # the payload and its length
     return box[0]
+
+
+def broadcast_tensor(t: Optional[torch.Tensor], src: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`t` from rank `src` on every rank, on `device` (other ranks pass None: shape and dtype come
+    with it). The tensor travels as itself, not pickled."""
+    if not is_initialized():
+        assert t is not None, "broadcast_tensor without a process group needs the tensor"
+        return t.to(device)
+    meta = broadcast_object((tuple(t.shape), t.dtype) if rank() == src else None, src=src)
+    out = t.to(device).contiguous() if rank() == src else torch.empty(meta[0], dtype=meta[1], device=device)
+    dist.broadcast(out, src=src)
+    if rank() != src:
+        _count(out.nbytes)
+    return out
+
+
+def all_gather_equal(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (the same shape and dtype on all ranks), stacked: (world, *t.shape).
+
+    One collective straight into one output buffer (no per-rank copies): for large transfers in
+    bounded pieces, where `all_gather_tensor`'s size exchange and padding are not needed.
+    """
+    if not is_initialized():
+        return t[None]
+    out = torch.empty((world_size(), *t.shape), dtype=t.dtype, device=t.device)
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single; gloo wants a flat output.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out.view(-1), t.contiguous().view(-1))
+    _count((world_size() - 1) * t.nbytes)
+    return out
 
 
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -141,4 +197,5 @@ def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(out, padded)
+    _count((world_size() - 1) * (sizes[0].nbytes + padded.nbytes))
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

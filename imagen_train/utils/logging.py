@@ -71,6 +71,9 @@ class MetricLogger:
                                   name=cfg.run_name, mode=cfg.wandb_mode, config=config,
                                   id=self.run_id, resume="allow" if self.run_id else None, dir=str(run_dir))
             self.run_id = self.run.id
+            # WANDB_SILENT (set above, to keep wandb's banner out of every log) also hides its
+            # line with the run's address: say where the run is ourselves.
+            dist.print0(describe_wandb_run(self.run, cfg.wandb_mode))
             held = self.run.starting_step - 1 if cfg.wandb_mode == "online" else \
                 max(wandb_logged_steps(run_dir, self.run_id, before=self.run.dir), default=-1)
             for row in _rows(jsonl_path, self.jsonl_start):
@@ -125,6 +128,14 @@ class MetricLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def describe_wandb_run(run: Any, mode: str) -> str:
+    """One line saying where a W&B run is: its URL online, its folder and the upload command offline."""
+    if mode == "online":
+        return f"[wandb] run {run.id} of {run.entity}/{run.project}: {run.url}"
+    folder = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>/files -> the run's folder
+    return f"[wandb] offline run {run.id} in {folder}; upload it with: wandb sync {folder}"
 
 
 def _rows(path: Path, start: int) -> list[dict[str, Any]]:

@@ -1,10 +1,16 @@
-"""Signal names and the DataLoader worker hook that leaves stop signals to the rank.
+"""Signal names, the DataLoader worker hook that leaves stop signals to the rank, and output
+that outlives its reader.
 
 Launchers signal a rank's whole process tree (DeepSpeed's `launch.py` terminates every
 descendant of each rank; a terminal's Ctrl-C reaches the whole process group). A DataLoader
 worker killed that way makes its rank fail with "DataLoader worker ... is killed by signal"
 before it can save, so workers ignore the stop signals and the rank decides: it saves, exits,
 and its DataLoader then stops the workers.
+
+A stop can also take away the rank's output: DeepSpeed's multi-node runner kills pdsh, so the
+ssh sessions that carried every rank's stdout and stderr close, and the rank's next print
+raises BrokenPipeError (Python ignores SIGPIPE) in the middle of the save the stop asked for.
+`survive_closed_output` sends such a stream to a file instead and carries on.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import atexit
 import functools
 import multiprocessing
+import os
 import signal
-from typing import Callable, Iterable
+import sys
+from typing import Callable, Iterable, TextIO
 
 # Signals that may never be caught or ignored, or that mean a crash, not a request.
 _NOT_STOP_SIGNALS = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
@@ -67,3 +75,50 @@ def _kill_daemonic_children() -> None:
 @functools.cache
 def _register_exit_hook() -> None:
     atexit.register(_kill_daemonic_children)
+
+
+class _OutlivesReader:
+    """A text stream whose write and flush survive EPIPE: see `survive_closed_output`."""
+
+    def __init__(self, stream: TextIO, redirect: Callable[[int], None]):
+        self._stream = stream
+        self._redirect = redirect
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._redirect(self._stream.fileno())
+            return self._stream.write(text)  # may repeat bytes the failed write had buffered
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._redirect(self._stream.fileno())
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def survive_closed_output(fallback: Callable[[], str]) -> None:
+    """Once stdout's or stderr's reader is gone (EPIPE), point that file descriptor at the file
+    `fallback()` names (appended to; /dev/null if it cannot be opened) and go on writing.
+
+    Wraps sys.stdout and sys.stderr; call it first thing, so that loggers created later hold
+    the wrappers. The descriptor itself is replaced (dup2), so output written below Python
+    (C++ logs) follows it.
+    """
+    def redirect(fd: int) -> None:
+        try:
+            path = fallback()
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            target = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(target, fd)
+        os.close(target)
+
+    sys.stdout = _OutlivesReader(sys.stdout, redirect)
+    sys.stderr = _OutlivesReader(sys.stderr, redirect)
