@@ -57,15 +57,17 @@ EXCLUDED_COMBINATIONS = ["red square in the center", "blue circle at the top lef
 STAGES = ("base64", "sr256", "sr1024")
 RESOLUTION = {"base64": 64, "sr256": 256, "sr1024": 1024}
 # Each stage's sampler (EMA weights). Every stage ends on the mean of its conditional prediction
-# over fresh noise draws at sigma 0.5 (SamplerConfig.final_denoise_*): it takes the per-pixel
-# grain of one draw's error off the flat backgrounds (docs/training.md, "Where the grain comes
-# from"). --short: a few steps and two draws.
+# over fresh noise draws (SamplerConfig.final_denoise_*; sigma 0.5, at 1024 px 2): it takes the
+# per-pixel grain of one draw's error off the flat backgrounds (docs/training.md, "Where the grain
+# comes from"). --short: a few steps and two draws.
 SAMPLERS = {
     "base64": dict(name="edm_heun", steps=30, guidance_scale=3.0, final_denoise_sigma=0.5, final_denoise_draws=32),
     "sr256": dict(name="edm_heun", steps=12, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=0.5,
                   final_denoise_draws=8),
-    "sr1024": dict(name="edm_heun", steps=8, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=0.5,
-                   final_denoise_draws=4),
+    # At 1024 px the grain is in what the sampler drew, not only in one draw's error: 16 draws at
+    # sigma 0.5 kept 6/255; at sigma 2 the mean keeps the low-res image's shape and drops the texture.
+    "sr1024": dict(name="edm_heun", steps=8, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=2.0,
+                   final_denoise_draws=8),
 }
 SAMPLES_PER_PROMPT = {"base64": 4, "sr256": 4, "sr1024": 1}   # final samples per held-out prompt
 EVAL_PER_PROMPT = {"sr256": 2, "sr1024": 1}                    # per prompt at each SR periodic evaluation
@@ -129,21 +131,50 @@ def describe(s: SamplerConfig) -> str:
 
 
 class Timer:
-    """Seconds per named phase of this invocation, in order."""
+    """Wall and CPU seconds per named phase of this invocation, in order.
+
+    CPU seconds are user + system time of this process and of the children it has waited for
+    (the DeepSpeed launcher and its ranks, the data tools): on a shared machine they say what a
+    phase cost when its wall time is stretched by other work.
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     def __call__(self, phase: str):
         timer = self
 
         class _Phase:
             def __enter__(self):
-                self.start = time.time()
+                self.start, self.cpu = time.time(), cpu_seconds()
 
             def __exit__(self, *exc):
                 timer.seconds[phase] = round(timer.seconds.get(phase, 0.0) + time.time() - self.start, 1)
+                timer.cpu_seconds[phase] = round(timer.cpu_seconds.get(phase, 0.0) + cpu_seconds() - self.cpu, 1)
         return _Phase()
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children so far."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def per_stage_seconds(timer: Timer, stats: list) -> dict[str, dict[str, float]]:
+    """Wall seconds per stage: data (the encoder and 256 px set under base64, whose 64 px images
+    and the sr256 stage's both come from it; the 1024 px set under sr1024), train (with its
+    periodic evaluation and export) and sample (the stage's share of the cascade's sampling)."""
+    out: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        data = {"base64": [k for k in timer.seconds if k.startswith("data:") and "1024" not in k],
+                "sr256": [], "sr1024": [k for k in timer.seconds if k.startswith("data:") and "1024" in k]}[stage]
+        train_s = sum(v for k, v in timer.seconds.items() if k.startswith("train:") and stage in k)
+        sample_s = sum(s.time_s for s in stats if s.stage == stage)
+        if train_s or sample_s:
+            out[stage] = {"data": round(sum(timer.seconds[k] for k in data), 1), "train": round(train_s, 1),
+                          "sample": round(sample_s, 1)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +465,7 @@ def measure(args, folders: dict[str, Path], drawn: dict, timer: Timer) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out, timer, start = args.out, Timer(), time.time()
+    out, timer, start, cpu_start = args.out, Timer(), time.time(), cpu_seconds()
     folders = draw_data(args, out, timer)
     exports = train_stages(args, out, folders, timer)
     drawn = sample_cascade(args, out, folders, exports, timer)
@@ -450,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": minutes, "seed": args.seed, "target_px": args.to, "prompts": HELD_OUT_PROMPTS,
         "samplers": drawn["samplers"], "grids": grids, "bicubic_grids": bicubic_grids or "-",
         "progress": progress, "sr_progress": sr, "fid_64px": fid, "timings_s": timer.seconds,
+        "cpu_s": timer.cpu_seconds, "cpu_minutes": round((cpu_seconds() - cpu_start) / 60, 2),
+        "per_stage_s": per_stage_seconds(timer, drawn["stats"]),
         "sampling_s": {s.stage: round(s.time_s, 1) for s in drawn["stats"]},
         "exports": {k: str(v) for k, v in exports.items()},
         "train_loss_last": {s: last_loss(out / s) for s in exports}})

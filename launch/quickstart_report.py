@@ -198,7 +198,13 @@ Feature extractor: {fid['feature_extractor']}.
 
 
 def _timing_rows(metrics: dict) -> str:
-    return "\n".join(f"| {phase} | {seconds} |" for phase, seconds in metrics["timings_s"].items())
+    cpu = metrics.get("cpu_s", {})
+    return "\n".join(f"| {phase} | {seconds} | {cpu.get(phase, '-')} |" for phase, seconds in metrics["timings_s"].items())
+
+
+def _stage_time_rows(metrics: dict) -> str:
+    return "\n".join(f"| {stage} | {t['data']} | {t['train']} | {t['sample']} |"
+                     for stage, t in metrics.get("per_stage_s", {}).items())
 
 
 def write_report(out: Path, metrics: dict) -> None:
@@ -208,10 +214,12 @@ def write_report(out: Path, metrics: dict) -> None:
     samplers = "; ".join(f"{stage} {text}" for stage, text in metrics["samplers"].items())
     following_rows, grain_rows, edge_rows = _following_rows(metrics), _grain_rows(metrics), _edge_rows(metrics)
     progress, fid, timing_rows = _progress_part(metrics), _fid_part(metrics), _timing_rows(metrics)
+    stage_rows = _stage_time_rows(metrics)
     (out / "report.md").write_text(f"""# Quickstart report
 
-Finished in {metrics['minutes']} minutes (seed {metrics['seed']}), through {metrics['target_px']} px. The text
-encoder is a small random T5 (not pre-trained).
+Finished in {metrics['minutes']} minutes ({metrics.get('cpu_minutes', '-')} CPU minutes, this process and its
+children) (seed {metrics['seed']}), through {metrics['target_px']} px. The text encoder is a small random T5
+(not pre-trained).
 
 ## Samples for prompts no training caption holds word for word (one row per prompt)
 {prompts}
@@ -257,8 +265,19 @@ output: {metrics['bicubic_grids']}.
 {progress}
 {fid}
 ## Time (seconds, this invocation)
-| phase | s |
-|---|---|
+Per stage, wall seconds: data (the encoder and the 256 px set, which the 64 px stage reads
+downscaled and the 64 -> 256 stage reads whole, are counted under base64), train (with its periodic
+evaluation and export), sample (its share of the cascade's sampling). A re-run counts only what it did.
+
+| stage | data | train | sample |
+|---|---|---|---|
+{stage_rows}
+
+Per phase, wall and CPU seconds (user + system, this process and its children: on a shared
+machine the wall time stretches, the CPU time much less).
+
+| phase | wall s | CPU s |
+|---|---|---|
 {timing_rows}
 
 Last logged training loss: {metrics['train_loss_last']}.

@@ -82,16 +82,25 @@ def test_quickstart_short_stops_at_256_then_resumes_through_1024(tmp_path):
     assert any(k.startswith("train: sr1024") for k in metrics["timings_s"])
     assert any(k.startswith("sample: sr1024") for k in metrics["timings_s"])
     assert not any(k.startswith("data: draw") and "256" in k for k in metrics["timings_s"])  # skipped this time
+    # Time per stage (data, train, sample) and CPU seconds per phase. The quickstart process waits
+    # idle while the launcher trains: seconds of CPU there are the ranks' (each imports torch and
+    # DeepSpeed), counted only if the children's time is.
+    assert list(metrics["per_stage_s"]) == ["base64", "sr256", "sr1024"]
+    assert metrics["per_stage_s"]["sr1024"]["data"] > 0 and metrics["per_stage_s"]["sr1024"]["sample"] > 0
+    assert set(metrics["cpu_s"]) == set(metrics["timings_s"])
+    train_1024 = next(k for k in metrics["timings_s"] if k.startswith("train: sr1024"))
+    assert metrics["cpu_s"][train_1024] > 2.0, metrics["cpu_s"]
     report = (out / "report.md").read_text()
+    assert "| sr1024 | " in report and "CPU s" in report
     assert "random T5" in report and "grid-1024.jpg" in report and "| 1024px | **all prompts** | 4 |" in report
     assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
     assert "bicubic-1024.jpg" in report and "against bicubic" in report and "sr1024 stage" in report
     # Every stage ends on the mean of its conditional prediction over noise draws at sigma 0.5
-    # (--short: 2 draws), the progress points too, and the report says so.
+    # (the 1024 px stage at 2; --short: 2 draws), the progress points too, and the report says so.
     settings = json.loads((out / "samples" / "settings.json").read_text())["settings"]["samplers"]
-    for stage in ("base64", "sr256", "sr1024"):
-        assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (0.5, 2)
-        assert metrics["samplers"][stage].endswith("then the mean of 2 conditional predictions at sigma 0.5")
+    for stage, sigma in (("base64", 0.5), ("sr256", 0.5), ("sr1024", 2.0)):
+        assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (sigma, 2)
+        assert metrics["samplers"][stage].endswith(f"then the mean of 2 conditional predictions at sigma {sigma}")
         assert metrics["samplers"][stage] in report
     assert metrics["progress"]["sampler"].startswith(metrics["samplers"]["base64"])
 
