@@ -130,6 +130,10 @@ class DataConfig:
     pin_memory: bool = True
     # Random instead of center crop of the stage's output square (the paper center-crops).
     random_crop: bool = False
+    # SR stages: blur each low-res input by a Gaussian of sigma uniform in [0, this] px at its own
+    # resolution, as the earlier stage's samples are softer than downscaled training images (Ho
+    # et al. 2021, conditioning augmentation). 0: never.
+    lowres_blur_max_px: float = 0.0
     # A shard read that fails (I/O error, broken remote stream, `pipe:` silent for
     # read_timeout_s) is retried read_retries times, waiting retry_backoff_s * 2**attempt;
     # then the shard is skipped and counted (loader stats: skipped.bad_shard).
@@ -149,6 +153,7 @@ class DataConfig:
         check(self.min_image_size >= 0, "min_image_size", "a non-negative int", self.min_image_size)
         check(self.prefetch_factor >= 1, "prefetch_factor", "a positive int", self.prefetch_factor)
         check(self.preflight_shards >= 0, "preflight_shards", "a non-negative int", self.preflight_shards)
+        check(self.lowres_blur_max_px >= 0, "lowres_blur_max_px", "a non-negative float", self.lowres_blur_max_px)
 
 
 @dataclass

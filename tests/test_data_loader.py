@@ -104,6 +104,32 @@ def test_sr1024_patch_and_lowres_come_from_the_same_region():
     assert (low_crop - lowres)[:, 2:-2, 2:-2].abs().max() < 0.03
 
 
+def test_lowres_blur_widens_the_lowres_edge_and_leaves_the_image_alone():
+    """data.lowres_blur_max_px: a drawn 1024 px shape keeps its one-pixel edge in the image; its
+    256 px low-res input (bicubic: ~1.5 px from 10 % to 90 %) is blurred by a sigma drawn up to the
+    maximum (a rise of 2.56 sigma, in quadrature with the unblurred one)."""
+    from data_tools.shape_edges import edge_measures
+    from data_tools.synthetic import draw_sample
+
+    img = draw_sample(0, 1, 1024, ("large",))[0]
+    sharp = StageGeometry(1024, 1024, 256, 1024)
+    blurred = StageGeometry(1024, 1024, 256, 1024, lowres_blur_max_px=3.0)
+    image, low = image_pyramid(img, sharp, random.Random(0))
+    base = edge_measures(low.permute(1, 2, 0).numpy())["edge_width_px"]
+    assert 1.0 < base < 1.7
+    widths = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        sigma = random.Random(seed).uniform(0, 3.0)  # the draw image_pyramid makes (no crop: one draw)
+        image_b, low_b = image_pyramid(img, blurred, rng)
+        assert torch.equal(image_b, image)
+        width = edge_measures(low_b.permute(1, 2, 0).numpy())["edge_width_px"]
+        expected = float(np.hypot(2.563 * sigma, base))
+        assert abs(width - expected) < 0.12 * expected, (seed, sigma, width, expected)
+        widths.append(width)
+    assert max(widths) > 2 * base
+
+
 def test_min_image_size_filters_small_images(shards_64):
     loader = build_train_loader(make_cfg(shards_64.pattern, "sr256", batch=2, resampled=False), 0, 1)
     assert list(loader) == []

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from imagen_train.data.schema import (EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, is_unsafe_key,
                                       read_embedding)
@@ -44,13 +44,14 @@ class StageGeometry:
     lowres_resolution: Optional[int]  # the low-res patch (None for the base stage)
     min_image_size: int        # images whose smaller side is below this are skipped
     random_crop: bool = False  # random instead of center crop of the output square
+    lowres_blur_max_px: float = 0.0  # low-res blurred by a Gaussian of sigma uniform in [0, this]
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StageGeometry":
         """Geometry of `cfg.stage` with `cfg.train_resolution` and `cfg.data.min_image_size`."""
         out = cfg.output_resolution
         return cls(out, cfg.train_resolution, cfg.lowres_resolution,
-                   cfg.data.min_image_size or out, cfg.data.random_crop)
+                   cfg.data.min_image_size or out, cfg.data.random_crop, cfg.data.lowres_blur_max_px)
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -107,7 +108,10 @@ def image_pyramid(img: Image.Image, geo: StageGeometry, rng: random.Random
         img = img.crop((x, y, x + patch, y + patch))
     lowres = None
     if geo.lowres_resolution:
-        lowres = _to_tensor(img.resize((geo.lowres_resolution,) * 2, Image.BICUBIC, reducing_gap=None))
+        small = img.resize((geo.lowres_resolution,) * 2, Image.BICUBIC, reducing_gap=None)
+        if geo.lowres_blur_max_px > 0:  # draws from rng only then: unblurred runs read as before
+            small = small.filter(ImageFilter.GaussianBlur(rng.uniform(0, geo.lowres_blur_max_px)))
+        lowres = _to_tensor(small)
     return _to_tensor(img), lowres
 
 
