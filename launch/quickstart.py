@@ -41,7 +41,7 @@ from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
 from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
 from imagen_train.text import load_text_encoder  # noqa: E402
 from imagen_train.training.export import export_checkpoint  # noqa: E402
-from quickstart_report import (SIZES, bicubic, edges, grain, read_holdout, score_prompt_following,  # noqa: E402
+from quickstart_report import (GRAIN_GOAL, SIZES, bicubic, edges, grain, read_holdout, score_prompt_following,  # noqa: E402
                                split_grid, to_pixels, write_report)
 
 # Prompts whose combination of colour, shape and position no training caption holds word for
@@ -444,7 +444,8 @@ def measure(args, folders: dict[str, Path], drawn: dict, timer: Timer) -> dict:
     training = {64: read_holdout(folders["raw256"] / "holdout", 64)[0], 256: read_holdout(folders["raw256"] / "holdout", 256)[0]}
     if "raw1024" in folders:
         training[1024] = read_holdout(folders["raw1024"] / "holdout", 1024)[0]
-    grains = {"samples": {}, "samples_without_final_average": {}, "training_images": {}}
+    grains = {"samples": {}, "samples_without_final_average": {}, "training_images": {}, "goal_max": GRAIN_GOAL,
+              "within_goal": {}}
     edge = {}
     with timer("report: grain and edges"):
         for stage, s in samples.items():
@@ -456,6 +457,7 @@ def measure(args, folders: dict[str, Path], drawn: dict, timer: Timer) -> dict:
                 grains["samples_without_final_average"][size] = grain(before)
             train_pixels = to_pixels(training[px][:8 if px == 1024 else 16])  # drawn: all alike
             grains["training_images"][size] = grain(train_pixels)
+            grains["within_goal"][size] = grains["samples"][size]["max"] <= GRAIN_GOAL
             edge[size] = edges(pixels, before, to_pixels(s["inputs"]) if s["inputs"] is not None else None,
                                train_pixels)
             log(f"{size}: grain {grains['samples'][size]['max']} (largest); edge width {edge[size]['samples']['edge_width_px']} px"

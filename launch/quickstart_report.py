@@ -24,6 +24,7 @@ from imagen_train.data import expand_shards, iter_raw_samples
 from imagen_train.evaluation.fid import to_uint8
 
 SIZES = {"base64": "64px", "sr256": "256px", "sr1024": "1024px"}
+GRAIN_GOAL = 3.0  # the largest background std (0-255) a size's samples may keep (issue 29's goal)
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
@@ -134,9 +135,11 @@ def _grain_rows(metrics: dict) -> str:
     rows = []
     for size, g in grains["samples"].items():
         without = grains["samples_without_final_average"].get(size)
+        within = g["max"] <= grains.get("goal_max", GRAIN_GOAL)
         rows.append(f"| {size} | {g['median']} / {g['max']} | "
                     + (f"{without['median']} / {without['max']}" if without else "-")
-                    + f" | {grains['training_images'][size]['max']} |")
+                    + f" | {grains['training_images'][size]['max']} | "
+                    + ("yes" if within else "**NO**") + " |")
     return "\n".join(rows)
 
 
@@ -247,8 +250,8 @@ the shape).
 Background std (0-255), median / largest over the samples. "Without" is each stage's sampler
 output before its own final average (its input the previous stage's averaged output).
 
-| size | with | without | training images (largest) |
-|---|---|---|---|
+| size | with | without | training images (largest) | largest with <= {GRAIN_GOAL} |
+|---|---|---|---|---|
 {grain_rows}
 
 ## Edges: each super-resolution stage against bicubic upsampling of its own input
