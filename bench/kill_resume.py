@@ -3,7 +3,8 @@
     python bench/kill_resume.py --runs 10 [--max-steps 16 --every 4 --seed 0 --work /tmp/kill-bench]
 
 Each trial launches the tiny base64 preset on 2 CPU ranks (torchrun), SIGKILLs a random rank at
-a random step (after the optimizer update, or in the middle of writing that step's checkpoint),
+a random step (after the optimizer update, or in the middle of writing that step's checkpoint:
+the test-side fault hooks, tests/hooks/hook_faults.py, which the ranks load through PYTHONPATH),
 checks that the job ended within the bound, resumes with `--resume auto` and compares the final
 exported weights with those of one uninterrupted run. Work lost = the killed step minus the
 step the resume started from. Prints one line per trial and a summary (and `--json` writes it).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -29,6 +31,11 @@ import torch  # noqa: E402
 from imagen_train import artifacts  # noqa: E402
 from imagen_train.training import checkpoint as ckpt  # noqa: E402
 from train_helpers import REPO, launch_command, tiny_overrides, train_env  # noqa: E402
+
+
+# The fault injection the tests use: loaded by the ranks from outside (the production code has no
+# fault hook); `IMAGEN_TRAIN_FAULT_*` variables say what to inject.
+HOOKS = REPO / "tests" / "hooks"
 
 
 def make_shards(work: Path) -> tuple[str, int]:
@@ -101,7 +108,7 @@ def main() -> int:
         run_dir = args.work / f"trial{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         env = {"IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS" if where == "save" else "IMAGEN_TRAIN_FAULT_KILL_STEPS":
-               f"{step}@{victim}"}
+               f"{step}@{victim}", "PYTHONPATH": os.pathsep.join([str(HOOKS), str(REPO)])}
         rc, exit_s, log = run(sets(run_dir), 600, **env)
         tag = artifacts.find_resume_tag(run_dir / "checkpoints", log=lambda *_: None)
         resumed_from = artifacts.step_of(tag) if tag else 0

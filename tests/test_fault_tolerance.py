@@ -1,8 +1,9 @@
 """Fault tolerance: each promise of docs/fault-tolerance.md shown by injecting its fault.
 
-2 CPU ranks, the tiny base64 preset, fp32. The faults come from imagen_train/training/faults.py
-(environment variables read by the trainer) or are made here (corrupt files, full disks,
-failing `pipe:` commands, hostile shard members).
+2 CPU ranks, the tiny base64 preset, fp32. The faults come from tests/hooks/hook_faults.py
+(IMAGEN_TRAIN_FAULT_* variables: the ranks' engine wrapped from the test side; the production
+code has no fault hook) or are made here (corrupt files, full disks, failing `pipe:` commands,
+hostile shard members).
 """
 
 from __future__ import annotations
@@ -282,11 +283,12 @@ def test_no_pickle_on_the_data_path():
 # A finished run's exit ------------------------------------------------------------------------
 
 def test_teardown_fault_aborts_an_interpreter_that_tears_down():
-    """The injected fault is live: a process that frees its modules at exit dies of SIGABRT."""
-    code = ("import os; os.environ['IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS'] = '0'\n"
-            "from imagen_train.training import faults; faults.Faults().arm_teardown_abort(0)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=train_env(), capture_output=True)
-    assert proc.returncode == -6, proc.stderr.decode()[-2000:]
+    """The injected fault is live: a process that frees its modules at exit dies of SIGABRT
+    (and one whose rank it does not name exits normally)."""
+    for rank, code in ((0, -6), (1, 0)):
+        proc = subprocess.run([sys.executable, "-c", f"import hook_faults; hook_faults.arm_teardown_abort(rank={rank})"],
+                              cwd=REPO, env=train_env(IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS="0"), capture_output=True)
+        assert proc.returncode == code, proc.stderr.decode()[-2000:]
 
 
 def test_finished_run_exits_0_even_if_teardown_would_abort(tmp_path, shards_64):
@@ -297,6 +299,7 @@ def test_finished_run_exits_0_even_if_teardown_would_abort(tmp_path, shards_64):
     proc = run_training("base64-tiny.yaml", tiny_overrides(
         run_dir, shards_64.pattern, shards_64.embed_dim, zero_stage=3, max_steps=2,
         **{"checkpoint.every_steps": 2}), IMAGEN_TRAIN_FAULT_TEARDOWN_ABORT_RANKS="0,1")
+    assert all(f"[fault] rank {r}: abort at interpreter teardown armed" in proc.stderr for r in (0, 1)), proc.stderr
     assert "done at step 2" in proc.stdout
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
     assert ckpt.list_complete(run_dir / "checkpoints") == [ckpt.tag_for(2)]

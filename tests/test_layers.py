@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "imagen_train"
-DEEPSPEED_IMPORTERS = {"training/engine.py", "training/engine_reshard.py", "artifacts/exports.py"}
+DEEPSPEED_IMPORTERS = {"training/engine.py", "training/deepspeed_internals.py", "artifacts/exports.py"}
 DISTRIBUTED_USERS = {"utils/dist.py", "training/engine.py"}
 
 

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Test-only hooks the ranks load from outside (tests/hooks/sitecustomize.py): stop phases, faults.
+HOOKS = REPO / "tests" / "hooks"
+HOOK_VARIABLES = ("IMAGEN_TRAIN_TEST_PAUSE", "IMAGEN_TRAIN_FAULT_")
 
 
 def free_port() -> int:
@@ -56,9 +59,12 @@ def launch_command(config: str, overrides: list[str], nproc: int = 2, resume: st
 
 
 def train_env(**extra: str) -> dict[str, str]:
+    """The environment of a training job: CPU, one thread per rank, the repo importable, and the
+    test hooks (tests/hooks) on the path when `extra` sets one of their variables."""
     env = dict(os.environ)
+    hooks = [str(HOOKS)] if any(key.startswith(HOOK_VARIABLES) for key in extra) else []
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+               PYTHONPATH=os.pathsep.join(hooks + [str(REPO), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
 
