@@ -27,10 +27,11 @@ from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import engine, export, preemption, resume as resuming, speed
+from imagen_train.training import export, preemption, resume as resuming, speed
 from imagen_train.training.bad_steps import BadSteps, TrainingStopped
 from imagen_train.training.ema import EMA
 from imagen_train.training.ema_network import EMANetwork
+from imagen_train.training.engine import create_engine, init_distributed  # the Engine on DeepSpeed
 from imagen_train.training.engine_api import Engine
 from imagen_train.training.preflight import checkpoint_root, preflight
 from imagen_train.training.step_metrics import StepMetrics
@@ -92,7 +93,7 @@ class Trainer:
         # Refuse a checkpoint of another stage, or one that cannot be re-sliced for this layout,
         # before building anything; the checksums are split over the ranks once they are joined.
         candidates = resuming.candidates(resume, cfg, self.ckpt_root)
-        engine.init_distributed(cfg.training.dist_timeout_s)
+        init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
         self.resume_folder = resuming.first_intact(candidates, resume not in ("auto", "none"), self.ckpt_root)
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
@@ -138,7 +139,7 @@ class Trainer:
         if init_from:
             export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
         self.flops_per_sample = speed.count_flops_per_sample(cfg)
-        built = engine.create_engine(cfg, net)
+        built = create_engine(cfg, net)
         dist.print0(f"[train] optimizer {built.describe()}")
         self.optimizer_layout = built.optimizer_layout()  # saved for a re-sliced resume
         if init_from:
