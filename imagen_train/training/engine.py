@@ -174,6 +174,7 @@ class DeepSpeedEngine:
         self._micro_batches = 0  # backward passes since the last update
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The module's forward, through DeepSpeed (ZeRO-3 gathers the parameters here)."""
         return self.deepspeed(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -196,13 +197,16 @@ class DeepSpeedEngine:
         return bool(self.deepspeed.was_step_applied())
 
     def grad_norm(self) -> Optional[float]:
+        """DeepSpeed's global norm of the last step's gradients (None where it computes none)."""
         norm = self.deepspeed.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     def lr(self) -> float:
+        """The LR of the optimizer's first group, as the schedule left it."""
         return self.deepspeed.get_lr()[0]
 
     def loss_scale(self) -> Optional[float]:
+        """fp16's dynamic loss scale; None in fp32 and bf16."""
         return internals.loss_scale(self.deepspeed) if self.deepspeed.fp16_enabled() else None
 
     def master_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
@@ -212,6 +216,7 @@ class DeepSpeedEngine:
         return ((name, get()) for name, _, _, _, get in self._slices)
 
     def master_layout(self) -> MasterLayout:
+        """The [start, end) of every flattened parameter that this rank's master slice covers."""
         return {name: {"shape": shape, "numel": int(torch.Size(shape).numel()), "start": start, "end": end}
                 for name, shape, start, end, _ in self._slices}
 
@@ -221,22 +226,28 @@ class DeepSpeedEngine:
         internals.set_master_weights(self.deepspeed, read)
 
     def optimizer_layout(self) -> Optional[dict[str, Any]]:
+        """Where this rank's optimizer keeps each parameter (training/engine_reshard.py)."""
         return engine_reshard.optimizer_layout(self.deepspeed)
 
     def save(self, folder: Path) -> None:
+        """DeepSpeed's files of this rank (model, optimizer partition, LR schedule) into `folder`."""
         self.deepspeed.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        """DeepSpeed's own load of a checkpoint of this layout: optimizer and LR schedule included."""
         path, _ = self.deepspeed.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
 
     def load_resharded(self, folder: Path, layouts: list[dict[str, Any]]) -> dict[str, int]:
+        """A checkpoint of another layout, re-sliced (training/engine_reshard.py)."""
         return engine_reshard.load_resharded(self.deepspeed, folder, layouts)
 
     def describe(self) -> str:
+        """E.g. 'AdamW(fused=True) under DeepSpeedZeroOptimizer'."""
         return describe_optimizer(self.deepspeed)
 
     def config_files(self) -> dict[str, dict[str, Any]]:
+        """The DeepSpeed config the engine was built with, as run_dir/deepspeed_config.json."""
         return {"deepspeed_config.json": self.ds_config}
