@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import socket
@@ -25,12 +24,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from data_tools.synthetic import background_std, prompt_following  # noqa: E402
-from imagen_train.artifacts import find_checkpoint, list_complete, step_of  # noqa: E402
+from imagen_train.artifacts import export_checkpoint, find_checkpoint, list_complete, step_of  # noqa: E402
 from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
-from imagen_train.data import expand_shards, iter_raw_samples  # noqa: E402
+from imagen_train.data import SampleSpec, iter_samples  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.evaluation.cascade import generate, load_stage, write_outputs  # noqa: E402
 from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8  # noqa: E402
@@ -38,7 +36,6 @@ from imagen_train.evaluation.grids import make_grid, save_png  # noqa: E402
 from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
 from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
 from imagen_train.text import load_text_encoder  # noqa: E402
-from imagen_train.training.export import export_checkpoint  # noqa: E402
 
 # Prompts whose combination of colour, shape and position no training caption holds word for
 # word: the synthetic data is drawn without these combinations (see --exclude of `synthetic`).
@@ -97,17 +94,8 @@ def last_loss(run_dir: Path) -> float | None:
 
 def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     """The held-out images (uint8, (N, 3, size, size), bicubic from 256 px) and their captions."""
-
-
-    real, captions = [], []
-    for url in expand_shards("::".join(sorted(str(p) for p in holdout.glob("*.tar")))):
-        for sample in iter_raw_samples(url):
-            image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC)
-            real.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
-            captions.append(sample["txt"].decode())
-    return torch.stack(real), captions
+    samples = list(iter_samples(sorted(str(p) for p in holdout.glob("*.tar")), SampleSpec.images(size)))
+    return torch.stack([s.image for s in samples]), [s.caption for s in samples]
 
 
 def final_denoise(args, stage: str) -> dict:

@@ -218,7 +218,7 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
                                                                         inception_file, clip_dir):
     from safetensors.torch import load_file
 
-    from imagen_train.training.export import export_checkpoint
+    from imagen_train.artifacts import export_checkpoint
     from train_helpers import read_metrics, run_training, tiny_overrides
 
     plain, evaluated = tmp_path / "plain", tmp_path / "eval"

@@ -30,7 +30,7 @@ from imagen_train.artifacts.checkpoints import verify
 from imagen_train.config import ConfigError, load_config
 from imagen_train.data import build_train_loader, iter_raw_samples
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from train_helpers import REPO, launch_command, read_metrics, run_training, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)

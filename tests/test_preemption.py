@@ -30,7 +30,7 @@ from imagen_train import artifacts
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import preemption
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from train_helpers import REPO, free_port, read_metrics, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)

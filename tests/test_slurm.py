@@ -26,7 +26,7 @@ import torch
 from cluster_helpers import missing_or_skip, slurm_service, wait_none_left
 from imagen_train import artifacts
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from train_helpers import REPO, free_port, read_metrics, run_training, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)
