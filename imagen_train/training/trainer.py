@@ -249,7 +249,7 @@ class Trainer:
     @contextmanager
     def _running(self) -> Iterator[tuple[Iterator[dict], preemption.StopRequest, Optional[tqdm]]]:
         """Around the loop: the stop request (a stop from the first step on is saved at a step
-        boundary), the batches and the progress bar; undone, and the logger closed, after it."""
+        boundary), the batches and the progress bar; undone, and the loader and logger closed, after it."""
         stop = self.stop or preemption.StopRequest(self.cfg.training.stop_signals).install()
         data = iter(self.loader)
         progress = None
@@ -264,4 +264,8 @@ class Trainer:
                 stop.restore()
             if progress is not None:
                 progress.close()
+            # Stop the DataLoader workers now, not whenever the Trainer is collected: a worker
+            # still registered at exit is SIGKILLed by the exit hook (it ignores SIGTERM), and
+            # torch's SIGCHLD handler then raises "DataLoader worker ... is killed by signal".
+            self.loader.close()
             self.logger.close()
