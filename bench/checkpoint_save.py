@@ -74,7 +74,7 @@ def measure(preset: str, shards: dict[int, str], work: Path, repeats: int) -> di
         "logging.wandb_mode=disabled", "logging.progress_bar=false", "evaluation.eval_every_steps=0"])
     trainer = Trainer(cfg, resume="none")
     trainer.run()  # one step and its save (not timed: the first save also warms the file cache)
-    params = sum(p.numel() for p in trainer.engine.module.parameters() if p.requires_grad)
+    params = sum(p.numel() for p in trainer.engine.deepspeed.module.parameters() if p.requires_grad)
     seconds, size = [], 0
     for _ in range(repeats):
         trainer.step += 1

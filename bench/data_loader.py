@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from data_tools.common import write_tar_atomic  # noqa: E402
 from data_tools.precompute import precompute_embeddings  # noqa: E402

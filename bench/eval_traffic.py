@@ -5,7 +5,7 @@ loads and peak added host memory, at each ZeRO stage. Run under torchrun, once p
         [--config configs/base64-tiny.yaml] [--set key=value ...]
 
 Per ZeRO stage, on every rank: the stage's network in a real DeepSpeed engine (no training
-step), its EMA slices as the trainer keeps them (training.ema.EMA over engine.weight_views),
+step), its EMA slices as the trainer keeps them (training.ema.EMA over the engine's master_weights),
 and training.ema_network.EMANetwork, the callable the trainer hands the evaluator. Then the
 periodic evaluator (evaluation.prompts encoded with the T5 folder `--t5`, one sampler step) is
 called three times: `first` (builds the network, encodes and broadcasts the prompts, gathers
@@ -87,8 +87,8 @@ def measure_stage(args, stage: int, device: torch.device) -> dict:
     net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
     initial = {n: p.detach().clone() for n, p in net.named_parameters()}
     eng = engine.create_engine(cfg, net)
-    ema = EMA(engine.weight_views(eng), cfg.ema.decay)
-    layout = engine.partition_layout(eng)
+    ema = EMA(eng.master_weights, cfg.ema.decay)
+    layout = eng.master_layout()
     materialize = EMANetwork(cfg, layout, ema.shadow)
     out_dir = Path(cfg.run_dir) / "samples"
     row = {"zero_stage": stage, "rank": dist.rank(), "world_size": dist.world_size(),

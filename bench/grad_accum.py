@@ -13,7 +13,7 @@ optimizer class, the bytes of every distinct tensor storage reachable from the o
 the first micro batch of the last step (by dtype: the accumulation buffers are live then; the
 reduce and all-gather buckets set to the network's size, not DeepSpeed's 5e8 elements), the
 median step time after the first step, the losses, and how many fp32 master elements the EMA
-finds on this rank (training.engine.weight_views: ZeRO-1 under fp32 accumulation runs
+finds on this rank (the engine's master_weights: ZeRO-1 under fp32 accumulation runs
 DeepSpeed's BF16_Optimizer, another optimizer class). The difference between the two runs of
 a stage, over the parameter count, is the memory fp32 accumulation adds per parameter.
 """
@@ -108,16 +108,16 @@ def run(stage: int, accum_dtype: str, accum: int, steps: int, device: torch.devi
             mask = torch.ones(2, length, dtype=torch.bool, device=device)
             loss = diffusion.training_loss(caller, images, emb, mask).mean()
             eng.backward(loss)
-            eng.step()
             losses.append(float(loss))
             if step == steps - 1 and micro == 0:
-                held = held_tensor_bytes(eng.optimizer)
+                held = held_tensor_bytes(eng.deepspeed.optimizer)
+        eng.step()
         times.append(time.perf_counter() - start)
-    model_dtype, grad_dtype = eng.get_data_types()
-    ema_elements = sum(t.numel() for _, t in engine.weight_views(eng)())  # the EMA finds its fp32 masters
+    model_dtype, grad_dtype = eng.deepspeed.get_data_types()
+    ema_elements = sum(t.numel() for _, t in eng.master_weights())  # the EMA finds its fp32 masters
     row = {"zero_stage": stage, "grad_accum_dtype": accum_dtype, "parameters": numel, "ema_elements": ema_elements,
            "deepspeed_data_types": [str(model_dtype), str(grad_dtype)],
-           "optimizer": type(eng.optimizer).__name__, "held_bytes": held,
+           "optimizer": type(eng.deepspeed.optimizer).__name__, "held_bytes": held,
            "step_s_median": statistics.median(times[1:] or times), "losses": losses}
     del eng, net
     gc.collect()

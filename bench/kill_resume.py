@@ -3,7 +3,8 @@
     python bench/kill_resume.py --runs 10 [--max-steps 16 --every 4 --seed 0 --work /tmp/kill-bench]
 
 Each trial launches the tiny base64 preset on 2 CPU ranks (torchrun), SIGKILLs a random rank at
-a random step (after the optimizer update, or in the middle of writing that step's checkpoint),
+a random step (after the optimizer update, or in the middle of writing that step's checkpoint:
+the test-side fault hooks, tests/hooks/hook_faults.py, which the ranks load through PYTHONPATH),
 checks that the job ended within the bound, resumes with `--resume auto` and compares the final
 exported weights with those of one uninterrupted run. Work lost = the killed step minus the
 step the resume started from. Prints one line per trial and a summary (and `--json` writes it).
@@ -20,22 +21,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import subprocess  # noqa: E402
 
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+from data_tools.precompute import precompute_embeddings  # noqa: E402
+from data_tools.synthetic import write_synthetic  # noqa: E402
 from imagen_train import artifacts  # noqa: E402
-from imagen_train.training import checkpoint as ckpt  # noqa: E402
-from train_helpers import REPO, launch_command, tiny_overrides, train_env  # noqa: E402
+from imagen_train.text.tiny import build_tiny_t5  # noqa: E402
+from tiny_runs import REPO, launch_command, tiny_overrides, train_env  # noqa: E402
+
 
 
 def make_shards(work: Path) -> tuple[str, int]:
     """48 synthetic 64 px samples with tiny-T5 embeddings (as the tests' `shards_64`)."""
-    from data_tools.precompute import precompute_embeddings
-    from data_tools.synthetic import write_synthetic
-    from imagen_train.text.tiny import build_tiny_t5
     out = work / "shards" / "emb"
     if not out.is_dir():
         t5 = build_tiny_t5(work / "shards" / "t5", d_model=64, num_layers=2, seed=0)
@@ -55,10 +56,8 @@ def run(sets: list[str], timeout: int, **env: str) -> tuple[int, float, str]:
 
 
 def final_weights(run_dir: Path, step: int, out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from imagen_train.training.export import export_checkpoint
-    return load_file(str(export_checkpoint(run_dir / "checkpoints" / ckpt.tag_for(step), out, include_raw=True)))
+    folder = run_dir / "checkpoints" / artifacts.tag_for(step)
+    return load_file(str(artifacts.export_checkpoint(folder, out, include_raw=True)))
 
 
 def same(a: dict, b: dict) -> bool:
@@ -101,7 +100,7 @@ def main() -> int:
         run_dir = args.work / f"trial{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         env = {"IMAGEN_TRAIN_FAULT_KILL_SAVE_STEPS" if where == "save" else "IMAGEN_TRAIN_FAULT_KILL_STEPS":
-               f"{step}@{victim}"}
+               f"{step}@{victim}"}  # train_env puts the fault hooks (tests/hooks) on the ranks' path
         rc, exit_s, log = run(sets(run_dir), 600, **env)
         tag = artifacts.find_resume_tag(run_dir / "checkpoints", log=lambda *_: None)
         resumed_from = artifacts.step_of(tag) if tag else 0

@@ -8,38 +8,22 @@ bilinear). Only the image entries are read; captions and embeddings are ignored.
 
 from __future__ import annotations
 
-import random
+import itertools
 import time
 from typing import Any, Iterator, Optional
 
 import torch
 
 from data_tools.common import progress
-from imagen_train.data import expand_shards, iter_raw_samples
-from imagen_train.data.schema import image_key
-from imagen_train.data.transforms import SkipSample, StageGeometry, decode_image, image_pyramid
+from imagen_train.data import SampleSpec, iter_samples
 from imagen_train.evaluation.fid import FeatureStats
 from imagen_train.evaluation.inception import load_fid_inception
 
 
 def iter_images(shards: str, resolution: int, max_samples: int = 0) -> Iterator[torch.Tensor]:
     """uint8 (3, R, R) center crops of every decodable image in the shards, in shard order."""
-    geo = StageGeometry(resolution, resolution, None, 0, False)
-    rng = random.Random(0)  # unused with a center crop and no patch
-    count = 0
-    for url in expand_shards(shards):
-        for raw in iter_raw_samples(url, keep=lambda ext: ext in ("jpg", "jpeg", "png", "webp")):
-            ext = image_key(raw)
-            if ext is None:
-                continue
-            try:
-                image, _ = image_pyramid(decode_image(raw[ext], 0, resolution), geo, rng)
-            except SkipSample:
-                continue
-            yield image
-            count += 1
-            if max_samples and count >= max_samples:
-                return
+    samples = iter_samples(shards, SampleSpec.images(resolution))
+    yield from (s.image for s in (itertools.islice(samples, max_samples) if max_samples else samples))
 
 
 def compute_fid_stats(shards: str, inception: str, out: str, resolution: int = 256, max_samples: int = 0,

@@ -22,6 +22,7 @@ from PIL import Image
 from data_tools.common import Timer, progress, rate
 from data_tools.precompute import output_names, read_record, record_path
 from imagen_train.data.schema import EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, read_embedding
+from imagen_train.data.samples import iter_shard_samples
 from imagen_train.data.shards import expand_shards, iter_raw_samples
 
 
@@ -36,40 +37,37 @@ def inspect_shards(shards: str, progress_bar: bool = True) -> dict[str, Any]:
     urls = expand_shards(shards)
     timer = Timer()
     keys: Counter[str] = Counter()
-    per_shard: dict[str, int] = {}
     bad_shards: list[str] = []
     cap_chars, cap_words, sides, n_tokens = [], [], [], []
     dims: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
     formats: Counter[str] = Counter()
+    per_shard = dict.fromkeys(urls, 0)
     with progress(None, "inspect", progress_bar) as bar:
-        for url in urls:
-            count = 0
-            for s in iter_raw_samples(url, on_error=lambda u, k, m: bad_shards.append(f"{u}:{k} {m}")):
-                count += 1
-                keys.update(k for k in s if not k.startswith("__"))
-                if "txt" in s:
-                    text = s["txt"].decode("utf-8", "replace")
-                    cap_chars.append(len(text))
-                    cap_words.append(len(text.split()))
-                ext = image_key(s)
-                if ext:
-                    try:
-                        with Image.open(io.BytesIO(s[ext])) as img:  # header only
-                            sides.append(min(img.size))
-                            formats[str(img.format)] += 1
-                    except Exception:  # noqa: BLE001
-                        formats["unreadable"] += 1
-                if EMBED_KEY in s:
-                    try:
-                        arr = np.load(io.BytesIO(s[EMBED_KEY]), allow_pickle=False)
-                        n_tokens.append(arr.shape[0])
-                        dims[str(arr.shape[1:])] += 1
-                        dtypes[str(arr.dtype)] += 1
-                    except Exception:  # noqa: BLE001
-                        dtypes["unreadable"] += 1
-                bar.update()
-            per_shard[url] = count
+        for s in iter_shard_samples(urls, on_error=lambda u, k, m: bad_shards.append(f"{u}:{k} {m}")):
+            per_shard[s["__url__"]] += 1
+            keys.update(k for k in s if not k.startswith("__"))
+            if "txt" in s:
+                text = s["txt"].decode("utf-8", "replace")
+                cap_chars.append(len(text))
+                cap_words.append(len(text.split()))
+            ext = image_key(s)
+            if ext:
+                try:
+                    with Image.open(io.BytesIO(s[ext])) as img:  # header only
+                        sides.append(min(img.size))
+                        formats[str(img.format)] += 1
+                except Exception:  # noqa: BLE001
+                    formats["unreadable"] += 1
+            if EMBED_KEY in s:
+                try:
+                    arr = np.load(io.BytesIO(s[EMBED_KEY]), allow_pickle=False)
+                    n_tokens.append(arr.shape[0])
+                    dims[str(arr.shape[1:])] += 1
+                    dtypes[str(arr.dtype)] += 1
+                except Exception:  # noqa: BLE001
+                    dtypes["unreadable"] += 1
+            bar.update()
     total = sum(per_shard.values())
     return {"command": "inspect", "shards": len(urls), "samples": total, "samples_per_shard": per_shard,
             "keys": dict(keys), "caption_chars": _stats(cap_chars), "caption_words": _stats(cap_words),
@@ -154,23 +152,24 @@ def verify_shards(shards: str, embed_dim: Optional[int] = None, require_embeddin
     bad: list[dict[str, str]] = []
     widths: Counter[int] = Counter()
     width_of: dict[str, int] = {}
-    counts: dict[str, int] = {}
+    counts = dict.fromkeys(urls, 0)
     total = 0
+
+    def on_error(url: str, key: str, message: str) -> None:
+        bad.append({"sample": f"{url}:{key}" if key else url, "problem": message})
+
     with progress(None, "verify", progress_bar) as bar:
-        for url in urls:
-            on_error = (lambda u, k, m: bad.append({"sample": f"{u}:{k}" if k else u, "problem": m}))
-            counts[url] = 0
-            for s in iter_raw_samples(url, on_error=on_error):
-                total += 1
-                counts[url] += 1
-                sid = f"{url}:{s['__key__']}"
-                problem, width = _check_sample(s, require_embeddings)
-                if problem:
-                    bad.append({"sample": sid, "problem": problem})
-                elif width is not None:
-                    widths[width] += 1
-                    width_of[sid] = width
-                bar.update()
+        for s in iter_shard_samples(urls, on_error=on_error):
+            total += 1
+            counts[s["__url__"]] += 1
+            sid = f"{s['__url__']}:{s['__key__']}"
+            problem, width = _check_sample(s, require_embeddings)
+            if problem:
+                bad.append({"sample": sid, "problem": problem})
+            elif width is not None:
+                widths[width] += 1
+                width_of[sid] = width
+            bar.update()
     expected = embed_dim if embed_dim is not None else (widths.most_common(1)[0][0] if widths else None)
     for sid, width in width_of.items():
         if width != expected:

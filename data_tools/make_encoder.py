@@ -8,24 +8,25 @@ of google/t5-v1_1-xxl saved with save_pretrained).
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from data_tools.common import Timer
-from imagen_train.data import expand_shards, iter_raw_samples
+from imagen_train.data import iter_shard_samples
 from imagen_train.text.tiny import build_tiny_t5
 
 
 def captions_of(shards: str, limit: int) -> list[str]:
     """Up to `limit` captions (`txt` entries) from the shards, in order."""
     captions: list[str] = []
-    for url in expand_shards(shards):
-        for sample in iter_raw_samples(url, keep=lambda ext: ext == "txt"):
+    with closing(iter_shard_samples(shards, keep=lambda ext: ext == "txt")) as stream:
+        for sample in stream:
             text = sample.get("txt", b"").decode("utf-8", "replace").strip()
             if text:
                 captions.append(text)
             if len(captions) >= limit:
-                return captions
+                break
     return captions
 
 

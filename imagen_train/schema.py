@@ -3,7 +3,8 @@
 Each check raises `ConfigError` naming the key relative to its section; the loader
 (`imagen_train.config`) prefixes the section and the file. No YAML here: models/ and diffusion/
 import their sections from this module without loading the YAML machinery. The diffusion and
-sampler sections live in `schema_diffusion` and are re-exported here.
+sampler sections (and the cascade sources, a path with a sampler) live in `schema_diffusion` and
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from imagen_train.config_errors import ConfigError, check  # noqa: F401 (ConfigError is re-exported)
-from imagen_train.schema_diffusion import DiffusionConfig, NoiseAugConfig, SamplerConfig  # noqa: F401
+from imagen_train.schema_diffusion import (CascadeSourceConfig, DiffusionConfig, NoiseAugConfig,  # noqa: F401
+                                          SamplerConfig)
 from imagen_train.stages import STAGE_NAMES, StageName, get_stage
 from imagen_train.utils.signals import is_stop_signal_name
 
@@ -334,17 +336,6 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         check(self.every_steps >= 1, "every_steps", "a positive int", self.every_steps)
         check(self.keep_last >= 1, "keep_last", "a positive int", self.keep_last)
-
-
-@dataclass
-class CascadeSourceConfig:
-    """An earlier stage of the cascade, which draws an SR stage's low-res input at evaluation."""
-
-    path: str = ""  # an export (.safetensors), a checkpoint folder or a checkpoints root
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-
-    def __post_init__(self) -> None:
-        check(isinstance(self.path, str) and bool(self.path), "path", "an export or checkpoint path", self.path)
 
 
 @dataclass

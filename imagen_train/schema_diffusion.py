@@ -103,3 +103,14 @@ class SamplerConfig:
               "final_denoise_sigma", "a non-negative float (0: off)", self.final_denoise_sigma)
         check(isinstance(self.final_denoise_draws, int) and self.final_denoise_draws >= 1,
               "final_denoise_draws", "a positive int", self.final_denoise_draws)
+
+
+@dataclass
+class CascadeSourceConfig:
+    """An earlier stage of the cascade, which draws an SR stage's low-res input at evaluation."""
+
+    path: str = ""  # an export (.safetensors), a checkpoint folder or a checkpoints root
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.path, str) and bool(self.path), "path", "an export or checkpoint path", self.path)

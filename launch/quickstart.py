@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from data_tools.shape_edges import summarize  # noqa: E402
 from data_tools.synthetic import background_std, prompt_following  # noqa: E402
-from imagen_train.artifacts import find_checkpoint, list_complete, step_of  # noqa: E402
+from imagen_train.artifacts import export_checkpoint, find_checkpoint, list_complete, step_of  # noqa: E402
 from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.evaluation.cascade import (Precision, encode_prompts, generate, load_stage, run_stage,  # noqa: E402
@@ -40,7 +40,6 @@ from imagen_train.evaluation.grids import make_grid, save_png, to_pil  # noqa: E
 from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
 from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
 from imagen_train.text import load_text_encoder  # noqa: E402
-from imagen_train.training.export import export_checkpoint  # noqa: E402
 from quickstart_report import (GRAIN_GOAL, SIZES, bicubic, edges, grain, read_holdout, score_prompt_following,  # noqa: E402
                                split_grid, to_pixels, write_report)
 

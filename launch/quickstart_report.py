@@ -9,7 +9,6 @@ images at that size.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +19,7 @@ from PIL import Image
 
 from data_tools.shape_edges import SHARPER_THAN_BICUBIC, compare_with_bicubic, summarize
 from data_tools.synthetic import background_std, prompt_following
-from imagen_train.data import expand_shards, iter_raw_samples
+from imagen_train.data import SampleSpec, iter_samples
 from imagen_train.evaluation.fid import to_uint8
 
 SIZES = {"base64": "64px", "sr256": "256px", "sr1024": "1024px"}
@@ -42,15 +41,8 @@ def bicubic(pixels: np.ndarray, size: int) -> np.ndarray:
 def read_holdout(holdout: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     """The held-out images of a shard folder (uint8, (N, 3, size, size), bicubic to `size` where
     they are another size) and their captions."""
-    real, captions = [], []
-    for url in expand_shards("::".join(sorted(str(p) for p in holdout.glob("*.tar")))):
-        for sample in iter_raw_samples(url):
-            image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC)
-            real.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
-            captions.append(sample["txt"].decode())
-    return torch.stack(real), captions
+    samples = list(iter_samples(sorted(str(p) for p in holdout.glob("*.tar")), SampleSpec.images(size)))
+    return torch.stack([s.image for s in samples]), [s.caption for s in samples]
 
 
 def split_grid(grid: Image.Image, size: int, n: int, ncols: Optional[int] = None, pad: int = 2) -> np.ndarray:

@@ -9,7 +9,10 @@ Each shard-set fixture returns a `ShardSet` (folder, brace pattern, urls, embed_
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +73,62 @@ def shards_64(tmp_path_factory, tiny_t5_dir) -> ShardSet:
 def shards_1024(tmp_path_factory, tiny_t5_dir) -> ShardSet:
     """8 synthetic 1024 px JPEG samples in 2 shards of 4, with tiny-T5 embeddings."""
     return _make_shard_set(tmp_path_factory.mktemp("shards_1024"), tiny_t5_dir, 8, 1024, 4, "jpg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiers (README, "Test"): `multirank` (several ranks, or a training job in subprocesses) and
+# `bench` (a rehearsal of a bench/ script) are also `slow`, so `pytest -m "not slow"` is the unit
+# tier. A test marks itself `slow` when it is neither but too long for the unit tier.
+
+TIERS = {"multirank": "launches several ranks or trains in subprocesses (also slow)",
+         "bench": "rehearses a bench/ script at tiny size (also slow)",
+         "slow": "outside the unit tier: `pytest -m 'not slow'` leaves it out"}
+
+
+def pytest_configure(config):
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in ("multirank", "bench")) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+# ----------------------------------------------------------------------------------------------
+# `--cpu-times PATH`: wall and CPU seconds per test (this process, and the children it waited
+# for: training ranks, launchers), written as JSON. On a shared machine wall time grows with the
+# load; CPU time much less so.
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-times", metavar="PATH", default=None,
+                     help="write each test's wall and CPU seconds (self and waited-for children) to PATH")
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+_CPU_TIMES = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not item.config.getoption("--cpu-times"):
+        return (yield)
+    wall, (me, kids) = time.perf_counter(), _cpu_seconds()
+    result = yield
+    me_after, kids_after = _cpu_seconds()
+    item.config.stash.setdefault(_CPU_TIMES, []).append({
+        "test": item.nodeid, "wall_s": round(time.perf_counter() - wall, 2),
+        "cpu_s": round(me_after - me, 2), "children_cpu_s": round(kids_after - kids, 2)})
+    return result
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--cpu-times")
+    if path:
+        rows = session.config.stash.get(_CPU_TIMES, [])
+        Path(path).write_text(json.dumps(rows, indent=1))

@@ -67,13 +67,13 @@ def main() -> None:
 
     def track(trainer) -> None:
         decay = trainer.ema.decay_at(trainer.step)
-        fold(hand, fp32_masters(trainer.engine), decay)
-        fold(hand_lp, module_weights(trainer.engine), decay)
+        fold(hand, fp32_masters(trainer.engine.deepspeed), decay)
+        fold(hand_lp, module_weights(trainer.engine.deepspeed), decay)
 
     trainer = Trainer(cfg, resume="none", callbacks=[track])
     # The EMA starts from the initial weights, as the trainer's does.
-    hand.update(fp32_masters(trainer.engine))
-    hand_lp.update(module_weights(trainer.engine))
+    hand.update(fp32_masters(trainer.engine.deepspeed))
+    hand_lp.update(module_weights(trainer.engine.deepspeed))
     trainer.run()
 
     # Stitch the ranks' EMA slices at their recorded bounds; compare with the hand EMA.

@@ -31,7 +31,7 @@ def main() -> None:
     prefix = cfg.training.init_from_weights + "."
     expected = {k[len(prefix):]: v for k, v in file.items() if k.startswith(prefix)}
 
-    net = trainer.engine.module.eval()
+    net = trainer.engine.deepspeed.module.eval()
     params = list(net.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         weights = {n: p.detach().clone() for n, p in params}

@@ -36,7 +36,7 @@ def full_ema(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def dump(trainer: Trainer, path: Path) -> None:
-    state = {**consolidated(trainer.engine), "ema": full_ema(trainer), "step": trainer.step}
+    state = {**consolidated(trainer.engine.deepspeed), "ema": full_ema(trainer), "step": trainer.step}
     if dist.is_main():
         torch.save(state, path)
     dist.barrier()

@@ -1,9 +1,15 @@
-"""Run by tests/test_resume_reshard.py under torchrun (2 ranks): what engine_reshard reads of
-DeepSpeed, at every ZeRO stage, and a re-slice from each stage into another, in one process.
+"""Run by tests/test_resume_reshard.py under torchrun (2 ranks): what we read of DeepSpeed below
+its API (training/deepspeed_internals.py), at every ZeRO stage, and a re-slice from each stage
+into another, in one process.
+
+Every engine built here is probed (`deepspeed_internals.probe`: each entry of INTERNALS that
+applies to it, read by name) and every saved checkpoint too (`probe_checkpoint`: the file keys a
+re-slice reads); rank 0 prints one `INTERNAL <name>` line per entry read, and one `FILEKEY
+<kind> <key>` line per file key, so the test can check that the cases reach every entry.
 
 For each (saved stage, loaded stage, precision): a small network trains 3 steps through our
 `engine.create_engine` (our DeepSpeed config and LR schedule), is saved, and a fresh engine of the
-other stage loads it with `engine_reshard.load_resharded`. Both sides are consolidated with
+other stage loads it with `load_resharded` (training/engine_reshard.py). Both sides are consolidated with
 DeepSpeed's public API (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`; the torch
 optimizer's own state at ZeRO-0), not with our reader, and must be equal element by element:
 fp32 masters, exp_avg, exp_avg_sq, Adam's step, the LR, the step counters, and the module's
@@ -19,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagen_train.config import load_config  # noqa: E402
-from imagen_train.training import engine, engine_reshard  # noqa: E402  (sets DS_ACCELERATOR)
+from imagen_train.training import deepspeed_internals, engine  # noqa: E402
 from imagen_train.utils import dist  # noqa: E402
 
 import deepspeed  # noqa: E402
@@ -54,21 +60,25 @@ def build(stage: int, precision: str, repo: Path):
     if precision.endswith("fp32-accum"):
         cfg.training.deepspeed_extra = {"data_types": {"grad_accum_dtype": "fp32"}}
     torch.manual_seed(0)
-    return engine.create_engine(cfg, Net())
+    built = engine.create_engine(cfg, Net())
+    for name in deepspeed_internals.probe(built.deepspeed):
+        dist.print0(f"INTERNAL {name}")
+    return built
 
 
 def train_step(eng, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed * 10 + dist.rank())
-    x = torch.randn(2, 3, 4, 4, generator=gen).to(engine.model_dtype(eng))
+    x = torch.randn(2, 3, 4, 4, generator=gen).to(eng.dtype)
     eng.backward(eng(x).float().pow(2).mean())
-    eng.step()
+    assert eng.step()
 
 
 def consolidated(eng) -> dict:
     """Full fp32 masters and optimizer state per parameter, by DeepSpeed's public API (the torch
-    optimizer's state at ZeRO-0), plus the module's weights, Adam's step, LR and counters."""
-    kind, out = engine_reshard.optimizer_kind(eng), {}
-    opt = engine.torch_optimizer(eng)
+    optimizer's state at ZeRO-0), plus the module's weights, Adam's step, LR and counters, of
+    a DeepSpeed engine (`DeepSpeedEngine.deepspeed`)."""
+    kind, out = deepspeed_internals.optimizer_kind(eng), {}
+    opt = deepspeed_internals.torch_optimizer(eng)
     named = [(n, p) for n, p in eng.module.named_parameters()]
     if kind == "fp16":  # FP16_Optimizer: one flat fp32 master per group, in the module's order
         flat, group = eng.optimizer.fp32_groups_flat[0], eng.optimizer.fp16_groups[0]
@@ -86,7 +96,8 @@ def consolidated(eng) -> dict:
             out[n] = [p.data.clone()] + [opt.state[p][k].clone() for k in KEYS]
         elif not kind.startswith("fp16"):
             out[n] = [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, k) for k in KEYS]
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None, enabled=engine.is_zero3(eng)):
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
+                                           enabled=eng.zero_optimization_stage() == 3):
         weights = {n: p.data.clone() for n, p in named}
     steps = {float(s["step"]) for s in opt.state.values()}
     return {"params": out, "weights": weights, "steps": steps, "lr": eng.get_lr(),
@@ -115,20 +126,22 @@ def main() -> None:
         old = build(saved_stage, precision, repo)
         for step in range(3):
             train_step(old, step)
-        layout = engine_reshard.optimizer_layout(old)
+        layout = old.optimizer_layout()
         tag = f"s{saved_stage}{loaded_stage}{precision}"
-        engine.save_engine(old, str(folder), tag)
+        old.save(folder / tag)
         dist.barrier()
         for file in layout["files"].values():
             assert (folder / tag / file).is_file(), f"{what}: {file} named by the layout is not in the checkpoint"
-        before = consolidated(old)
+        for key in deepspeed_internals.probe_checkpoint(old.deepspeed, folder / tag):
+            dist.print0(f"FILEKEY {layout['kind']} {key}")
+        before = consolidated(old.deepspeed)
         new = build(loaded_stage, precision, repo)
-        engine_reshard.load_resharded(new, folder / tag, dist.all_gather_object(layout))
-        same(before, consolidated(new), what)
+        new.load_resharded(folder / tag, dist.all_gather_object(layout))
+        same(before, consolidated(new.deepspeed), what)
         # Training goes on alike: one more step of each on the same data.
         train_step(old, 3)
         train_step(new, 3)
-        after_old, after_new = consolidated(old), consolidated(new)
+        after_old, after_new = consolidated(old.deepspeed), consolidated(new.deepspeed)
         for name in after_old["params"]:
             torch.testing.assert_close(after_new["params"][name][0], after_old["params"][name][0], rtol=1e-5,
                                        atol=1e-6, msg=f"{what}: {name} after one more step")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,9 +117,55 @@ def test_peer_is_matched_and_compared(tmp_path):
     assert "SimpleCrossAttnDownBlock2D" in peer["notes"]
     assert len(peer["step_s"]) == len(ours["step_s"]) == 2
     assert peer["flops_per_sample"] > 0 and 0 < peer["mfu"] <= 1
-    ratio = result["ratio"]
-    assert ratio["samples_per_s"] == pytest.approx(ours["samples_per_s"] / peer["samples_per_s"])
-    assert ratio["peak_mem"] == pytest.approx(ours["peak_mem_gib"] / peer["peak_mem_gib"])
+    assert set(result["ratio"]) == {"samples_per_s", "peak_mem", "params"}  # their values: the test below
+
+
+def test_ours_over_peer_on_a_known_clock(monkeypatch):
+    """Steps that take known times and memory give known figures: ours steps in 0.1 s, the peer in
+    0.3 s (each round's first, untimed, settling step in 1 s), ours holds 1 GiB and grows 1 GiB
+    while stepping, the peer 3 + 1 GiB, and the matmul runs at 1 TFLOP/s. A stand-in for the
+    diffusers peer (a second copy of ours) keeps the test free of bench requirements."""
+    gib = 2**30
+    cost, state, growth = {"ours": 0.1, "peer": 0.3}, {"ours": gib, "peer": 3 * gib}, {"ours": gib, "peer": gib}
+    clock, last, settling = [0.0], ["ours"], [False]
+    real_step = train_step.Trainable.step
+
+    def step(self, batch):
+        last[0] = self.name.split()[0]
+        clock[0] += 1.0 if settling[0] else cost[last[0]]
+        settling[0] = False
+        return real_step(self, batch)
+
+    class Growth:
+        def __init__(self, device):
+            self.kind, self.bytes = "known", 0
+
+        def __enter__(self):
+            settling[0] = True
+            return self
+
+        def __exit__(self, *exc):
+            self.bytes = growth[last[0]]
+
+    def stand_in(cfg, target_params, dtype, device):
+        peer = train_step._ours(cfg, dtype, device)
+        peer.name = "peer (stand-in)"
+        return peer
+
+    monkeypatch.setattr(train_step, "time", SimpleNamespace(perf_counter=lambda: clock[0], strftime=time.strftime))
+    monkeypatch.setattr(train_step, "matmul_seconds", lambda device, dtype, n, reps: [2 * n**3 / 1e12] * reps)
+    monkeypatch.setattr(train_step, "PeakGrowth", Growth)
+    monkeypatch.setattr(train_step.Trainable, "step", step)
+    monkeypatch.setattr(train_step.Trainable, "state_bytes", lambda self: state[self.name.split()[0]])
+    monkeypatch.setattr(train_step, "_peer", stand_in)
+    result = train_step.main(SMOKE + ["--peer"])  # batch 2; 2 rounds of 1 timed step each
+    ours, peer = result["models"]
+    assert result["matmul_peak_tflops"] == pytest.approx(1.0)
+    assert ours["step_s"] == pytest.approx([0.1, 0.1]) and peer["step_s"] == pytest.approx([0.3, 0.3])
+    assert ours["samples_per_s"] == pytest.approx(20) and peer["samples_per_s"] == pytest.approx(20 / 3)
+    assert (ours["peak_mem_gib"], peer["peak_mem_gib"]) == pytest.approx((2, 4))
+    assert result["ratio"] == pytest.approx({"samples_per_s": 3.0, "peak_mem": 0.5, "params": 1.0})
+    assert "ours / peer: samples/s 3.00x, peak memory 0.50x" in train_step.table(result)
 
 
 @pytest.mark.parametrize("preset", ["base64-500m", "base64-2b"])
@@ -299,10 +347,9 @@ def test_unmasked_attention_baseline_drops_the_mask_and_restores_sdpa():
     torch.testing.assert_close(attend(q, k, v, heads=2, mask=mask), masked)  # restored on exit
 
 
-def test_sampling_bench_reports_first_image_and_steady_state(tmp_path):
-    """bench/sampling.py: per run the encoder and every stage, a column's memory the peak of the
-    stages it needs, time to first image the sum of their first-image parts, img/s the stages in
-    series after the first batch."""
+def test_sampling_bench_runs_the_cascade_and_tabulates_it(tmp_path):
+    """bench/sampling.py end to end at tiny size: per run the encoder and every stage up to the
+    largest column, and a table with a cell per column."""
     import sampling
 
     out = tmp_path / "sampling.json"
@@ -317,23 +364,85 @@ def test_sampling_bench_reports_first_image_and_steady_state(tmp_path):
     for name in ("base64", "sr256"):
         s = stages[name]
         assert s["load_s"] > 0 and s["first_batch_s"] > 0 and s["steady_images"] == 1 and s["steady_s"] > 0
-        assert s["first_image_s"] == pytest.approx(s["load_s"] + s["first_batch_s"])
-        assert s["ms_per_call"] == pytest.approx(1e3 * s["steady_s"] / s["nfe_per_image"])
-    col = sampling.column(run, 256)
-    assert col["first_image_s"] == pytest.approx(sum(s["first_image_s"] for s in stages.values()))
-    assert col["images_per_s"] == pytest.approx(
-        1 / (1 / stages["base64"]["steady_images_per_s"] + 1 / stages["sr256"]["steady_images_per_s"]))
-    assert col["peak_mem_gib"] == max(s["peak_mem_gib"] for s in stages.values())
-    assert sampling.column(run, 64)["first_image_s"] < col["first_image_s"]
+    assert sampling.column(run, 64)["first_image_s"] < sampling.column(run, 256)["first_image_s"]
     assert "| 32 first image s |" in result["table"] and "256 b1" in result["table"]
     assert "1024" not in result["table"].splitlines()[2]
+
+
+def test_sampling_bench_times_each_part_on_a_known_clock(tmp_path, monkeypatch, tiny_t5_dir):
+    """One bench run (in process) on a clock that only the work moves: loading the encoder takes
+    100 s, loading a stage 10 s and each network call 1 s. The figures must put each second where
+    it belongs: loading and the first batch in time to first image, the second batch alone in the
+    steady state, and one network call in each 1000 ms per call."""
+    import sampling
+
+    from imagen_train.evaluation import cascade
+
+    clock, calls = [0.0], {}
+    real_load, real_encoder = cascade.load_stage, cascade.load_text_encoder
+
+    def tick(seconds):
+        clock[0] += seconds
+
+    def load_stage(path, *args, **kwargs):
+        net, cfg = real_load(path, *args, **kwargs)
+        tick(10)
+        calls[cfg.stage] = []
+
+        def call(module, args):
+            tick(1)
+            calls[cfg.stage].append(1)
+
+        net.register_forward_pre_hook(call)
+        return net, cfg
+
+    def load_text_encoder(*args, **kwargs):
+        tick(100)
+        return real_encoder(*args, **kwargs)
+
+    monkeypatch.setattr(cascade, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(cascade, "load_stage", load_stage)
+    monkeypatch.setattr(cascade, "load_text_encoder", load_text_encoder)
+    exports = {s: str(sampling.export_random(sampling.PRESETS["tiny"][s], tmp_path / f"{s}.safetensors", 64,
+                                             torch.device("cpu"))) for s in ("base64", "sr256")}
+    rows = sampling.worker({"precision": "32", "network_call": "eager", "batch": 1, "batches": 2, "steps": 2,
+                            "resolution": 256, "guidance": 3.0, "exports": exports, "encoder": str(tiny_t5_dir),
+                            "device": "cpu", "out": str(tmp_path / "out"), "threads": 1})
+    stages = {r["stage"]: r for r in rows}
+    assert stages["text_encoder"]["first_image_s"] == 100
+    for name in ("base64", "sr256"):
+        s, per_batch = stages[name], len(calls[name]) // 2  # two batches of one image, alike
+        assert per_batch >= 2 and len(calls[name]) == 2 * per_batch
+        assert (s["load_s"], s["first_batch_s"], s["first_image_s"]) == (10, per_batch, 10 + per_batch)
+        assert (s["steady_images"], s["steady_s"], s["steady_images_per_s"]) == (1, per_batch, 1 / per_batch)
+        assert s["ms_per_call"] == 1000
+    run = {"status": "ok", "stages": rows}
+    first = {n: 10 + len(calls[n]) // 2 for n in calls}
+    assert sampling.column(run, 64)["first_image_s"] == 100 + first["base64"]
+    assert sampling.column(run, 256)["first_image_s"] == 100 + first["base64"] + first["sr256"]
+
+
+def test_a_sampling_column_adds_its_stages_in_series():
+    """Known stage figures, known column: the encoder and the stages up to the column one after
+    another (times add, one image per s then one per s is one per 2 s), memory the largest."""
+    import sampling
+
+    def stage(name, mem, first, rate):
+        return {"stage": name, "peak_mem_gib": mem, "first_image_s": first, "steady_images_per_s": rate}
+
+    run = {"status": "ok", "stages": [stage("text_encoder", 5.0, 1.0, 0.0), stage("base64", 2.0, 2.0, 1.0),
+                                      stage("sr256", 3.0, 4.0, 1.0), stage("sr1024", 7.0, 8.0, 0.5)]}
+    assert sampling.column(run, 64) == {"peak_mem_gib": 5.0, "first_image_s": 3.0, "images_per_s": 1.0}
+    assert sampling.column(run, 256) == {"peak_mem_gib": 5.0, "first_image_s": 7.0, "images_per_s": 0.5}
+    assert sampling.column(run, 1024) == {"peak_mem_gib": 7.0, "first_image_s": 15.0, "images_per_s": 0.25}
+    one_batch = {"status": "ok", "stages": [dict(s, steady_images_per_s=0.0) for s in run["stages"]]}
+    assert sampling.column(one_batch, 256)["images_per_s"] == 0.0  # no steady state measured: none claimed
+    assert sampling.column({"status": "stopped: over the budget"}, 64) is None
 
 
 def test_sampling_bench_keeps_to_its_budget(tmp_path, monkeypatch):
     """A run that overruns is stopped and marked; runs that would start too late are not started."""
     import subprocess
-    import time
-    from types import SimpleNamespace
 
     import sampling
 

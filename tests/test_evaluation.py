@@ -218,7 +218,7 @@ def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path
                                                                         inception_file, clip_dir):
     from safetensors.torch import load_file
 
-    from imagen_train.training.export import export_checkpoint
+    from imagen_train.artifacts import export_checkpoint
     from train_helpers import read_metrics, run_training, tiny_overrides
 
     plain, evaluated = tmp_path / "plain", tmp_path / "eval"
@@ -315,7 +315,8 @@ def test_flat_ema_windows_place_every_ranks_slices_exactly():
 
 
 def test_eval_memory_benchmark_measures_both_paths(tmp_path):
-    """bench/eval_memory.py at tiny size: every path measured, sizes counted from the network."""
+    """bench/eval_memory.py at tiny size: every path measured, sizes counted from the network, and
+    the peaks within bounds the paths imply."""
     import json
     import subprocess
     import sys
@@ -333,10 +334,15 @@ def test_eval_memory_benchmark_measures_both_paths(tmp_path):
     with torch.device("meta"):
         numel = count_parameters(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution))
     assert row["parameters"] == numel and row["net_bytes"] == 4 * numel and row["dtype"] == "float32"
-    for method in ("materialize_ema", "before"):
-        for part in ("build", "build+sample"):
-            m = row[f"{method}/{part}"]
-            assert m["peak_added_bytes"] >= 0 and m["kind"] in ("cpu_vmhwm", "cpu_maxrss")
+    x_net = {key: m["peak_added_bytes"] / row["net_bytes"] for key, m in row.items() if "/" in key}
+    assert {m["kind"] for key, m in row.items() if "/" in key} == {"cpu_vmhwm"}, row  # a resettable peak (Linux)
+    # The evaluation network costs one copy of itself (docs/benchmarks.md: 1.00-1.07x); the old
+    # path held three fp32 copies at once (the gathered buffer, the clones, the network). Margins
+    # cover page rounding and allocator slack at 3 MiB.
+    assert 0.9 <= x_net["materialize_ema/build"] <= 1.5, x_net
+    assert x_net["before/build"] >= 2.5, x_net
+    # Sampling happens with the network alive: never less than one copy of it.
+    assert x_net["materialize_ema/build+sample"] >= 0.9 and x_net["before/build+sample"] >= 0.9, x_net
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from imagen_train import artifacts
 from imagen_train.artifacts import CheckpointError, ema_slices_for, ema_state_dict, stitch
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from train_helpers import run_training, tiny_overrides
 
 

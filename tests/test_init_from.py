@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from imagen_train import artifacts
-from imagen_train.artifacts import CONFIG_KEY, load_exported
+from imagen_train.artifacts import CONFIG_KEY, export_checkpoint, load_exported
 from imagen_train.config import ConfigError, load_config
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import check_init_from, export_checkpoint, load_init_weights
+from imagen_train.training.export import check_init_from, load_init_weights
 from train_helpers import REPO, launch_command, run_training, tiny_overrides, train_env
 
 CONFIG = REPO / "configs" / "base64-tiny.yaml"
@@ -89,14 +89,47 @@ def test_loads_exact_weights_and_refuses_other_networks(tmp_path, export_file):
     dropped = sorted(missing)[0]
     del missing[dropped]
     extra = {**state, "extra.weight": torch.zeros(2)}
-    for tensors, pattern in ((missing, rf"missing: \['{dropped}'\]"), (extra, r"unexpected: \['extra.weight'\]")):
+    for tensors, pattern in ((missing, rf"1 missing: {dropped}\b"), (extra, r"1 unexpected: extra.weight")):
         bad = write_export(tmp_path / "bad.safetensors", cfg, {f"ema.{k}": v for k, v in tensors.items()})
         with pytest.raises(ConfigError, match=rf"training.init_from.*bad.safetensors.*{pattern}"):
             load_init_weights(net, tiny_cfg(f"training.init_from={bad}"))
     wider = tiny_cfg("model.model_channels=16")
-    with pytest.raises(ConfigError, match=r"training.init_from.*same shapes.*is \[.*\] there, \[.*\] here"):
+    with pytest.raises(ConfigError, match=r"training.init_from.*w.safetensors.*other shapes.*'[\w.]+' is \[.*\] "
+                                          r"there, \[.*\] here"):
         load_init_weights(build_model(wider.model, wider.text, wider.stage, wider.train_resolution),
                           tiny_cfg(f"training.init_from={path}"))
+
+
+def test_one_weight_assigner_for_exports_and_init_from(tmp_path, export_file, monkeypatch):
+    """`training.init_from` and inference both load through `models.assign_weights`: the file's
+    bf16 tensors come in the network's fp32, and the same mismatch is one message for both,
+    raised as a ConfigError for the config key only where a config named the file."""
+    from imagen_train import models
+    from imagen_train.training import export as init
+
+    path, state = export_file
+    cfg = tiny_cfg()
+    half = write_export(tmp_path / "bf16.safetensors", cfg, {f"ema.{k}": v.bfloat16() for k, v in state.items()})
+    calls = []
+    monkeypatch.setattr(init, "assign_weights", lambda *a, **k: calls.append(a[2]) or models.assign_weights(*a, **k))
+    net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
+    load_init_weights(net, tiny_cfg(f"training.init_from={half}"))
+    assert calls == [f"{half} ('ema.' tensors)"]
+    for name, value in net.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, state[name].bfloat16().float()), name
+    assert all(p.requires_grad for p in net.parameters())  # trainable, as built
+
+    wrong = dict(state)
+    key = sorted(wrong)[0]
+    wrong[key] = torch.zeros(3)
+    bad = write_export(tmp_path / "bad.safetensors", cfg, {f"ema.{k}": v for k, v in wrong.items()})
+    with pytest.raises(models.WeightsMismatchError) as at_inference:
+        load_exported(bad)
+    with pytest.raises(ConfigError) as at_init:
+        load_init_weights(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution),
+                          tiny_cfg(f"training.init_from={bad}"))
+    assert f"'{key}' is [3] there" in str(at_inference.value)
+    assert at_init.value.key == "training.init_from" and str(at_inference.value) in str(at_init.value.found)
 
 
 @pytest.mark.timeout(900)

@@ -1,7 +1,8 @@
 """W&B and metrics.jsonl across restarts: one run, every step logged exactly once.
 
-The W&B checks read what real offline wandb wrote (`offline-run-*/run-<id>.wandb`): a LevelDB-
-style log of protobuf `Record`s, parsed here with wandb's own protobuf classes.
+The W&B checks read what real offline wandb wrote (`offline-run-*/run-<id>.wandb`) with wandb's
+own reader of that file (wandb-core, through `wandb leet inspect --json`): an oracle independent
+of the parser the logger uses to find what W&B already holds.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -49,32 +49,30 @@ def _job(run_dir: Path, steps, run_id: str | None = None, fresh: bool = False, k
     return next(line[len("RUN_ID="):] for line in proc.stdout.splitlines() if line.startswith("RUN_ID="))
 
 
-def wandb_history(run_dir: Path, run_id: str) -> list[int]:
-    """Steps of every history row W&B wrote for `run_id`, over all its offline run folders, in order."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def wandb_rows(run_dir: Path, run_id: str) -> list[tuple[int, dict]]:
+    """(step, logged values) of every history row W&B holds for `run_id`, over all its offline
+    run folders, in order.
 
-    steps = []
+    Read by wandb's own reader of its transaction log (wandb-core, `wandb leet inspect --json`),
+    not by ours (`imagen_train.utils.logging.wandb_logged_steps`), so a misreading of the format
+    by ours cannot hide here.
+    """
+    rows = []
     for path in sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
-        data = path.read_bytes()
-        assert data[:4] == b":W&B", path
-        pos, block, pending = 7, 32768, b""
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:  # a block's tail too short for a header is padding
-                pos += left
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0:
-                pos += left
-                continue
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-            pending = chunk if kind in (1, 2) else pending + chunk
-            if kind in (1, 4):  # a whole record, or the last piece of one
-                record = pb.Record()
-                record.ParseFromString(pending)
-                if record.WhichOneof("record_type") == "history":
-                    steps.append(record.history.step.num)
-    return steps
+        proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # none: all lost
+        rows += [(int(r["history"]["step"]["num"]), r["history"]["item"]) for r in records if r["type"] == "history"]
+    return rows
+
+
+def wandb_history(run_dir: Path, run_id: str) -> list[int]:
+    """The steps of `wandb_rows`, each row holding the `train/loss` = 1/step the jobs log."""
+    rows = wandb_rows(run_dir, run_id)
+    for step, item in rows:
+        assert item.get("train/loss") == pytest.approx(1.0 / step), (step, item)
+    return [step for step, _ in rows]
 
 
 def test_restart_before_the_first_checkpoint_continues_the_same_run(tmp_path):
@@ -141,5 +139,9 @@ def test_killed_training_logs_every_step_once_to_one_wandb_run(tmp_path, shards_
     run_id = json.loads((run_dir / LOGGED).read_text())["wandb_id"]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 3
-    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 9))
-    assert wandb_history(run_dir, run_id) == list(range(1, 9))
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    rows = wandb_rows(run_dir, run_id)
+    assert [step for step, _ in rows] == list(range(1, 9))
+    # The points W&B holds (some re-sent from metrics.jsonl after a kill) are those trained.
+    assert [item["train/loss"] for _, item in rows] == pytest.approx([m["train/loss"] for m in metrics])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 from pathlib import Path
@@ -18,7 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = [stage.tiny_preset for stage in STAGES.values()]
 # Preset -> the parameter count its name promises (a test allows 10 % either way).
 REFERENCE = {"base64-2b": 2.0e9, "base64-500m": 500e6, "sr256-400m": 400e6, "sr1024-400m": 400e6}
-FORBIDDEN = ("deepspeed", "torch.distributed", "yaml", "wandb", "webdataset")
 
 
 def _build(cfg, **model_changes):
@@ -263,32 +261,4 @@ def test_low_precision_close_to_fp32(dtype, tolerance):
 
 
 # Activation checkpointing is a speed option applied from outside the model: tests/test_speed.py.
-
-
-# ----------------------------------------------------------------------------------------------
-# Layering: models and diffusion stay single-device and free of I/O.
-
-def _imports(path: Path) -> list[str]:
-    names = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-    return names
-
-
-def test_models_and_diffusion_import_no_distributed_or_io():
-    files = sorted((REPO / "imagen_train" / "models").rglob("*.py"))
-    files += sorted((REPO / "imagen_train" / "diffusion").rglob("*.py"))
-    assert any(f.name == "unet.py" for f in files)
-    bad = [f"{path.relative_to(REPO)}: {name}" for path in files for name in _imports(path)
-           if any(name == mod or name.startswith(mod + ".") for mod in FORBIDDEN)]
-    assert not bad, "forbidden imports:\n" + "\n".join(bad)
-
-
-def test_import_check_catches_forbidden(tmp_path):
-    probe = tmp_path / "probe.py"
-    probe.write_text("import torch\nfrom torch import distributed as dist\nimport yaml\n")
-    names = _imports(probe)
-    assert "torch.distributed" in names and "yaml" in names
+# The import rules (no DeepSpeed, torch.distributed, YAML, W&B or webdataset; no files): tests/test_layers.py.

@@ -5,7 +5,7 @@ complete checkpoint from every rank, no process left behind, and a resume that e
 uninterrupted run does; a stop before the first step ends every process at once. Each test goes
 through the real processes: `deepspeed --num_gpus 2` on 2 CPU ranks (gloo), the tiny base64
 preset, one DataLoader worker per rank. The start-up and loop phases where a stop may land are
-reached on purpose by tests/stop_phases/sitecustomize.py. The shipped SLURM script's dry run is
+reached on purpose by tests/hooks (hook_phases.py). The shipped SLURM script's dry run is
 checked here (tests/test_slurm.py runs it on a real cluster), and the hostfile example is read
 by DeepSpeed's own parser (tests/test_hostfile.py runs a hostfile launch over ssh).
 """
@@ -30,7 +30,7 @@ from imagen_train import artifacts
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
 from imagen_train.training import preemption
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from train_helpers import REPO, free_port, read_metrics, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)
@@ -219,17 +219,15 @@ def test_stop_signal_saves_exits_and_resumes_exactly(tmp_path, shards_64, straig
 
 
 # A stop at any moment: each phase reached on purpose --------------------------------------------
-# tests/stop_phases/sitecustomize.py holds a rank at a named phase (PYTHONPATH, from the test side:
-# the production code has no hook for it) and writes a marker file; the signal goes in then.
+# tests/hooks/hook_phases.py holds a rank at a named phase (PYTHONPATH, from the test side: the
+# production code has no hook for it) and writes a marker file; the signal goes in then.
 
-STOP_PHASES = REPO / "tests" / "stop_phases"
 START_EXIT_BOUND_S = 20  # before the first step: from the signal to the last process gone
 
 
 def _phase_env(markers: Path, pause: str) -> dict[str, str]:
-    markers.mkdir()
-    return {"IMAGEN_TRAIN_TEST_PAUSE": pause, "IMAGEN_TRAIN_TEST_MARKERS": str(markers),
-            "PYTHONPATH": os.pathsep.join([str(STOP_PHASES), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    markers.mkdir()  # train_env puts tests/hooks on the ranks' PYTHONPATH for these variables
+    return {"IMAGEN_TRAIN_TEST_PAUSE": pause, "IMAGEN_TRAIN_TEST_MARKERS": str(markers)}
 
 
 def _wait_for_markers(markers: Path, names: list[str], proc: subprocess.Popen, lines: list[str]) -> None:
@@ -570,14 +568,20 @@ WORKER_SCRIPT = textwrap.dedent("""
     class Pids(IterableDataset):
         def __iter__(self):
             while True:
-                yield os.getpid()
+                yield os.getpid(), time.monotonic()  # who made the item, and when
 
     it = iter(DataLoader(Pids(), batch_size=None, num_workers=1, worker_init_fn=worker_init(["SIGUSR1"])))
-    worker = next(it)
+    worker, _ = next(it)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         os.kill(worker, sig)
-    time.sleep(0.5)
-    assert next(it) == worker  # the same worker still serves
+    sent = time.monotonic()
+    # The loader prefetches: items made before the signals prove nothing. Take items until one
+    # made after them (a dead worker makes none: the loader raises that it exited).
+    for _ in range(100):
+        pid, made = next(it)
+        if made > sent:
+            break
+    assert made > sent and pid == worker  # the same worker, alive, still serves
     print("worker", worker, flush=True)
     # Exit without closing the loader: multiprocessing's exit hook would wait for ever on a
     # worker that ignores SIGTERM; ours kills it.

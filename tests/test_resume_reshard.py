@@ -1,8 +1,11 @@
 """Resuming onto another world size or ZeRO stage keeps the optimizer, the EMA, the step and the
-LR schedule (training/resume.py, training/engine_reshard.py; docs/training.md, "Resume")."""
+LR schedule (training/resume.py, training/engine_reshard.py; docs/training.md, "Resume"); what
+that and the EMA read of DeepSpeed below its API is in training/deepspeed_internals.py, each
+item checked here by name."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -11,6 +14,7 @@ import torch
 
 from imagen_train import artifacts
 from imagen_train.artifacts import CheckpointError
+from imagen_train.training import deepspeed_internals
 from imagen_train.training.engine_reshard import sources
 from train_helpers import REPO, free_port, read_metrics, tiny_overrides, train_env
 
@@ -63,13 +67,81 @@ def test_ema_is_recut_from_the_overlapping_slices_only(tmp_path):
 
 # DeepSpeed, one process of 2 ranks ----------------------------------------------------------
 
+# Entries of INTERNALS no CPU engine reaches, and why.
+GPU_ONLY = {"optimizer.fp16_groups, fp32_groups_flat": "FP16_Optimizer: ZeRO-0 in bf16/fp16 with "
+            "DeepSpeed's fused Adam, an op compiled for a GPU (torch's AdamW gets FP16_UnfusedOptimizer)"}
+# Optimizer kinds the CPU cases build (no "fp16": see GPU_ONLY), whose files the cases probe.
+CPU_KINDS = ("torch", "zero", "zero3", "fp16-unfused")
+
+
 def test_deepspeed_internals_the_reshard_reads(tmp_path):
     """Every ZeRO stage as source and as target, fp32 and bf16 (reshard_internals_check.py): the
     re-sliced state equals the saved one by DeepSpeed's own consolidation, and trains on alike.
-    A DeepSpeed upgrade that moves an attribute or file key engine_reshard reads fails here."""
+    Every engine there is probed (deepspeed_internals.probe) and every checkpoint's files
+    (probe_checkpoint): each entry of INTERNALS and each file key is read by name on some CPU
+    engine (GPU_ONLY aside), so a DeepSpeed upgrade that moves one fails here, naming it."""
     proc = torchrun(2, "reshard_internals_check.py", str(REPO), str(tmp_path))
-    cases = [line for line in proc.stdout.splitlines() if line.startswith("CASE")]
+    lines = proc.stdout.splitlines()
+    cases = [line for line in lines if line.startswith("CASE")]
     assert len(cases) == 8 and all(line.endswith(" ok") for line in cases), proc.stdout[-3000:]
+    read = {line.removeprefix("INTERNAL ") for line in lines if line.startswith("INTERNAL ")}
+    every = {item.name for item in deepspeed_internals.INTERNALS}
+    assert set(GPU_ONLY) <= every
+    assert every - read == set(GPU_ONLY), f"never read on the CPU: {sorted(every - read - set(GPU_ONLY))}"
+    keys = {line.removeprefix("FILEKEY ") for line in lines if line.startswith("FILEKEY ")}
+    for kind in CPU_KINDS:
+        for file, path in deepspeed_internals.file_keys(kind):
+            assert f"{kind} {file} file: {'/'.join(path)}" in keys, (kind, file, path, sorted(keys))
+
+
+def _internal_names() -> set[str]:
+    """The attribute names of INTERNALS' entries that only DeepSpeed's objects have (not
+    `optimizer`, `__name__` or `loss_scale`, which our own code uses too)."""
+    names = {piece.strip().split(".")[-1] for item in deepspeed_internals.INTERNALS for piece in item.name.split(",")}
+    return names - {"optimizer", "__name__", "loss_scale"}
+
+
+def test_deepspeed_internals_are_touched_in_one_file():
+    """No module of ours but training/deepspeed_internals.py reads an attribute of INTERNALS or
+    a key of DeepSpeed's files, so an upgrade has one file to fix."""
+    names = _internal_names()
+    assert {"_hp_mapping", "get_hp_fragment", "ds_tensor", "_get_zero_ckpt_name", "global_steps"} <= names
+    keys = {key for kind in CPU_KINDS + ("fp16",) for _, path in deepspeed_internals.file_keys(kind)
+            for key in path} - {"module", "optimizer", "state"}
+    home = REPO / "imagen_train" / "training" / "deepspeed_internals.py"
+    source = home.read_text()
+    assert all(name in source for name in names | keys)
+    for path in sorted((REPO / "imagen_train").rglob("*.py")):
+        if path == home:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in names:
+                raise AssertionError(f"{path.relative_to(REPO)}:{node.lineno} reads DeepSpeed's .{node.attr}")
+            if isinstance(node, ast.Constant) and node.value in keys:
+                raise AssertionError(f"{path.relative_to(REPO)}:{node.lineno} reads DeepSpeed's file key {node.value!r}")
+
+
+def test_probe_names_what_moved():
+    """Against a DeepSpeed whose ZeRO-2 wrapper kept none of what we read, the probe lists every
+    missing item by name and what it is for (the error an upgrade would give)."""
+    class DeepSpeedZeroOptimizer:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    class Engine:
+        optimizer, module = DeepSpeedZeroOptimizer(), torch.nn.Linear(2, 2)
+
+        def zero_optimization_stage(self):
+            return 2
+
+    with pytest.raises(deepspeed_internals.DeepSpeedInternalsError) as err:
+        deepspeed_internals.probe(Engine())
+    message = str(err.value)
+    for name in ("optimizer.overflow", "param._hp_mapping", "engine._get_ckpt_name", "engine._get_zero_ckpt_name",
+                 "engine.global_steps", "optimizer._lazy_init_hp_params_optimizer_state",
+                 "optimizer.update_lp_params", "optimizer.loss_scale"):
+        assert name in message, (name, message)
+    assert "ZeRO 1-2: where a parameter's fp32 master fragment is" in message
+    assert "optimizer.optimizer (" not in message and "ds_tensor" not in message  # present, or not ZeRO-3
 
 
 # The trainer: 2 ranks, then 1, then 2 again ---------------------------------------------------

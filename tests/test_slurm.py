@@ -26,13 +26,13 @@ import torch
 from cluster_helpers import missing_or_skip, slurm_service, wait_none_left
 from imagen_train import artifacts
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from train_helpers import REPO, free_port, read_metrics, run_training, tiny_overrides, train_env
 
 pytestmark = pytest.mark.timeout(600)
 
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
-STOP_PHASES = REPO / "tests" / "stop_phases"
+STOP_PHASES = REPO / "tests" / "hooks"  # test-only hooks the ranks load (hook_phases.py)
 MAX_STEPS = 12
 KILL_WAIT_S = 30  # tests/cluster/slurm.sh: SLURM SIGKILLs what is left this long after SIGTERM
 GONE_BOUND_S = 25  # our processes must end on their own, before SLURM's SIGKILL could
@@ -165,7 +165,7 @@ def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_pa
        limit: it checks every 30 s and sends it early rather than late); the test sends nothing;
     2. `scancel --signal=USR1 --batch` (the time limit is lifted first, so only this can stop it);
     3. the last start trains to the end. Losses and final weights equal the single-node run's.
-    Each start is held (tests/stop_phases, `step`) after its first step until it is told to stop,
+    Each start is held (tests/hooks, `step`) after its first step until it is told to stop,
     so that it stops at a known step."""
     run_dir, markers = tmp_path / "run", tmp_path / "markers"
     markers.mkdir()
@@ -220,7 +220,7 @@ def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_pa
 
 @pytest.mark.parametrize("how", ["scancel", "usr1"])
 def test_signal_during_startup_leaves_nothing_running(slurm, tmp_path, shards_64, how):
-    """Both ranks held while importing torch (tests/stop_phases), then `scancel` (SIGTERM to
+    """Both ranks held while importing torch (tests/hooks), then `scancel` (SIGTERM to
     everything) or the time-limit warning (`scancel --signal=USR1 --batch`): every process ends
     at once with nothing saved; after the warning the job is requeued (it saved nothing, and it
     comes back to train)."""

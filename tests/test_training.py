@@ -16,7 +16,7 @@ from imagen_train import artifacts
 from imagen_train.artifacts import load_exported
 from imagen_train.config import ConfigError, load_config
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import export_checkpoint
+from imagen_train.artifacts import export_checkpoint
 from imagen_train.training.preflight import preflight
 from train_helpers import (REPO, free_port, launch_command, read_metrics, run_training, tiny_overrides,
                            train_env)

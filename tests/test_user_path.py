@@ -23,7 +23,7 @@ from imagen_train.config import ConfigError, LoggingConfig, load_config, load_pr
 from imagen_train.evaluation.fid import FeatureStats, require_fid_stats
 from imagen_train.evaluation.pipeline_config import load_pipeline_config
 from imagen_train.evaluation.sweep import check_sweep_inputs, sweep_pipeline
-from imagen_train.training import engine, trainer as trainer_module
+from imagen_train.training import trainer as trainer_module
 from imagen_train.utils.logging import MetricLogger
 from sampling_helpers import export_tiny
 from train_helpers import REPO, train_env
@@ -85,7 +85,7 @@ def test_resume_refuses_another_network_naming_the_keys_before_anything_loads(tm
     def loading(*args, **kwargs):
         raise _Loaded()
 
-    monkeypatch.setattr(engine, "init_distributed", loading)
+    monkeypatch.setattr(trainer_module, "init_distributed", loading)
     monkeypatch.setattr(trainer_module, "build_model", loading)
     changed = load_preset("base64-tiny", sets + ["model.model_channels=16", "model.num_head_channels=16",
                                                   "diffusion.prediction=v"])

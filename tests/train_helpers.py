@@ -1,77 +1,13 @@
-"""Launching 2-rank CPU training jobs from tests."""
+"""Launching tiny 2-rank CPU training jobs from tests: the helpers live in bench/tiny_runs.py,
+which bench/kill_resume.py launches its runs with too (bench imports no test module)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+from tiny_runs import HOOKS, REPO, free_port, launch_command, read_metrics, run_training, tiny_overrides, train_env  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_overrides(run_dir: Path, shards: str, embed_dim: int, zero_stage: int = 2,
-                   max_steps: int = 10, **extra) -> list[str]:
-    """Settings that make a tiny preset train in seconds on 2 CPU ranks."""
-    sets = {
-        "run_dir": str(run_dir),
-        "data.train_shards": shards,
-        "data.num_workers": 0,
-        "data.shuffle_buffer": 16,
-        "text.embed_dim": embed_dim,
-        "text.max_length": 16,
-        "training.precision": "fp32",
-        "training.zero_stage": zero_stage,
-        "training.micro_batch_size": 4,
-        "training.global_batch_size": 8,
-        "training.max_steps": max_steps,
-        "training.log_every_steps": 1,
-        "optim.lr": 1e-3,
-        "lr_schedule.warmup_steps": 0,
-        "ema.decay": 0.9,
-        "checkpoint.every_steps": 10,
-        "checkpoint.keep_last": 5,
-        "logging.wandb_mode": "disabled",
-        "logging.progress_bar": False,
-    }
-    sets.update(extra)
-    return [f"{k}={v}" for k, v in sets.items()]
-
-
-def launch_command(config: str, overrides: list[str], nproc: int = 2, resume: str = "auto") -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(REPO / "launch" / "train.py"),
-           "--config", str(REPO / "configs" / config), "--resume", resume]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
-
-
-def train_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    env.update(extra)
-    return env
-
-
-def run_training(config: str, overrides: list[str], nproc: int = 2, resume: str = "auto",
-                 timeout: int = 300, expect_rc: int = 0, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch_command(config, overrides, nproc, resume), cwd=REPO,
-                          env=train_env(**env), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != expect_rc:
-        raise AssertionError(f"training exited {proc.returncode} (expected {expect_rc})\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+__all__ = ["HOOKS", "REPO", "free_port", "launch_command", "read_metrics", "run_training", "tiny_overrides", "train_env"]

@@ -1,5 +1,6 @@
-"""Exported weights (.safetensors with the resolved config in its metadata), and loading a
-stage's network for inference from an export or a checkpoint folder, without DeepSpeed.
+"""Exported weights (.safetensors with the resolved config in its metadata): writing one from a
+checkpoint folder (`export_checkpoint`), and loading a stage's network for inference from an
+export or a checkpoint folder, without DeepSpeed.
 
 An export holds the EMA weights under `ema.` (and optionally the raw weights under `raw.`) and
 the training config as JSON under the metadata key CONFIG_KEY; a `.yaml` of the same config
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from imagen_train.config import Config, from_dict, upgrade_stored
 from imagen_train.models import assign_weights, build_model
 
-from .checkpoints import find_checkpoint, read_config
+from .checkpoints import find_checkpoint, read_config, verify
 from .ema import ema_state_dict
 
 CONFIG_KEY = "imagen_train_config"
@@ -36,6 +37,21 @@ def write_export(tensors: dict[str, torch.Tensor], cfg: Config, out_path: str | 
     tmp.replace(out_path)
     out_path.with_suffix(".yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_path
+
+
+def export_checkpoint(folder: str | Path, out_path: str | Path, include_raw: bool = False,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Write `out_path` (.safetensors) with the EMA weights of a verified checkpoint folder (of
+    any ZeRO stage, stitched on this one process) and its resolved config.
+
+    `include_raw` adds the raw (non-EMA) weights under the prefix `raw.` (DeepSpeed reads them).
+    """
+    folder = Path(folder)
+    verify(folder)
+    tensors = {f"ema.{k}": v.to(dtype).contiguous() for k, v in ema_state_dict(folder).items()}
+    if include_raw:
+        tensors.update({f"raw.{k}": v.to(dtype).contiguous() for k, v in raw_weights(folder).items()})
+    return write_export(tensors, read_config(folder), out_path)
 
 
 def exported_config(path: str | Path) -> Config:

@@ -29,17 +29,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imagen_train.data.resplit import mask_to_set, plan_resplit, set_to_mask
-from imagen_train.data.schema import KNOWN_KEYS, is_unsafe_key
+from imagen_train.data.samples import Batch, Sample, SampleSpec, collate, decode
 from imagen_train.data.shards import expand_shards, iter_raw_samples
 from imagen_train.data.stream import ShuffleBuffer, TailReader, epoch_order, seeded_rng, shard_split
-from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
+from imagen_train.data.transforms import SkipSample
 from imagen_train.utils.signals import worker_init
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class StageStream(IterableDataset):
         self.generation = generation
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.num_workers = max(1, cfg.data.num_workers)
-        self.geo = StageGeometry.from_config(cfg)
+        self.spec = SampleSpec.from_config(cfg)
         self.batch_size = cfg.training.micro_batch_size
         self.worker_states = worker_states
         self.rotation = rotation
@@ -99,7 +98,7 @@ class StageStream(IterableDataset):
             _skip(stats, "bad_shard", f"{url}:{key}" if key else url, msg)
 
         def read(url: str) -> Iterator[dict[str, Any]]:
-            return iter_raw_samples(url, on_error, keep=lambda ext: ext in KNOWN_KEYS or is_unsafe_key(ext),
+            return iter_raw_samples(url, on_error, keep=self.spec.keep,
                                     retries=self.cfg.data.read_retries, backoff_s=self.cfg.data.retry_backoff_s,
                                     timeout_s=self.cfg.data.read_timeout_s)
 
@@ -138,7 +137,7 @@ class StageStream(IterableDataset):
         for _, raw in buffer.drain():
             yield buffer.outputs - 1, raw
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         slot = info.id if info is not None else 0
         worker = (slot + self.rotation) % self.num_workers
@@ -147,22 +146,22 @@ class StageStream(IterableDataset):
             return
         ids, epoch = self._ids(worker), state["epoch"]
         stats = state["stats"]
-        batch: list[dict[str, Any]] = []
+        batch: list[Sample] = []
         snapshot: list[Callable[[], None]] = []
         for pos, raw in self._samples(worker, state, snapshot):
             try:
-                sample = decode_sample(raw, self.geo, self.cfg.text.embed_dim, self.cfg.text.max_length,
-                                       seeded_rng(4, *ids, epoch, pos))
+                sample = decode(raw, self.spec, seeded_rng(4, *ids, epoch, pos))
             except SkipSample as err:
                 _skip(stats, err.reason, f"{raw['__url__']}:{raw['__key__']}", err.detail)
                 continue
-            sample["key"] = f"{os.path.basename(raw['__url__'])}:{raw['__key__']}"
             stats["samples"] += 1
             batch.append(sample)
             if len(batch) == self.batch_size:
                 state["consumed"] = pos + 1
                 snapshot[0]()
-                yield _collate(batch, worker, state, self.cfg.text)
+                out = collate(batch, self.cfg.text.max_length, self.cfg.text.pad_to_longest)
+                out["_state"] = {"worker": worker, **copy.deepcopy(state)}
+                yield out
                 batch = []
         # A finite epoch ends here; the partial batch is dropped so every batch is full.
         state["done"] = True
@@ -172,17 +171,6 @@ class StageStream(IterableDataset):
 def _skip(stats: dict[str, Any], reason: str, name: str, detail: str) -> None:
     stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
     stats["examples"] = (stats["examples"] + [f"{reason}: {name} {detail}".strip()])[-MAX_SKIP_EXAMPLES:]
-
-
-def _collate(samples: list[dict[str, Any]], worker: int, state: dict[str, Any], text: Any) -> dict[str, Any]:
-    batch: dict[str, Any] = {k: to_unit_range(torch.stack([s[k] for s in samples]))
-                             for k in ("image", "lowres") if k in samples[0]}
-    batch["text_emb"], batch["text_mask"] = pad_embeddings([s["emb"] for s in samples], text.max_length,
-                                                                text.pad_to_longest)
-    batch["caption"] = [s["caption"] for s in samples]
-    batch["key"] = [s["key"] for s in samples]
-    batch["_state"] = {"worker": worker, **copy.deepcopy(state)}
-    return batch
 
 
 class TrainLoader:
@@ -208,7 +196,7 @@ class TrainLoader:
     def __iter__(self) -> "TrainLoader":
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> Batch:
         while True:
             if self._it is None:
                 self._it = self._start()

@@ -16,8 +16,9 @@ key (the member name up to the first dot of its basename), with img2dataset-comp
                      "dim": int, "dtype": "float16", "max_length": int, "encoder": str,
                      "truncated": bool}
 
-The loader pads the embedding with zeros to `cfg.text.max_length` (or truncates it) and builds
-the boolean mask. A sample whose `t5.json` names another schema or version, whose array is not
+The loader truncates the embedding to `cfg.text.max_length` tokens, pads each batch with zeros
+to its longest caption rounded up to 8 tokens (or to `max_length` without `text.pad_to_longest`),
+keeps it float16 and builds the boolean mask (data/samples.py `collate`, docs/CONTRACTS.md). A sample whose `t5.json` names another schema or version, whose array is not
 2-D float16 of `n_tokens` rows, or whose width differs from `cfg.text.embed_dim` is skipped and
 counted. Bump `EMBED_SCHEMA_VERSION` with any incompatible change and teach `read_embedding`
 the old versions.

@@ -1,4 +1,4 @@
-"""Decoding of known entries and the per-stage image pyramid.
+"""Image decoding, the per-stage image pyramid, and text padding (data/samples.py puts them together).
 
 Only the schema's keys are ever decoded (images with PIL, text as UTF-8, JSON, `.npy` with
 `allow_pickle=False`); anything else in a tar is ignored. Images follow the reference recipe:
@@ -20,9 +20,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-
-from imagen_train.data.schema import (EMBED_KEY, EMBED_META_KEY, SchemaError, image_key, is_unsafe_key,
-                                      read_embedding)
 
 Image.MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs above ~268 MP
 
@@ -141,39 +138,3 @@ def pad_embeddings(embs: list[np.ndarray], max_length: int, to_longest: bool = T
         out[i, :n] = torch.from_numpy(np.asarray(emb[:n], dtype=np.float16))
         mask[i, :n] = True
     return out, mask
-
-
-def decode_sample(raw: dict[str, Any], geo: StageGeometry, embed_dim: int, max_length: int,
-                  rng: random.Random) -> dict[str, Any]:
-    """One raw tar sample -> {image, [lowres], emb (n, D) float16, caption}, or raise SkipSample."""
-    unsafe = sorted(k for k in raw if not k.startswith("__") and is_unsafe_key(k))
-    if unsafe:  # the bytes were read, never decoded: a pickle is never loaded
-        raise SkipSample("unsafe_entry", f"carries {', '.join('.' + k for k in unsafe)} (pickle formats "
-                                         f"are refused)")
-    ext = image_key(raw)
-    if ext is None:
-        raise SkipSample("no_image")
-    txt = raw.get("txt")
-    if txt is None:
-        raise SkipSample("no_caption")
-    try:
-        caption = txt.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SkipSample("no_caption", "caption is not UTF-8") from None
-    if EMBED_KEY not in raw:
-        raise SkipSample("no_embedding")
-    try:
-        emb, _ = read_embedding(raw.get(EMBED_KEY), raw.get(EMBED_META_KEY))
-    except SchemaError as err:
-        raise SkipSample("bad_embedding", str(err)) from None
-    if emb.shape[1] != embed_dim:
-        raise SkipSample("wrong_embed_dim", f"{emb.shape[1]} != text.embed_dim {embed_dim}")
-    if emb.shape[0] == 0 or not np.isfinite(emb).all():
-        raise SkipSample("bad_embedding", "empty or non-finite")
-    img = decode_image(raw[ext], geo.min_image_size, geo.output_resolution)
-    image, lowres = image_pyramid(img, geo, rng)
-    # The embedding stays (n, D) float16 here; `pad_embeddings` pads the whole batch at once.
-    sample = {"image": image, "emb": emb[:max_length], "caption": caption}
-    if lowres is not None:
-        sample["lowres"] = lowres
-    return sample

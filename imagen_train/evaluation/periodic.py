@@ -54,8 +54,7 @@ import torch
 from torch import Tensor
 
 from imagen_train.config import Config, ConfigError
-from imagen_train.data import expand_shards, iter_raw_samples
-from imagen_train.data.transforms import SkipSample, StageGeometry, decode_sample, pad_embeddings, to_unit_range
+from imagen_train.data import SampleSpec, collate, read_samples
 from imagen_train.diffusion import build_diffusion
 from imagen_train.diffusion.caller import NetworkCaller
 from imagen_train.stages import get_stage
@@ -93,33 +92,20 @@ def free_memory() -> None:
 
 
 def read_eval_samples(cfg: Config, n: int) -> dict[str, Any]:
-    """The first `n` decodable samples of `data.eval_shards` (center crop; deterministic).
+    """The first `n` decodable samples of `data.eval_shards` (center crop; deterministic), collated
+    as the loader collates (`data.samples`), with the text in float32.
 
     Returns {"image" (n, 3, T, T), ["lowres" (n, 3, t, t)], "text_emb" (n, L, D), "text_mask",
-    "caption"}, images in [-1, 1]. Fewer than n if the shards hold fewer.
+    "caption", "key"}, images in [-1, 1]. Fewer than n if the shards hold fewer.
     """
     if not cfg.data.eval_shards:
         raise ConfigError("data.eval_shards", "eval shards (periodic evaluation conditions on them)", None)
-    geo = replace(StageGeometry.from_config(cfg), random_crop=False)
     rng = random.Random(cfg.evaluation.seed)  # sr1024's patch position; never the global RNG
-    samples = []
-    for url in expand_shards(cfg.data.eval_shards):
-        for raw in iter_raw_samples(url):
-            try:
-                samples.append(decode_sample(raw, geo, cfg.text.embed_dim, cfg.text.max_length, rng))
-            except SkipSample:
-                continue
-            if len(samples) >= n:
-                break
-        if len(samples) >= n:
-            break
+    samples = read_samples(cfg.data.eval_shards, SampleSpec.from_config(cfg, random_crop=False), n, rng)
     if not samples:
         raise ConfigError("data.eval_shards", "shards with usable samples", cfg.data.eval_shards)
-    out: dict[str, Any] = {k: to_unit_range(torch.stack([s[k] for s in samples]))
-                           for k in ("image", "lowres") if k in samples[0]}
-    emb, out["text_mask"] = pad_embeddings([s["emb"] for s in samples], cfg.text.max_length)
-    out["text_emb"] = emb.float()  # the sampler calls the network with what it is given
-    out["caption"] = [s["caption"] for s in samples]
+    out: dict[str, Any] = dict(collate(samples, cfg.text.max_length))
+    out["text_emb"] = out["text_emb"].float()  # the sampler calls the network with what it is given
     return out
 
 

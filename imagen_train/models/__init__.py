@@ -62,29 +62,35 @@ def assign_weights(net: nn.Module, state: Mapping[str, torch.Tensor], source: st
                    device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Make `state`'s tensors the weights of `net` (built on any device, the meta one included).
 
+    The one weight assigner: exports, checkpoint folders and `training.init_from` all load
+    through it. `state` must name exactly the network's state-dict entries, each of the
+    network's shape; otherwise WeightsMismatchError names `source` (e.g. the file) and the keys.
     Tensors are moved to `device` and floating ones cast to `dtype` where given (no copy when
     they are there already: read a file straight to its device and dtype to keep one copy of
-    the weights), then taken as they are by `load_state_dict(assign=True)`. `state` must name
-    exactly the network's state-dict entries; the error names `source` (e.g. the file) and the
-    keys otherwise. Afterwards every parameter and buffer is checked off the meta device: one
-    outside the state dict (a non-persistent buffer, say) would be left unset by a meta build.
+    the weights), then taken as they are by `load_state_dict(assign=True)`. Afterwards every
+    parameter and buffer is checked off the meta device: one outside the state dict (a
+    non-persistent buffer, say) would be left unset by a meta build.
     """
-    expected = set(net.state_dict().keys())
-    missing, unexpected = expected - set(state), set(state) - expected
+    shapes = {key: tuple(t.shape) for key, t in net.state_dict().items()}
+    missing, unexpected = set(shapes) - set(state), set(state) - set(shapes)
     if missing or unexpected:
         parts = [f"{len(missing)} missing: {_names(missing)}"] if missing else []
         parts += [f"{len(unexpected)} unexpected: {_names(unexpected)}"] if unexpected else []
         raise WeightsMismatchError(f"{source} does not hold this {type(net).__name__}'s weights ("
                                    + "; ".join(parts) + ")")
+    wrong = [key for key in shapes if tuple(state[key].shape) != shapes[key]]
+    if wrong:
+        listed = "; ".join(f"'{k}' is {list(state[k].shape)} there, {list(shapes[k])} here"
+                           for k in wrong[:_LISTED_KEYS])
+        more = f" ... and {len(wrong) - _LISTED_KEYS} more" if len(wrong) > _LISTED_KEYS else ""
+        raise WeightsMismatchError(f"{source} holds weights of other shapes than this {type(net).__name__}'s "
+                                   f"({len(wrong)}: {listed}{more})")
     moved = {}
     for key in list(state):
         tensor = state[key]
         cast = dtype if dtype is not None and tensor.is_floating_point() else None
         moved[key] = tensor.to(device=device, dtype=cast) if device is not None or cast else tensor
-    try:
-        net.load_state_dict(moved, strict=True, assign=True)
-    except RuntimeError as err:  # shapes: load_state_dict lists every mismatch
-        raise WeightsMismatchError(f"{source}: {err}") from err
+    net.load_state_dict(moved, strict=True, assign=True)
     unset = [name for name, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
     if unset:
         raise RuntimeError(f"{type(net).__name__} built on the meta device: {_names(set(unset))} "

@@ -1,10 +1,10 @@
 """Atomic checkpoints across ranks: written under a staging name, verified, renamed, pointed to.
 
 The folder layout, manifests and verification are `imagen_train.artifacts.checkpoints`; this
-module adds what needs every rank: preparing the staging folder, splitting the hashing and the
-verification over the ranks, and sealing. A crash at any point leaves the previous complete
-checkpoint and `latest` intact. Folders must be on storage every rank sees (a shared filesystem
-on multi-node runs).
+module adds what needs every rank: preparing the staging folder, writing one step's checkpoint
+(`save`), splitting the hashing and the verification over the ranks, and sealing. A crash at
+any point leaves the previous complete checkpoint and `latest` intact. Folders must be on
+storage every rank sees (a shared filesystem on multi-node runs).
 """
 
 from __future__ import annotations
@@ -12,16 +12,45 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
-from imagen_train.artifacts.checkpoints import (LATEST, MANIFEST, STAGING_PREFIX, CheckpointError,
+from imagen_train.artifacts.checkpoints import (CONFIG_FILE, LATEST, MANIFEST, STAGING_PREFIX, CheckpointError,
                                                 CheckpointWriteError, list_complete, manifest_entry,
                                                 point_latest, prune, read_rank_state, staging_tag, tag_for,
                                                 verify, write_manifest, write_rank_state)
+from imagen_train.config import Config, save_config
+from imagen_train.training.engine_api import Engine
 from imagen_train.utils import dist
 
 __all__ = ["LATEST", "MANIFEST", "STAGING_PREFIX", "CheckpointError", "CheckpointWriteError", "commit",
-           "list_complete", "load_rank_state", "prepare_staging", "save_rank_state", "tag_for", "verify_shared"]
+           "list_complete", "load_rank_state", "prepare_staging", "save", "save_rank_state", "tag_for",
+           "verify_shared"]
+
+
+def save(root: Path, step: int, engine: Engine, rank_state: Callable[[], dict[str, Any]], cfg: Config,
+         previous: Optional[Path]) -> Path:
+    """Write, seal and point to the checkpoint of `step` on every rank; a failed write raises loudly.
+
+    The folder holds the engine's files, then each rank's `rank_state()` (taken after the
+    engine's save, as the run goes on from there) and the config. A rank whose write fails
+    (full disk, I/O error) raises CheckpointWriteError naming the checkpoint and the cause, and
+    removes the staging folder; the other ranks then fail at the next collective (or its
+    timeout). `previous` (the last checkpoint, for the message) and `latest` are never touched
+    before the new checkpoint is complete.
+    """
+    staging = prepare_staging(root, step)
+    try:
+        engine.save(staging)
+        save_rank_state(staging, rank_state())
+        if dist.is_main():
+            save_config(cfg, staging / CONFIG_FILE)
+    except Exception as err:  # torch.save reports a full disk as RuntimeError, not OSError
+        shutil.rmtree(staging, ignore_errors=True)  # give the space back; never read
+        raise CheckpointWriteError(
+            f"rank {dist.rank()} could not write checkpoint step {step} to {staging}: "
+            f"{type(err).__name__}: {err}. The previous checkpoint {previous or '(none)'} and "
+            f"{root / LATEST} are intact") from err
+    return commit(root, step, cfg.checkpoint.keep_last)
 
 
 def save_rank_state(folder: Path, state: dict) -> None:

@@ -2,7 +2,7 @@
 
 Each rank averages only its own slice of every flattened parameter: the part of the fp32
 master weights its optimizer partition holds (ZeRO 1-3), or an equal part (ZeRO-0); see
-`training.engine.weight_views`. No gathering per step; the slices are stitched together only
+`Engine.master_weights` (training/engine_api.py). No gathering per step; the slices are stitched together only
 when an export or an evaluation needs the whole model (`artifacts.ema.stitch`).
 """
 

@@ -1,7 +1,7 @@
 """The EMA network for periodic evaluation, built from the slices the ranks keep.
 
 Training owns the layout of the EMA (each rank keeps the EMA of its slice of every flattened
-parameter: `training.engine.partition_layout`), so training turns it into a network and hands
+parameter: `Engine.master_layout`, training/engine_api.py), so training turns it into a network and hands
 the evaluator a callable, `materialize_ema(dtype, device) -> nn.Module`; the evaluator never
 sees slices, bounds or ZeRO stages.
 
@@ -95,7 +95,7 @@ class EMANetwork:
     calls it together). See the module docstring.
 
     `layout[name]` is this rank's {"shape", "numel", "start", "end"} of each trainable parameter
-    (`engine.partition_layout`), in the network's parameter order; `shadow[name]` the EMA of
+    (`Engine.master_layout`), in the network's parameter order; `shadow[name]` the EMA of
     that slice, flat, read at each call (the EMA updates it in place).
     """
 

@@ -1,8 +1,9 @@
 """Resuming onto another world size or ZeRO stage: DeepSpeed's optimizer state, re-sliced.
 
-With engine.py, the DeepSpeed boundary: what re-slicing must know of DeepSpeed's optimizers and
-checkpoint files is here, and tests/test_resume_reshard.py::test_deepspeed_internals_the_reshard_reads
-fails, naming the attribute, if a DeepSpeed upgrade moves any of it.
+What re-slicing must know of DeepSpeed's optimizers and checkpoint files (their flat fp32
+tensors, file names and keys, step counters, and how to relink the module's weights) is in
+training/deepspeed_internals.py, where tests/test_resume_reshard.py checks every item by name;
+this module is the re-slicing itself, on plain tensors and dictionaries.
 
 At every save each rank records where its optimizer keeps each parameter (`optimizer_layout`):
 which elements of the flattened parameter, at which offset of which flat fp32 tensor, in which
@@ -16,46 +17,20 @@ Why this and not DeepSpeed's universal checkpoint: docs/design-notes.md.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from imagen_train.artifacts.checkpoints import CheckpointError, pickled_bytes
-from imagen_train.training.engine import _master_slices, _zero0_masters, is_zero3, torch_optimizer
+from imagen_train.training.deepspeed_internals import (fp32_flats, master_slices, optimizer_kind, rank_files,
+                                                       refresh_low_precision, relink_masters, restore_schedule,
+                                                       saved_optimizer, torch_optimizer, zero0_masters)
 from imagen_train.utils import dist
 
-from deepspeed.utils import safe_get_local_fp32_param  # noqa: E402,I100  (engine.py set DS_ACCELERATOR)
-
 LAYOUT_VERSION = 1
-# Optimizer wrapper class -> kind; the kind says where DeepSpeed's files keep the fp32 masters
-# and the torch optimizer's state (`saved_optimizer`).
-_OPTIMIZER_KINDS = {"DeepSpeedZeroOptimizer": "zero", "BF16_Optimizer": "zero",
-                    "DeepSpeedZeroOptimizer_Stage3": "zero3", "FP16_Optimizer": "fp16",
-                    "FP16_UnfusedOptimizer": "fp16-unfused"}
 # Fragment of one parameter on one rank: (name, start, end, flat index, offset); see optimizer_fragments.
 Fragment = tuple[str, int, int, int, int]
-
-
-def optimizer_kind(engine) -> str:
-    """'zero' (ZeRO 1-2), 'zero3', 'fp16' or 'fp16-unfused' (ZeRO-0 in bf16/fp16: one flat fp32
-    master per group, or one per parameter) or 'torch' (ZeRO-0 fp32: a bare torch optimizer over
-    the module's parameters)."""
-    if isinstance(engine.optimizer, torch.optim.Optimizer):
-        return "torch"
-    name = type(engine.optimizer).__name__
-    if name not in _OPTIMIZER_KINDS:
-        raise RuntimeError(f"re-slicing a checkpoint does not know DeepSpeed's {name}")
-    return _OPTIMIZER_KINDS[name]
-
-
-def fp32_flats(engine) -> list[torch.Tensor]:
-    """The fp32 tensors the torch optimizer steps, in its state_dict's order (ZeRO-0 fp32: the
-    module's parameters; otherwise flat partitions)."""
-    if is_zero3(engine):  # its torch optimizer's param_groups are emptied outside `step`
-        return list(engine.optimizer.fp32_partitioned_groups_flat)
-    return [p for group in torch_optimizer(engine).param_groups for p in group["params"]]
 
 
 def _locate(view: torch.Tensor, flats: list[torch.Tensor]) -> tuple[int, int]:
@@ -73,24 +48,15 @@ def optimizer_fragments(engine) -> list[Fragment]:
 
     Elements [start, end) of the flattened parameter sit at [offset, offset + end - start) of
     `fp32_flats(engine)[flat index]` and of its optimizer state tensors. ZeRO 1-3 hold this
-    rank's master slice (`engine._master_slices`); ZeRO-0 holds every parameter on every rank.
+    rank's master slice (`master_slices`); ZeRO-0 holds every parameter on every rank.
     """
     flats = fp32_flats(engine)
     if engine.zero_optimization_stage() == 0:
-        masters = _zero0_masters(engine)
+        masters = zero0_masters(engine)
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         return [(n, 0, p.numel(), *_locate(masters(p).reshape(-1), flats)) for n, p in named]
     return [(name, start, end, *_locate(get().reshape(-1), flats))
-            for name, _, start, end, get in _master_slices(engine) if end > start]
-
-
-def rank_files(engine) -> dict[str, str]:
-    """This rank's DeepSpeed files in a checkpoint: 'optimizer' (its optimizer state) and 'model'
-    (one holding the LR schedule and step counters)."""
-    model = os.path.basename(engine._get_ckpt_name("", ""))
-    if engine.zero_optimization_stage() == 0:
-        return {"optimizer": model, "model": model}
-    return {"optimizer": os.path.basename(engine._get_zero_ckpt_name("", "")), "model": model}
+            for name, _, start, end, get in master_slices(engine) if end > start]
 
 
 def optimizer_layout(engine) -> Optional[dict[str, Any]]:
@@ -106,23 +72,6 @@ def optimizer_layout(engine) -> Optional[dict[str, Any]]:
         dist.print0(f"[train] this run's checkpoints cannot be resumed onto another world size or ZeRO "
                     f"stage: {err}")
         return None
-
-
-def saved_optimizer(kind: str, saved: dict[str, Any]) -> tuple[Callable[[int, str], torch.Tensor], dict]:
-    """From a DeepSpeed file of optimizer `kind`: (masters(flat index, name) -> the saved fp32
-    tensor, the torch optimizer's state by flat index)."""
-    if kind == "torch":
-        return (lambda _, name: saved["module"][name]), saved["optimizer"]["state"]
-    inner = saved["optimizer"] if kind.startswith("fp16") else saved["optimizer_state_dict"]
-    if kind == "fp16-unfused":
-        masters = [master for group in inner["fp32_groups"] for master in group]
-    else:
-        masters = inner[{"zero": "single_partition_of_fp32_groups", "zero3": "fp32_flat_groups",
-                         "fp16": "fp32_groups_flat"}[kind]]
-    state = inner["base_optimizer_state" if kind == "zero" else "optimizer_state_dict"]
-    if isinstance(state, list):  # zero_optimization.elastic_checkpoint: one dict per group
-        return (lambda index, _: masters[index]), dict(enumerate(state))
-    return (lambda index, _: masters[index]), state["state"]
 
 
 def _state_for(engine, flat_index: int, saved: dict[str, Any]) -> dict[str, Any]:
@@ -218,40 +167,8 @@ def load_resharded(engine, folder: Path, layouts: list[dict[str, Any]]) -> dict[
                     steps.add(float(value))
     if len(steps) > 1:
         raise CheckpointError(f"{folder}: the ranks' optimizer states disagree on Adam's step ({sorted(steps)})")
-    if optimizer_kind(engine) == "zero":  # link the parameters to the new state now, as its first step would
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    relink_masters(engine)
     restore_schedule(engine, files.get(layouts[0]["files"]["model"]))
     refresh_low_precision(engine)
     dist.barrier()
     return files.read
-
-
-def restore_schedule(engine, model_file: dict[str, Any]) -> None:
-    """The LR schedule and step counters from DeepSpeed's model-state file, as its own load does;
-    the optimizer's LR is set to the restored schedule's (LambdaLR sets it only at its next step)."""
-    engine.lr_scheduler.load_state_dict(model_file["lr_scheduler"])
-    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
-    engine.global_steps = model_file["global_steps"]
-    engine.global_samples = model_file.get("global_samples", engine.global_steps * engine.train_batch_size())
-    engine.skipped_steps = model_file["skipped_steps"]
-
-
-@torch.no_grad()
-def refresh_low_precision(engine) -> None:
-    """Make the module's weights follow fp32 masters that were written directly (every rank)."""
-    kind = optimizer_kind(engine)
-    if kind == "zero":
-        engine.optimizer.update_lp_params()  # this rank's partition from its masters, then all-gathered
-    elif kind == "zero3":
-        engine.optimizer.checkpoint_event_prologue()  # release the gathered (persistent) parameters
-        for _, p in engine.module.named_parameters():
-            if p.requires_grad:
-                local = safe_get_local_fp32_param(p).reshape(-1)
-                p.ds_tensor.data.view(-1).copy_(local[: p.ds_tensor.numel()])
-        engine.optimizer.checkpoint_event_epilogue()  # and gather them again, from the new partitions
-    elif kind.startswith("fp16"):
-        masters = _zero0_masters(engine)
-        for _, p in engine.module.named_parameters():
-            if p.requires_grad:
-                p.data.copy_(masters(p))

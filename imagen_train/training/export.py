@@ -1,43 +1,23 @@
-"""Exported weights: write them from a checkpoint, and start a new run from them.
+"""training.init_from: a new run starting from exported weights (any world size or ZeRO stage).
 
-Export works from a checkpoint of any ZeRO stage on one process: the EMA is stitched from the
-ranks' slices (`artifacts.ema`), and the file is written in the format `artifacts.exports`
-reads back (inference loads it without DeepSpeed). `training.init_from` starts a new run from
-an export (any world size or ZeRO stage).
+Exports are written by `artifacts.export_checkpoint` (launch/export.py) and read here through
+`models.assign_weights`, the one weight assigner, so a file of another network is refused with
+the same message as at inference, under the config key that named it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
 
-from imagen_train.artifacts import (ema_state_dict, exported_config, find_checkpoint, raw_weights, read_config,
-                                    verify, write_export)
+from imagen_train.artifacts import exported_config
 from imagen_train.config import Config, ConfigError
+from imagen_train.models import WeightsMismatchError, assign_weights
 
-
-def export_checkpoint(folder: str | Path, out_path: str | Path, include_raw: bool = False,
-                      dtype: torch.dtype = torch.float32) -> Path:
-    """Write `out_path` (.safetensors) with the EMA weights and the resolved config.
-
-    `include_raw` adds the raw (non-EMA) weights under the prefix `raw.`.
-    """
-    folder = Path(folder)
-    verify(folder)
-    tensors = {f"ema.{k}": v.to(dtype).contiguous() for k, v in ema_state_dict(folder).items()}
-    if include_raw:
-        tensors.update({f"raw.{k}": v.to(dtype).contiguous() for k, v in raw_weights(folder).items()})
-    return write_export(tensors, read_config(folder), out_path)
-
-
-# ----------------------------------------------------------------------------------------------
-# training.init_from: a new run starting from exported weights.
 
 def check_init_from(cfg: Config) -> None:
     """Refuse `training.init_from` naming a missing file, a non-export, another stage's export,
@@ -71,35 +51,17 @@ def init_tensors(cfg: Config) -> Iterator[Callable[[str], torch.Tensor]]:
 
 @torch.no_grad()
 def load_init_weights(net: torch.nn.Module, cfg: Config) -> None:
-    """Copy `training.init_from`'s weights into `net` (before DeepSpeed wraps it), checking that
-    the names and shapes match exactly; errors name the key and the file."""
+    """Make `training.init_from`'s weights those of `net` (before DeepSpeed wraps it), in `net`'s
+    dtype; a file of another network is a ConfigError naming the key, the file and the tensors
+    (`net` is left without weights then: the run stops)."""
     path, prefix = cfg.training.init_from, cfg.training.init_from_weights + "."
+    dtype = next(net.parameters()).dtype
+    # The file's tensors replace the built ones: drop those first, so that the host holds one
+    # copy of the weights at a time, not two (a 2B network is 8 GiB in fp32 on every rank).
+    net.to("meta")
     with safe_open(path, framework="pt") as f:
-        names = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)}
-        params = dict(net.named_parameters())
-        missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
-        if missing or unexpected:
-            raise ConfigError("training.init_from", "an export of this network (same parameter names)",
-                              f"{path} (missing: {missing[:4]}{'...' if len(missing) > 4 else ''}; "
-                              f"unexpected: {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})")
-        for name, p in params.items():
-            shape = list(f.get_slice(prefix + name).get_shape())
-            if shape != list(p.shape):
-                raise ConfigError("training.init_from", "an export of this network (same shapes)",
-                                  f"{path} ('{name}' is {shape} there, {list(p.shape)} here)")
-        for name, p in params.items():
-            p.copy_(f.get_tensor(prefix + name))
-
-
-def export_main(argv: Optional[list[str]] = None) -> None:
-    """The command line of launch/export.py."""
-    parser = argparse.ArgumentParser(description="Export a training checkpoint to safetensors "
-                                     "(EMA weights + resolved config), loadable without DeepSpeed.")
-    parser.add_argument("checkpoint", help="a checkpoint folder (step_NNNNNNNN) or a checkpoints root")
-    parser.add_argument("--out", required=True, help="output .safetensors path")
-    parser.add_argument("--raw", action="store_true", help="also store the raw (non-EMA) weights")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    args = parser.parse_args(argv)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out = export_checkpoint(find_checkpoint(args.checkpoint), args.out, args.raw, dtype)
-    print(json.dumps({"export": str(out), "config": str(out.with_suffix(".yaml"))}))
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    try:
+        assign_weights(net, state, f"{path} ('{prefix}' tensors)", dtype=dtype)
+    except WeightsMismatchError as err:
+        raise ConfigError("training.init_from", "an export of this network", str(err)) from None

@@ -1,11 +1,18 @@
-"""Resuming a checkpoint: exactly on the layout that wrote it, or re-sliced onto another one.
+"""Resuming a checkpoint: which one, and loading it exactly on the layout that wrote it or
+re-sliced onto another one.
+
+Which (`candidates`, then `first_intact`): `--resume auto` tries `latest`, then the other
+complete folders, newest first, skipping (with the reason) any whose files do not have their
+manifest sizes; the first whose checksums verify (the work split over the ranks) is resumed. A
+given folder must verify; `none` starts over.
 
 Same world size and ZeRO stage (the common case): DeepSpeed loads its own files, every rank its
 own state, and the run goes on bit for bit as if never stopped. Another world size or ZeRO stage
 (a requeued job on more or fewer nodes): the fp32 masters, Adam's moments and step, the LR
 schedule and DeepSpeed's step counters are re-sliced from the old ranks' files
-(`engine_reshard.load_resharded`), the EMA is re-cut (`artifacts.ema_slices_for`), and the data
-stream is re-split over the new ranks and workers (`data/resplit.py`); the same re-split follows
+(`Engine.load_resharded`: training/engine_reshard.py), the EMA is re-cut
+(`artifacts.ema_slices_for`), and the data stream is re-split over the new ranks and workers
+(`data/resplit.py`); the same re-split follows
 a change of `data.num_workers`, `data.shuffle_buffer` or `data.train_shards`. Rank 0 logs one
 notice of what changed and what exactness it cost (docs/training.md, "Resume").
 """
@@ -20,8 +27,8 @@ from imagen_train import artifacts
 from imagen_train.artifacts.checkpoints import pickled_bytes, rank_state_path
 from imagen_train.config import Config
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import engine, engine_reshard
 from imagen_train.training.ema import EMA
+from imagen_train.training.engine_api import Engine
 from imagen_train.utils import dist
 from imagen_train.utils.rng import set_rng_state
 
@@ -46,6 +53,47 @@ class ResumePlan:
         return out + ([f"ZeRO stage {self.saved_zero} -> {self.zero_stage}"] if self.saved_zero != self.zero_stage else [])
 
 
+def candidates(resume: str, cfg: Config, root: Path) -> list[Path]:
+    """Checkpoints to try for `--resume` ('auto', 'none' or a folder), most preferred first, whose
+    files all have their manifest sizes; refuses (CheckpointError) a first candidate of another
+    stage or network, or one that cannot be re-sliced for this layout, before any process group
+    exists (file sizes only: the checksums are split over the ranks later, `first_intact`)."""
+    if resume == "none":
+        return []
+    if resume != "auto":
+        artifacts.verify(Path(resume), checksums=False)
+        found = [Path(resume)]
+    else:
+        found = []
+        for tag in artifacts.resume_candidates(root):
+            try:
+                artifacts.verify(root / tag, checksums=False)
+                found.append(root / tag)
+            except ckpt.CheckpointError as err:
+                dist.print0(f"[checkpoint] skipping {tag}: {err}")
+        if not found:
+            dist.print0(f"[train] no checkpoint in {root}: starting from scratch")
+    if found:
+        plan(found[0], cfg, dist.world_size())
+        artifacts.refuse_other_model(found[0], cfg)  # names every setting that differs
+    return found
+
+
+def first_intact(found: list[Path], explicit: bool, root: Path) -> Optional[Path]:
+    """The first of `found` whose checksums verify (work split over the ranks; call on every
+    rank), or None; an `explicit` (--resume FOLDER) one that fails raises."""
+    for folder in found:
+        error = ckpt.verify_shared(folder)
+        if error is None:
+            return folder
+        if explicit:
+            raise ckpt.CheckpointError(error)
+        dist.print0(f"[checkpoint] skipping {folder.name}: {error}")
+    if found:
+        dist.print0(f"[train] no intact checkpoint in {root}: starting from scratch")
+    return None
+
+
 def plan(folder: Path, cfg: Config, world_size: int) -> ResumePlan:
     """How `folder` will be resumed; refuses (CheckpointError) what cannot be, before anything loads."""
     t = cfg.training
@@ -55,7 +103,7 @@ def plan(folder: Path, cfg: Config, world_size: int) -> ResumePlan:
     return ResumePlan(folder, cfg.stage, saved_world, saved_zero, world_size, t.zero_stage, t.precision)
 
 
-def restore(plan: ResumePlan, ds_engine, ema: EMA, loader: Any, layout: dict[str, dict]) -> dict[str, Any]:
+def restore(plan: ResumePlan, engine: Engine, ema: EMA, loader: Any, layout: dict[str, dict]) -> dict[str, Any]:
     """Load the checkpoint into the engine, the EMA and the loader and set the RNG states; call on
     every rank. Returns the rank state the counters come from (step, bad_steps, wandb_id)."""
     folder = plan.folder
@@ -64,14 +112,14 @@ def restore(plan: ResumePlan, ds_engine, ema: EMA, loader: Any, layout: dict[str
     if plan.reshard:
         states = artifacts.read_all_rank_states(folder, mmap=True)
         state = states[dist.rank() % len(states)]
-        read = engine_reshard.load_resharded(ds_engine, folder, [s["optimizer_layout"] for s in states])
+        read = engine.load_resharded(folder, [s["optimizer_layout"] for s in states])
         # and what the EMA and every old rank's state file cost (their tensors memory-mapped):
         read["tensor_bytes"] += 4 * sum(e["end"] - e["start"] for e in layout.values())
         read["metadata_bytes"] += sum(pickled_bytes(rank_state_path(folder, r)) for r in range(len(states)))
         read["files"] += len(states)
     else:
         state = ckpt.load_rank_state(folder)
-        engine.load_engine(ds_engine, str(folder.parent), folder.name)
+        engine.load(folder)
     artifacts.refuse_other_run(folder, state["stage"], plan.stage)
     if state.get("layout") != layout:  # other bounds: another layout, or an EMA cut in equal parts
         state["ema"]["shadow"] = artifacts.ema_slices_for(folder, layout, states)

@@ -1,41 +1,45 @@
-"""The training loop of one stage: read it top to bottom.
+"""The training loop of one stage: read `Trainer.run` top to bottom.
 
-config -> data loader -> network -> diffusion loss -> DeepSpeed engine -> EMA -> checkpoints.
+config -> data loader -> network -> diffusion loss -> engine -> EMA -> checkpoints.
+
+The trainer talks to its engine through training/engine_api.py (DeepSpeed's is
+training/engine.py); the pieces around the loop have a file each: which checkpoint to resume
+and how (resume.py), writing one (checkpoint.py), skipped updates (bad_steps.py), the metrics
+of a log line (step_metrics.py), stop requests (preemption.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
-import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from imagen_train import artifacts
 from imagen_train.config import Config, save_config
 from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import engine, engine_reshard
-from imagen_train.training import export, faults, preemption, resume as resuming, speed
+from imagen_train.training import export, preemption, resume as resuming, speed
+from imagen_train.training.bad_steps import BadSteps, TrainingStopped
 from imagen_train.training.ema import EMA
 from imagen_train.training.ema_network import EMANetwork
+from imagen_train.training.engine import create_engine, init_distributed  # the Engine on DeepSpeed
+from imagen_train.training.engine_api import Engine
 from imagen_train.training.preflight import checkpoint_root, preflight
+from imagen_train.training.step_metrics import StepMetrics
 from imagen_train.utils import dist
 from imagen_train.utils.logging import MetricLogger
 from imagen_train.utils.rng import rng_state
 
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (too many non-finite losses); the last good checkpoint stays."""
+__all__ = ["TrainResult", "Trainer", "TrainingStopped", "noise_seed"]
 
 
 @dataclass
@@ -62,6 +66,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 class Trainer:
     """Trains one stage; `run()` returns when max_steps is reached or a signal asks it to stop.
 
@@ -79,26 +87,48 @@ class Trainer:
                  callbacks: Optional[list[Callable[["Trainer"], None]]] = None,
                  stop: Optional[preemption.StopRequest] = None,
                  evaluator: Optional[Callable[..., None]] = None):
-        self.cfg = cfg
-        self.callbacks = list(callbacks or [])
-        self.evaluator = evaluator
-        self.stop = stop
-        self.run_dir = Path(cfg.run_dir)
-        self.ckpt_root = checkpoint_root(cfg)
+        self.cfg, self.callbacks, self.evaluator, self.stop = cfg, list(callbacks or []), evaluator, stop
+        self.run_dir, self.ckpt_root = Path(cfg.run_dir), checkpoint_root(cfg)
         preflight(cfg, dist.world_size())
         # Refuse a checkpoint of another stage, or one that cannot be re-sliced for this layout,
-        # before building anything (file sizes only here; the checksums are split over the ranks
-        # once the process group exists).
-        candidates = self._resume_candidates(resume)
-        if candidates:
-            resuming.plan(candidates[0], cfg, dist.world_size())
-            artifacts.refuse_other_model(candidates[0], cfg)  # names every setting that differs
-        engine.init_distributed(cfg.training.dist_timeout_s)
+        # before building anything; the checksums are split over the ranks once they are joined.
+        candidates = resuming.candidates(resume, cfg, self.ckpt_root)
+        init_distributed(cfg.training.dist_timeout_s)
         dist.barrier()
-        self.resume_folder = self._first_intact(candidates, explicit=resume not in ("auto", "none"))
+        self.resume_folder = resuming.first_intact(candidates, resume not in ("auto", "none"), self.ckpt_root)
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy).
         _seed_everything(cfg.training.seed)
-        # training.init_from: a new run from exported weights, unless a checkpoint is resumed.
+        self.engine = self._build_engine()
+        self.device = self.engine.device
+        self.net = speed.network_caller(self.engine, cfg.training, self.engine.dtype)  # as the loss calls it
+        self.diffusion = build_diffusion(cfg.diffusion)
+        self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
+        self.ema = EMA(self.engine.master_weights, cfg.ema.decay, cfg.ema.warmup_steps, cfg.ema.update_every_steps)
+        self.layout = self.engine.master_layout()
+        self.materialize_ema = EMANetwork(cfg, self.layout, self.ema.shadow)  # for the evaluator
+        self.accum = self.engine.accum_steps
+        self.step = 0
+        self.bad_steps = BadSteps(cfg.training.max_bad_steps, cfg.training.zero_stage, lambda: self.last_checkpoint)
+        self.wandb_id: Optional[str] = None
+        self.last_checkpoint: Optional[Path] = None
+        # Different draws on every rank from here on (the noise of each micro batch is seeded
+        # in `run`, by `noise_seed`).
+        _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
+        if self.resume_folder is not None:
+            self.load_checkpoint(self.resume_folder)
+            dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
+        if dist.is_main():
+            save_config(cfg, self.run_dir / "config.yaml")
+            for name, content in self.engine.config_files().items():
+                (self.run_dir / name).write_text(json.dumps(content, indent=1) + "\n")
+        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id,
+                                   fresh=resume == "none")
+        self.wandb_id = self.logger.run_id
+
+    def _build_engine(self) -> Engine:
+        """The network in its engine: from `training.init_from`'s weights for a new run given
+        them (a resumed checkpoint wins over init_from), else freshly initialised."""
+        cfg = self.cfg
         init_from = cfg.training.init_from if self.resume_folder is None else None
         if cfg.training.init_from and not init_from:
             dist.print0(f"[train] training.init_from={cfg.training.init_from} ignored: resuming "
@@ -109,212 +139,39 @@ class Trainer:
         if init_from:
             export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
         self.flops_per_sample = speed.count_flops_per_sample(cfg)
-        self.engine = engine.create_engine(cfg, net)
-        dist.print0(f"[train] optimizer {engine.describe_optimizer(self.engine)}")
-        self.optimizer_layout = engine_reshard.optimizer_layout(self.engine)  # saved for a re-sliced resume
+        built = create_engine(cfg, net)
+        dist.print0(f"[train] optimizer {built.describe()}")
+        self.optimizer_layout = built.optimizer_layout()  # saved for a re-sliced resume
         if init_from:
             # The fp32 masters from the file itself, not from the (maybe bf16) module; the EMA
-            # below starts from them.
+            # starts from them.
             with export.init_tensors(cfg) as read:
-                engine.set_master_weights(self.engine, read)
+                built.set_master_weights(read)
             dist.print0(f"[train] initialised from {init_from} ({cfg.training.init_from_weights} weights)")
-        self.device = engine.current_device()
-        self.dtype = engine.model_dtype(self.engine)
-        self.net = speed.network_caller(self.engine, cfg.training, self.dtype)  # the engine as the loss calls it
-        self.diffusion = build_diffusion(cfg.diffusion)
-        self.loader = build_train_loader(cfg, dist.rank(), dist.world_size())
-        self.ema = EMA(engine.weight_views(self.engine), cfg.ema.decay, cfg.ema.warmup_steps,
-                       cfg.ema.update_every_steps)
-        self.layout = engine.partition_layout(self.engine)
-        self.materialize_ema = EMANetwork(cfg, self.layout, self.ema.shadow)  # for the evaluator
-        self.accum = self.engine.gradient_accumulation_steps()  # from our config (engine.build_deepspeed_config)
-        self.step = 0
-        self.bad_steps = 0
-        self.skipped_total = 0  # updates skipped for non-finite values, this process
-        self.wandb_id: Optional[str] = None
-        self.last_checkpoint: Optional[Path] = None
-        # Different draws on every rank from here on (the noise of each micro batch is seeded
-        # in `run`, by `noise_seed`).
-        _seed_everything(cfg.training.seed * 1000 + 1 + dist.rank())
-        self.faults = faults.Faults()
-        self.faults.arm_teardown_abort(dist.rank())
-        if self.resume_folder is not None:
-            self.load_checkpoint(self.resume_folder)
-            dist.print0(f"[train] resumed from {self.resume_folder} at step {self.step}")
-        if dist.is_main():
-            save_config(cfg, self.run_dir / "config.yaml")
-            ds_config = engine.build_deepspeed_config(cfg, dist.world_size(), engine.device_type() == "cpu")
-            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
-        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), run_id=self.wandb_id,
-                                   fresh=resume == "none")
-        self.wandb_id = self.logger.run_id
+        return built
 
-    # ------------------------------------------------------------------------------------------
-    def _resume_candidates(self, resume: str) -> list[Path]:
-        """Checkpoints to try, most preferred first, whose files all have their manifest sizes."""
-        if resume == "none":
-            return []
-        if resume != "auto":
-            artifacts.verify(Path(resume), checksums=False)
-            return [Path(resume)]
-        found = []
-        for tag in artifacts.resume_candidates(self.ckpt_root):
-            try:
-                artifacts.verify(self.ckpt_root / tag, checksums=False)
-                found.append(self.ckpt_root / tag)
-            except ckpt.CheckpointError as err:
-                dist.print0(f"[checkpoint] skipping {tag}: {err}")
-        if not found:
-            dist.print0(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
-        return found
-
-    def _first_intact(self, candidates: list[Path], explicit: bool) -> Optional[Path]:
-        """The first candidate whose checksums verify (work split over the ranks), or None."""
-        for folder in candidates:
-            error = ckpt.verify_shared(folder)
-            if error is None:
-                return folder
-            if explicit:
-                raise ckpt.CheckpointError(error)
-            dist.print0(f"[checkpoint] skipping {folder.name}: {error}")
-        if candidates:
-            dist.print0(f"[train] no intact checkpoint in {self.ckpt_root}: starting from scratch")
-        return None
-
+    # Checkpoints ---------------------------------------------------------------------------------
     def load_checkpoint(self, folder: Path) -> None:
         """Resume `folder`: exactly on its own layout, re-sliced onto another (training/resume.py)."""
         plan = resuming.plan(folder, self.cfg, dist.world_size())
         state = resuming.restore(plan, self.engine, self.ema, self.loader, self.layout)
         self.step = int(state["step"])
-        self.bad_steps = int(state["bad_steps"])
+        self.bad_steps.in_a_row = int(state["bad_steps"])
         self.wandb_id = state.get("wandb_id")
         self.last_checkpoint = folder
 
     def save_checkpoint(self) -> Path:
-        """Write, seal and point to the checkpoint of this step; a failed write raises loudly.
-
-        A rank whose write fails (full disk, I/O error) raises CheckpointWriteError naming the
-        checkpoint and the cause, and removes the staging folder; the other ranks then fail
-        at the next collective (or its timeout). The previous checkpoint and `latest` are
-        never touched before the new checkpoint is complete.
-        """
-        staging = ckpt.prepare_staging(self.ckpt_root, self.step)
-        rank = dist.rank()
-        try:
-            engine.save_engine(self.engine, str(self.ckpt_root), staging.name)
-            self.faults.kill_if(faults.KILL_IN_SAVE, self.step, rank)
-            self.faults.raise_if_save_error(self.step, rank, str(staging))
-            ckpt.save_rank_state(staging, {
-                "step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(),
-                "rank": rank, "ema": self.ema.state_dict(), "layout": self.layout,
-                "optimizer_layout": self.optimizer_layout,
-                "data": self.loader.state_dict(), "rng": rng_state(), "bad_steps": self.bad_steps,
-                "wandb_id": self.wandb_id})
-            if dist.is_main():
-                save_config(self.cfg, staging / artifacts.CONFIG_FILE)
-        except Exception as err:  # torch.save reports a full disk as RuntimeError, not OSError
-            shutil.rmtree(staging, ignore_errors=True)  # give the space back; never read
-            raise ckpt.CheckpointWriteError(
-                f"rank {rank} could not write checkpoint step {self.step} to {staging}: "
-                f"{type(err).__name__}: {err}. The previous checkpoint "
-                f"{self.last_checkpoint or '(none)'} and {self.ckpt_root / ckpt.LATEST} are intact"
-            ) from err
-        self.last_checkpoint = ckpt.commit(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last)
+        """Write, seal and point to the checkpoint of this step (training/checkpoint.py `save`)."""
+        self.last_checkpoint = ckpt.save(self.ckpt_root, self.step, self.engine, self._rank_state, self.cfg,
+                                         previous=self.last_checkpoint)
         return self.last_checkpoint
 
-    # ------------------------------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                for k, v in batch.items()}
-
-    def run(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.training
-        stop = self.stop or preemption.StopRequest(t.stop_signals).install()
-        rank = dist.rank()
-        data_iter = iter(self.loader)
-        progress = None
-        if dist.is_main() and cfg.logging.progress_bar:
-            progress = tqdm(total=t.max_steps, initial=self.step, desc=f"train {cfg.stage}",
-                            unit="step", dynamic_ncols=True)
-        window = self._new_window()
-        stopped_by_signal = False
-        stop.started()  # a stop from here on is saved at a step boundary
-        try:
-            while self.step < t.max_steps:
-                step_start = time.perf_counter()
-                # Accumulate gradients over micro batches. Nothing here waits for the device:
-                # a non-finite loss gives non-finite gradients, and the update below is skipped.
-                step_loss = torch.zeros((), device=self.device)  # sum of this step's finite losses
-                nonfinite_losses = torch.zeros((), device=self.device)
-                step_samples = 0
-                for micro in range(self.accum):
-                    wait_start = time.perf_counter()
-                    batch = self._to_device(next(data_iter))
-                    window["data_s"] += time.perf_counter() - wait_start
-                    torch.manual_seed(noise_seed(t.seed, self.step, self.bad_steps, micro * dist.world_size() + rank))
-                    loss = self.diffusion.training_loss(
-                        self.net, batch["image"], batch["text_emb"], batch["text_mask"],
-                        lowres=batch.get("lowres")).mean()
-                    if self.faults.fire(faults.NAN_LOSS, self.step + 1, rank):
-                        loss = loss * float("nan")
-                    if self.faults.fire(faults.NAN_GRAD, self.step + 1, rank):
-                        loss = faults.nan_gradient(loss)
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    finite = torch.isfinite(loss.detach())
-                    step_loss += torch.where(finite, loss.detach(), 0.0)
-                    nonfinite_losses += ~finite
-                    step_samples += batch["image"].shape[0] * dist.world_size()
-
-                # Non-finite gradients (from a non-finite loss or not): DeepSpeed reduces the
-                # gradients, finds their global norm non-finite on every rank alike and skips the
-                # update (no weight, optimizer or LR change); the step is redone with new data,
-                # the same on every rank.
-                if not self._update_applied():
-                    cause = "loss" if dist.any_true(bool(nonfinite_losses > 0), self.device) else "gradient"
-                    self._bad_step(f"non-finite {cause} at step {self.step + 1}; the update was skipped "
-                                   f"on every rank")
-                    stopped_by_signal = self._checkpoint(stop, due=False)
-                    if stopped_by_signal:
-                        break
-                    continue
-                window["loss"] += step_loss
-                window["micro"] += self.accum
-                window["samples"] += step_samples
-                self.bad_steps = 0
-                self.step += 1
-                self.faults.kill_if(faults.KILL, self.step, rank)
-
-                # Update EMA.
-                self.ema.update(self.step)
-                window["step_s"] += time.perf_counter() - step_start
-                for callback in self.callbacks:
-                    callback(self)
-                if self.evaluator is not None:
-                    self.evaluator(step=self.step, materialize_ema=self.materialize_ema, device=self.device,
-                                   log=self.logger.log, log_image=self.logger.log_image,
-                                   out_dir=self.run_dir / "samples",
-                                   should_stop=lambda: dist.any_true(stop.requested, self.device))
-
-                # Log.
-                if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
-                    self._log(window)
-                    window = self._new_window()
-                if progress is not None:
-                    progress.update(1)
-
-                # Checkpoint (every N steps, at the end, or when asked to stop).
-                stopped_by_signal = self._checkpoint(stop, due=(
-                    self.step % cfg.checkpoint.every_steps == 0 or self.step == t.max_steps))
-                if stopped_by_signal:
-                    break
-        finally:
-            if stop is not self.stop:
-                stop.restore()
-            if progress is not None:
-                progress.close()
-            self.logger.close()
-        return TrainResult(self.step, stopped_by_signal, self.last_checkpoint)
+    def _rank_state(self) -> dict:
+        """This rank's own part of a checkpoint, taken once the engine has saved its files."""
+        return {"step": self.step, "stage": self.cfg.stage, "world_size": dist.world_size(), "rank": dist.rank(),
+                "ema": self.ema.state_dict(), "layout": self.layout, "optimizer_layout": self.optimizer_layout,
+                "data": self.loader.state_dict(), "rng": rng_state(), "bad_steps": self.bad_steps.in_a_row,
+                "wandb_id": self.wandb_id}
 
     def _checkpoint(self, stop: preemption.StopRequest, due: bool) -> bool:
         """Save if `due` or a stop is asked for; True (on every rank alike) when the run must stop.
@@ -333,59 +190,82 @@ class Trainer:
                         f"saved step {self.step} and exiting")
         return stopping
 
-    def _new_window(self) -> dict:
-        """Sums over the steps since the last log line; the loss stays on the device until then."""
-        return {"loss": torch.zeros((), device=self.device), "micro": 0, "data_s": 0.0, "step_s": 0.0,
-                "samples": 0}
+    # The loop --------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train to `training.max_steps`, or until a stop request has been saved."""
+        t, world, rank = self.cfg.training, dist.world_size(), dist.rank()
+        metrics = StepMetrics(self.device, self.flops_per_sample, t.log_every_steps)
+        with self._running() as (data, stop, progress):
+            while self.step < t.max_steps:
+                step_start = time.perf_counter()
+                # Accumulate gradients. Nothing here waits for the device: a non-finite loss gives
+                # non-finite gradients, and the engine skips the update below.
+                for micro in range(self.accum):
+                    wait_start = time.perf_counter()
+                    batch = _to_device(next(data), self.device)
+                    metrics.data_s += time.perf_counter() - wait_start
+                    torch.manual_seed(noise_seed(t.seed, self.step, self.bad_steps.in_a_row, micro * world + rank))
+                    loss = self.diffusion.training_loss(self.net, batch["image"], batch["text_emb"],
+                                                        batch["text_mask"], lowres=batch.get("lowres")).mean()
+                    self.engine.backward(loss)
+                    metrics.add_loss(loss, batch["image"].shape[0] * world)
 
-    def _bad_step(self, what: str) -> None:
-        """Count a skipped update (identical on every rank); stop after too many in a row."""
-        self.bad_steps += 1
-        self.skipped_total += 1
-        dist.print0(f"[train] {what} ({self.bad_steps} in a row)")
-        if self.bad_steps >= self.cfg.training.max_bad_steps:
-            raise TrainingStopped(
-                f"{self.bad_steps} non-finite losses in a row (losses or gradients; training.max_bad_steps="
-                f"{self.cfg.training.max_bad_steps}); the last good checkpoint is {self.last_checkpoint}")
+                # Update the weights. Non-finite gradients on any rank: the engine skips the update
+                # on every rank alike, and the step is redone with new data (training/bad_steps.py).
+                if not self.engine.step():
+                    self.bad_steps.skipped(self.step + 1, nonfinite_loss=metrics.drop_step())
+                    if self._checkpoint(stop, due=False):
+                        return TrainResult(self.step, True, self.last_checkpoint)
+                    continue
+                self.bad_steps.applied(self.step + 1, self.engine.grad_norm())
+                metrics.keep_step()
+                self.step += 1
 
-    def _update_applied(self) -> bool:
-        """Whether the optimizer step just taken changed the weights (False: skipped by DeepSpeed).
+                # Update EMA.
+                self.ema.update(self.step)
+                metrics.step_s += time.perf_counter() - step_start
+                for callback in self.callbacks:
+                    callback(self)
 
-        DeepSpeed's ZeRO 1-3 optimizers skip a step whose all-reduced gradient norm is not
-        finite (fp32, bf16 and fp16 alike); the decision comes from an all-reduced value, so
-        every rank agrees. Where a step with a non-finite norm was applied anyway the weights
-        are lost: stop rather than train on.
-        """
-        if not self.engine.was_step_applied():
-            return False
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None and not math.isfinite(float(norm)):
-            raise TrainingStopped(f"a non-finite gradient (norm {norm}) was applied at step {self.step + 1} "
-                                  f"(ZeRO stage {self.cfg.training.zero_stage} does not skip it); the last "
-                                  f"good checkpoint is {self.last_checkpoint}")
-        return True
+                # Evaluate (the evaluator decides whether this step is due).
+                if self.evaluator is not None:
+                    self.evaluator(step=self.step, materialize_ema=self.materialize_ema, device=self.device,
+                                   log=self.logger.log, log_image=self.logger.log_image,
+                                   out_dir=self.run_dir / "samples",
+                                   should_stop=lambda: dist.any_true(stop.requested, self.device))
 
-    def _log(self, window: dict) -> None:
-        loss = dist.mean_over_ranks((window["loss"] / max(1, window["micro"])).reshape(1))
-        samples_per_s = window["samples"] / max(window["step_s"], 1e-9)
-        metrics = {
-            "train/loss": loss.item(),
-            "train/lr": self.engine.get_lr()[0],
-            "perf/samples_per_s": samples_per_s,
-            "perf/data_wait_s": window["data_s"],
-            "perf/step_s": window["step_s"] / max(1, self.cfg.training.log_every_steps),
-            "train/skipped_total": self.skipped_total,
-        }
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
-        if self.engine.fp16_enabled():
-            metrics["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
-        if self.flops_per_sample:
-            # Forward + backward ~ 3x forward FLOPs; per rank.
-            metrics["perf/tflops_per_rank"] = 3 * self.flops_per_sample * samples_per_s / dist.world_size() / 1e12
-        if torch.cuda.is_available():
-            metrics["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self.logger.log(metrics, self.step)
-        dist.print0(f"[train] step {self.step} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
-                    f"{samples_per_s:.1f} samples/s")
+                # Log.
+                if self.step % t.log_every_steps == 0 or self.step == t.max_steps:
+                    metrics.log(self.logger, self.step, self.engine, self.bad_steps.skipped_total)
+                if progress is not None:
+                    progress.update(1)
+
+                # Checkpoint (every N steps, at the end, or when asked to stop).
+                due = self.step % self.cfg.checkpoint.every_steps == 0 or self.step == t.max_steps
+                if self._checkpoint(stop, due):
+                    return TrainResult(self.step, True, self.last_checkpoint)
+        return TrainResult(self.step, False, self.last_checkpoint)
+
+    @contextmanager
+    def _running(self) -> Iterator[tuple[Iterator[dict], preemption.StopRequest, Optional[tqdm]]]:
+        """Around the loop: the stop request (a stop from the first step on is saved at a step
+        boundary), the batches and the progress bar; undone, and the loader and logger closed, after it."""
+        stop = self.stop or preemption.StopRequest(self.cfg.training.stop_signals).install()
+        data = iter(self.loader)
+        progress = None
+        if dist.is_main() and self.cfg.logging.progress_bar:
+            progress = tqdm(total=self.cfg.training.max_steps, initial=self.step, desc=f"train {self.cfg.stage}",
+                            unit="step", dynamic_ncols=True)
+        stop.started()
+        try:
+            yield data, stop, progress
+        finally:
+            if stop is not self.stop:
+                stop.restore()
+            if progress is not None:
+                progress.close()
+            # Stop the DataLoader workers now, not whenever the Trainer is collected: a worker
+            # still registered at exit is SIGKILLed by the exit hook (it ignores SIGTERM), and
+            # torch's SIGCHLD handler then raises "DataLoader worker ... is killed by signal".
+            self.loader.close()
+            self.logger.close()
