@@ -90,8 +90,14 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {what}")
 
 
+# Module fixtures that launch training ranks: a test that uses one is multi-rank whatever it checks.
+MULTIRANK_FIXTURES = {"eval_traffic", "straight", "straight_run", "curves", "resumed_runs", "one_node", "slurm", "hosts"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if MULTIRANK_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("multirank"):
+            item.add_marker(pytest.mark.multirank)
         if any(item.get_closest_marker(name) for name in ("multirank", "bench")) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
 

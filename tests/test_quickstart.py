@@ -12,6 +12,7 @@ from train_helpers import REPO, train_env
 pytestmark = pytest.mark.timeout(900)
 
 
+@pytest.mark.slow
 def test_quickstart_short_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "quickstart"
     cmd = [sys.executable, str(REPO / "launch" / "quickstart.py"), "--short", "--out", str(out)]
