@@ -26,7 +26,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from imagen_train.config_errors import ConfigError
 from imagen_train.models.layers import GroupNorm32, OutputHead, ResBlock
@@ -116,6 +115,9 @@ def compile_cache_dir(configured: Optional[str] = None) -> str:
     if configured:
         return str(Path(configured).expanduser())
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Imported here, not at the top: it loads all of dynamo (~0.9 s of CPU), which every training
+    # rank and test process would otherwise pay at import whether it compiles or not.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     if given and given != default_cache_dir():
         return given
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

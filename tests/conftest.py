@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +91,45 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {what}")
 
 
+# Module fixtures that launch training ranks: a test that uses one is multi-rank whatever it checks.
+MULTIRANK_FIXTURES = {"eval_traffic", "straight", "straight_run", "curves", "resumed_runs", "one_node", "slurm", "hosts"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if MULTIRANK_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("multirank"):
+            item.add_marker(pytest.mark.multirank)
         if any(item.get_closest_marker(name) for name in ("multirank", "bench")) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+# The unit tier stays single-process: a test outside `multirank` and `bench` that launches training
+# ranks (torchrun, the deepspeed launcher, sbatch) fails, naming the marker.
+RANK_LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed", "sbatch")
+
+
+def rank_launcher(args) -> "str | None":
+    """The word of a subprocess command line that launches training ranks, or None."""
+    words = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    if isinstance(args, str):
+        words = args.split()
+    return next((w for w in map(str, words) if w in RANK_LAUNCHERS or os.path.basename(w) in RANK_LAUNCHERS), None)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_launch_no_ranks(request, monkeypatch):
+    if request.node.get_closest_marker("multirank") or request.node.get_closest_marker("bench"):
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def checked(self, args, *rest, **kwargs):
+        launcher = rank_launcher(args)
+        if launcher is not None:
+            pytest.fail(f"{request.node.nodeid} launches training ranks ({launcher}): mark it "
+                        f"@pytest.mark.multirank", pytrace=False)
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)
 
 
 # ----------------------------------------------------------------------------------------------

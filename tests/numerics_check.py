@@ -46,6 +46,9 @@ class SameGlobalBatches:
     def state_dict(self) -> dict:
         return {"calls": self.calls}
 
+    def close(self) -> None:
+        """Nothing to stop: no worker processes (the trainer closes its loader when the loop ends)."""
+
 
 def main() -> None:
     config = sys.argv[1]

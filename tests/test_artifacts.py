@@ -62,6 +62,7 @@ def _fake_checkpoint(root: Path, step: int = 3) -> tuple[dict[str, torch.Tensor]
     return full, folder
 
 
+@pytest.mark.slow
 def test_a_checkpoints_ema_loads_for_inference_without_deepspeed(tmp_path):
     full, folder = _fake_checkpoint(tmp_path / "checkpoints")
     artifacts.verify(folder)
@@ -137,6 +138,7 @@ def test_rng_state_round_trips_through_a_checkpoint_file_and_preserves_cached_ga
     assert torch.rand(3).tolist() == expected[0]
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_needs_no_trainer(tmp_path, shards_64):
     """The evaluator is driven with the step, a callable that builds the EMA network, a device, log
     functions and a folder; it calls the builder only when a step is due."""

@@ -203,6 +203,7 @@ def test_peer_of_a_large_preset_builds_and_runs(preset):
     assert out.shape == (2, m.out_channels, res, res)
 
 
+@pytest.mark.bench
 def test_baselines_train_beside_ours_each_with_its_change(monkeypatch):
     """--baseline (repeatable) trains a copy of our network per baseline in the same rounds: its
     config overrides reach the copy through the trainer's own speed functions, its model option is
@@ -347,6 +348,7 @@ def test_unmasked_attention_baseline_drops_the_mask_and_restores_sdpa():
     torch.testing.assert_close(attend(q, k, v, heads=2, mask=mask), masked)  # restored on exit
 
 
+@pytest.mark.bench
 def test_sampling_bench_runs_the_cascade_and_tabulates_it(tmp_path):
     """bench/sampling.py end to end at tiny size: per run the encoder and every stage up to the
     largest column, and a table with a cell per column."""
@@ -465,6 +467,7 @@ def test_sampling_bench_keeps_to_its_budget(tmp_path, monkeypatch):
     assert "| 32 GiB | stopped |" in result["table"] and "| 16 GiB | not run |" in result["table"]
 
 
+@pytest.mark.bench
 def test_load_stage_bench_times_every_way_of_loading(tmp_path):
     import load_stage
 

@@ -186,6 +186,7 @@ GLOO_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multirank
 def test_two_rank_gloo_job_sees_distinct_samples(tmp_path, shards_64):
     script = tmp_path / "job.py"
     out = tmp_path / "keys.json"
@@ -423,6 +424,7 @@ def _counting_reads(monkeypatch) -> dict:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 8])
 def test_resume_reads_do_not_grow_with_the_step(shards_64, monkeypatch, world_size):
     """Resuming after 10 or after 100 steps reads the same amount, within one shard (8 samples x

@@ -56,6 +56,7 @@ def test_low_rank_fid_matches_the_full_computation():
     assert abs(fid_from_features(real, real)) < 1e-8 * np.trace(np.cov(real, rowvar=False))
 
 
+@pytest.mark.slow
 def test_inception_weights_load_strict_with_the_standard_names(inception_file):
     net = load_fid_inception(str(inception_file))
     saved = torch.load(inception_file, weights_only=True)
@@ -214,6 +215,7 @@ def test_fid_stats_command_caches_reference_statistics(tmp_path, shards_64, ince
               "--out", str(out)])
 
 
+@pytest.mark.multirank
 def test_periodic_evaluation_writes_grids_and_leaves_training_unchanged(tmp_path, shards_64, tiny_t5_dir,
                                                                         inception_file, clip_dir):
     from safetensors.torch import load_file
@@ -314,6 +316,7 @@ def test_flat_ema_windows_place_every_ranks_slices_exactly():
     assert torch.equal(window, torch.cat([full[2], full[3][:2], full[4][3:]]))
 
 
+@pytest.mark.bench
 def test_eval_memory_benchmark_measures_both_paths(tmp_path):
     """bench/eval_memory.py at tiny size: every path measured, sizes counted from the network, and
     the peaks within bounds the paths imply."""
@@ -369,6 +372,7 @@ def eval_traffic(tmp_path_factory, tiny_t5_dir) -> dict[int, list[dict]]:
     return out
 
 
+@pytest.mark.multirank
 def test_each_rank_receives_about_one_model_per_evaluation_at_any_world_size(eval_traffic):
     """The bytes a rank receives in one periodic evaluation stay within one model in the sampling
     dtype (fp32 on a CPU) plus the stated small terms, at 1, 2 and 4 ranks and ZeRO 2 and 3; the
@@ -422,6 +426,7 @@ def test_only_rank_0_loads_the_text_encoder_once(eval_traffic):
             assert r["transformers_imported"] == (r["rank"] == 0), (world, r["rank"])
 
 
+@pytest.mark.slow
 def test_random_inception_tells_images_apart():
     """The offline stand-in must not collapse every image to the same features (FID ~0)."""
     import torch
@@ -438,6 +443,7 @@ def test_random_inception_tells_images_apart():
     assert fid_from_features(f_dark, f_light) > 100 * max(fid_from_features(f_dark[:3], f_dark[3:]), 1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_sweeps_guidance_and_writes_table_and_plot(tmp_path, tiny_t5_dir, inception_file, clip_dir):
     """launch/evaluate.py end to end at 64 px: one row per guidance scale, CSV, markdown, PNG plot."""
     import csv

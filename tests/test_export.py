@@ -74,6 +74,7 @@ def to_old_layout(folder: Path) -> None:
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(900)
 def test_old_layout_checkpoint_resumes_like_a_new_one(tmp_path, shards_64):
     """ZeRO-2, fp32 (where the old slices of the module's weights were the masters' values): a

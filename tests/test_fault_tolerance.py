@@ -78,6 +78,7 @@ def straight(tmp_path_factory, shards_64):
 
 # kill -9 ------------------------------------------------------------------------------------
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("where", ["save", "step"])
 def test_kill9_exits_bounded_and_resumes_exactly(tmp_path, shards_64, straight, where):
     """SIGKILL of one rank (mid-checkpoint or mid-training): the job ends with an error in
@@ -152,6 +153,7 @@ class _Boom:
 
 # Failing storage ----------------------------------------------------------------------------
 
+@pytest.mark.multirank
 def test_checkpoint_write_error_fails_loudly_and_keeps_previous(tmp_path, shards_64):
     """ENOSPC on one rank while writing step 8: the job fails naming it; step 4 and `latest` stay."""
     run_dir = tmp_path / "run"
@@ -174,6 +176,7 @@ def _mount_tmpfs(folder: Path, size: int) -> bool:
         return False
 
 
+@pytest.mark.multirank
 def test_full_disk_fails_loudly_and_keeps_previous(tmp_path, shards_64, straight):
     """A real full filesystem (tmpfs with room for ~1.5 checkpoints)."""
     one = sum(p.stat().st_size for p in (straight[0] / "checkpoints" / ckpt.tag_for(4)).rglob("*") if p.is_file())
@@ -284,6 +287,7 @@ def test_hostile_shard_members_are_skipped_never_unpickled(tmp_path, shards_64, 
 
 # A finished run's exit ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_teardown_fault_aborts_an_interpreter_that_tears_down():
     """The injected fault is live: a process that frees its modules at exit dies of SIGABRT
     (and one whose rank it does not name exits normally)."""
@@ -293,6 +297,7 @@ def test_teardown_fault_aborts_an_interpreter_that_tears_down():
         assert proc.returncode == code, proc.stderr.decode()[-2000:]
 
 
+@pytest.mark.multirank
 def test_finished_run_exits_0_even_if_teardown_would_abort(tmp_path, shards_64):
     """Both ranks would abort while the interpreter frees its modules (as gloo's threads did,
     now and then, after a finished ZeRO run): train.py leaves before that, with every record
@@ -310,6 +315,7 @@ def test_finished_run_exits_0_even_if_teardown_would_abort(tmp_path, shards_64):
 
 # Non-finite gradients -----------------------------------------------------------------------
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_nan_gradient_on_one_rank_is_skipped_on_all(tmp_path, shards_64, zero_stage):
     """A NaN gradient on rank 1 only (finite loss): every rank skips that update alike."""
@@ -327,6 +333,7 @@ def test_nan_gradient_on_one_rank_is_skipped_on_all(tmp_path, shards_64, zero_st
     assert all(torch.isfinite(w).all() for w in ema.values())
 
 
+@pytest.mark.multirank
 def test_repeated_nan_gradients_stop_the_run(tmp_path, shards_64):
     run_dir = tmp_path / "run"
     proc = run_training("base64-tiny.yaml", tiny_overrides(

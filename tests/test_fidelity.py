@@ -81,6 +81,7 @@ def test_inputs_are_the_recorded_ones(golden, inputs):
     assert any(h != w for h, w in sizes) and any(max(s) < 299 for s in sizes) and any(max(s) > 299 for s in sizes)
 
 
+@pytest.mark.slow
 def test_features_equal_torch_fidelity(golden, ours):
     for name in ("real", "fake"):
         ref = golden[f"features_{name}"]

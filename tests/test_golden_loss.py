@@ -58,6 +58,7 @@ def test_compare_flags_drift_by_step():
     assert compare([float("nan")] * 50, golden)  # NaN never passes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_losses_match_the_golden_curve(tmp_path):
     out = tmp_path / "losses.json"

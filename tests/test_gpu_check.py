@@ -59,6 +59,7 @@ def _kill_leftovers(work: Path) -> None:
                 pass
 
 
+@pytest.mark.bench
 def test_rehearsal_runs_every_step_and_returns_only_the_summary(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = _run_check(out, work, "--rehearse", "--budget", "1200")
@@ -103,6 +104,7 @@ def test_rehearsal_runs_every_step_and_returns_only_the_summary(tmp_path):
             "./runs/smoke-zero2-fp32.metrics.jsonl"} <= set(names)
 
 
+@pytest.mark.bench
 def test_a_run_killed_halfway_leaves_a_readable_summary(tmp_path):
     """Killed as a device call's time limit kills it (SIGKILL to every process), during a step:
     --out still holds the summary and tarball of the steps before, within the return limits."""

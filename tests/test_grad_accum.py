@@ -49,6 +49,7 @@ def test_dtypes_deepspeed_cannot_run_are_refused_naming_the_key():
         load_preset("base64-tiny", ["training.grad_accum_dtype=fp64"])
 
 
+@pytest.mark.multirank
 def test_deepspeed_accumulates_in_fp32_at_zero_1_2_3(tmp_path):
     """A real bf16 engine per stage, 2 micro batches per step: DeepSpeed resolves fp32
     accumulation, holds an fp32 gradient buffer (4 more fp32 bytes per parameter at one rank) in

@@ -103,6 +103,7 @@ def _fresh_copy(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_guide_runs_from_a_fresh_copy_to_a_fid_number(tmp_path):
     blocks = [b for b in guide_blocks(GUIDE.read_text()) if b.tag in RUN_TAGS]

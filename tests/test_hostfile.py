@@ -51,6 +51,7 @@ def _sshd_sessions() -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.multirank
 def test_hostfile_run_stops_on_sigterm_with_one_checkpoint(hosts, tmp_path, shards_64):
     """Train on 2 hosts x 1 rank, SIGTERM the `deepspeed` command: one complete checkpoint with
     both ranks' files, and no process left on either host (ranks, launch.py, pdsh, ssh, the

@@ -26,6 +26,7 @@ def _stage_inputs(cfg, generator: torch.Generator) -> dict:
     return inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base64", "sr256"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_built_stage_equals_a_normally_built_one(stage, dtype, tmp_path):
@@ -108,6 +109,7 @@ def test_assign_weights_refuses_what_a_meta_build_would_leave_unset():
     assert torch.equal(built.table, torch.arange(4.0)) and torch.equal(built.linear.weight, state["linear.weight"])
 
 
+@pytest.mark.slow
 def test_cascade_caller_casts_the_conditioning_once_per_run(tmp_path):
     """Mode 16 (bf16 weights on a CPU): the network gets the text and low-res image in its dtype,
     the same cast tensors at every call while the sampler passes the same ones, fresh casts for

@@ -15,7 +15,7 @@ from imagen_train.artifacts import CONFIG_KEY, export_checkpoint, load_exported
 from imagen_train.config import ConfigError, load_config
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training.export import check_init_from, load_init_weights
+from imagen_train.training.init_from import check_init_from, load_init_weights
 from train_helpers import REPO, launch_command, run_training, tiny_overrides, train_env
 
 CONFIG = REPO / "configs" / "base64-tiny.yaml"
@@ -105,7 +105,7 @@ def test_one_weight_assigner_for_exports_and_init_from(tmp_path, export_file, mo
     bf16 tensors come in the network's fp32, and the same mismatch is one message for both,
     raised as a ConfigError for the config key only where a config named the file."""
     from imagen_train import models
-    from imagen_train.training import export as init
+    from imagen_train.training import init_from as init
 
     path, state = export_file
     cfg = tiny_cfg()
@@ -132,6 +132,7 @@ def test_one_weight_assigner_for_exports_and_init_from(tmp_path, export_file, mo
     assert at_init.value.key == "training.init_from" and str(at_inference.value) in str(at_init.value.found)
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(900)
 def test_export_at_2_ranks_zero2_init_at_1_rank_zero3(tmp_path, shards_64):
     """Same network output at step 0; the EMA starts from the file too; a resume ignores init_from."""
@@ -167,6 +168,7 @@ def test_export_at_2_ranks_zero2_init_at_1_rank_zero3(tmp_path, shards_64):
     assert artifacts.find_resume_tag(target / "checkpoints") == ckpt.tag_for(3)
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(900)
 def test_bf16_run_starts_from_the_exports_fp32_values(tmp_path, shards_64):
     """bf16, ZeRO-2 at 2 ranks (uneven master fragments): the module holds the bf16 rounding of

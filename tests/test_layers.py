@@ -230,13 +230,13 @@ def test_the_layer_check_catches_forbidden_imports(tmp_path):
     (package / "evaluation").mkdir(parents=True)
     (package / "artifacts").mkdir()
     (package / "evaluation" / "probe.py").write_text(
-        "from . import cascade\nfrom ..artifacts import ema\n\n\ndef f():\n    from imagen_train.training import export\n")
+        "from . import cascade\nfrom ..artifacts import ema\n\n\ndef f():\n    from imagen_train.training import init_from\n")
     (package / "artifacts" / "__init__.py").write_text("from ..evaluation import probe\n")
     (package / "elsewhere.py").write_text("import torch\n")
     assert violations(layer_table(), package) == [
         "imagen_train/artifacts/__init__.py:1: artifacts imports evaluation.probe",
         "imagen_train/elsewhere.py: in no row of the layer table",
-        "imagen_train/evaluation/probe.py:6: evaluation imports training.export"]
+        "imagen_train/evaluation/probe.py:6: evaluation imports training.init_from"]
 
 
 def test_the_purity_check_catches_io_below_models_and_diffusion(tmp_path):

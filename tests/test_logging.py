@@ -75,6 +75,7 @@ def wandb_history(run_dir: Path, run_id: str) -> list[int]:
     return [step for step, _ in rows]
 
 
+@pytest.mark.multirank
 def test_restart_before_the_first_checkpoint_continues_the_same_run(tmp_path):
     """Killed at step 5 with no checkpoint; the restart trains (and logs) from step 1 again."""
     first = _job(tmp_path, range(1, 6), kill=True)
@@ -85,6 +86,7 @@ def test_restart_before_the_first_checkpoint_continues_the_same_run(tmp_path):
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{first}"))) == 2
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("killed", [True, False])
 def test_replayed_steps_after_a_checkpoint_are_logged_once(tmp_path, killed):
     """Logged up to step 7, checkpoint at 4: the replay of 5-7 adds nothing, 8-10 follow. Killed,
@@ -98,6 +100,7 @@ def test_replayed_steps_after_a_checkpoint_are_logged_once(tmp_path, killed):
     assert wandb_history(tmp_path, run_id) == list(range(1, 11))
 
 
+@pytest.mark.multirank
 def test_starting_over_opens_a_new_run(tmp_path):
     old = _job(tmp_path, range(1, 4))
     new = _job(tmp_path, range(1, 3), fresh=True)
@@ -125,6 +128,7 @@ def test_the_last_logged_step_takes_only_new_keys(tmp_path):
                     {"step": 6, "train/loss": 0.4}, {"step": 7, "train/loss": 0.3}]
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(900)
 def test_killed_training_logs_every_step_once_to_one_wandb_run(tmp_path, shards_64):
     """The trainer end to end (2 ranks): SIGKILL at step 3 (no checkpoint yet), then at step 7

@@ -60,6 +60,7 @@ def _gaps(curves: dict[str, list[dict]], key: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.multirank
 def test_losses_agree_across_zero_stages_and_accumulation(curves):
     gaps = _gaps(curves, "train/loss")
     print("largest relative loss gap against 2-rank ZeRO-2:", gaps)
@@ -72,6 +73,7 @@ def test_losses_agree_across_zero_stages_and_accumulation(curves):
     assert max(losses) - min(losses) > 100 * RTOL * max(losses)
 
 
+@pytest.mark.multirank
 def test_gradient_norms_agree_across_zero_stages_and_accumulation(curves):
     # DeepSpeed reports no global gradient norm for ZeRO-0's bare optimizer (its losses are compared above).
     assert all("train/grad_norm" not in m for m in curves["zero0"])

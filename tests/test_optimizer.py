@@ -80,6 +80,7 @@ def test_check_refuses_an_engine_whose_adamw_is_not_fused(tmp_path):
     assert engine.describe_optimizer(fused) == "AdamW(fused=True)"
 
 
+@pytest.mark.multirank
 def test_training_steps_torch_fused_adamw_through_deepspeed(tmp_path, shards_64):
     """The whole path: config -> DeepSpeed's torch_adam switch -> torch.optim.AdamW(fused=True)."""
     run_dir = tmp_path / "run"

@@ -169,6 +169,7 @@ def straight(straight_run) -> dict[str, torch.Tensor]:
     return straight_run[0]
 
 
+@pytest.mark.multirank
 def test_cpu_run_leaves_no_shared_memory_buffers(straight_run):
     """DeepSpeed's CPU all-reduce makes a ~66 MB /dev/shm buffer per rank (named after the uid,
     master address and port, and rank) and never removes it; the trainer unlinks each once all
@@ -180,6 +181,7 @@ def test_cpu_run_leaves_no_shared_memory_buffers(straight_run):
 
 # Through the launchers ------------------------------------------------------------------------
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("target,sig", [("runner", signal.SIGTERM), ("launcher", signal.SIGTERM),
                                         ("rank", signal.SIGINT)])
 def test_stop_signal_saves_exits_and_resumes_exactly(tmp_path, shards_64, straight, target, sig):
@@ -243,6 +245,7 @@ def _rank(tree: list[psutil.Process], local_rank: int) -> psutil.Process:
                 and p.parent() and "deepspeed.launcher.launch" in _cmd(p.parent()))
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("phase,target", [("import", "runner"), ("build", "rank1")])
 def test_stop_before_the_first_step_exits_at_once(tmp_path, shards_64, phase, target):
     """A stop during start-up ends every process within seconds, with nothing saved. `import`:
@@ -283,6 +286,7 @@ LOOP_PHASES = {
 }
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("phase", list(LOOP_PHASES))
 def test_stop_in_the_loop_is_honoured_where_it_lands(tmp_path, shards_64, phase):
     """`eval`: a stop during an evaluation (4 grid samples, 1 per batch: 2 batches per rank)

@@ -18,6 +18,7 @@ def _run(cmd):
     return proc
 
 
+@pytest.mark.slow
 def test_quickstart_short_stops_at_256_then_resumes_through_1024(tmp_path):
     """--to 256 trains and samples two stages; the default run then skips what is done and adds the
     256 -> 1024 stage; every size is read back, and each SR stage is measured against bicubic."""

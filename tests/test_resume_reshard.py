@@ -74,6 +74,7 @@ GPU_ONLY = {"optimizer.fp16_groups, fp32_groups_flat": "FP16_Optimizer: ZeRO-0 i
 CPU_KINDS = ("torch", "zero", "zero3", "fp16-unfused")
 
 
+@pytest.mark.multirank
 def test_deepspeed_internals_the_reshard_reads(tmp_path):
     """Every ZeRO stage as source and as target, fp32 and bf16 (reshard_internals_check.py): the
     re-sliced state equals the saved one by DeepSpeed's own consolidation, and trains on alike.
@@ -170,6 +171,7 @@ def resumed_runs(tmp_path_factory, shards_64):
     return root, [p.stdout + p.stderr for p in logs]
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("run,step", [("a", 6), ("a", 9), ("b", 6), ("b", 9), ("b", 12), ("b", 14)])
 def test_optimizer_ema_step_and_lr_equal_what_was_saved(resumed_runs, run, step):
     root, _ = resumed_runs

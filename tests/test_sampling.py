@@ -40,6 +40,7 @@ def _overrides(exports, t5, out, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+@pytest.mark.slow
 def test_cascade_64_256_1024_writes_images_grids_and_json(tmp_path, tiny_exports, tiny_t5_dir):
     out = tmp_path / "out"
     final = {"samplers.sr256.final_denoise_sigma": 0.5, "samplers.sr256.final_denoise_draws": 2}
@@ -66,6 +67,7 @@ def test_cascade_64_256_1024_writes_images_grids_and_json(tmp_path, tiny_exports
     assert summary["prompts"] == ["a red circle", "a blue square"]
 
 
+@pytest.mark.slow
 def test_each_stage_gets_the_previous_output_unclamped_at_native_size(tiny_exports, tiny_t5_dir, tmp_path,
                                                                       monkeypatch):
     from imagen_train.diffusion import Diffusion

@@ -179,6 +179,7 @@ def test_network_call_switches_are_checked():
     assert cascade.network_call(net, "eager", torch.device("cpu")) is net
 
 
+@pytest.mark.slow
 def test_compiled_network_call_samples_what_eager_does(monkeypatch, tmp_path):
     """network_call=compile goes through the one compile function (speedups.apply_compile, whole
     network); here with dynamo's eager backend, which traces the same graph without inductor."""

@@ -139,6 +139,7 @@ def _complete(root: Path) -> list[int]:
     return [artifacts.step_of(tag) for tag in ckpt.list_complete(root)]
 
 
+@pytest.mark.multirank
 def test_sbatch_job_trains_like_one_node_and_scancel_saves(slurm, one_node, tmp_path, shards_64):
     """2 nodes x 1 rank under sbatch log the losses of the single-node 2-rank run, step for
     step; `scancel` (SIGTERM to the batch shell, srun and every task; SIGKILL after KillWait)
@@ -159,6 +160,7 @@ def test_sbatch_job_trains_like_one_node_and_scancel_saves(slurm, one_node, tmp_
     assert losses == one_node[0][:step]  # bit for bit: the same ranks, data and arithmetic
 
 
+@pytest.mark.multirank
 def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_path, shards_64):
     """The advance warning, both ways, each ending in a save, a requeue and an exact resume:
     1. a real time limit: `--time=2 --signal=B:USR1@60` (slurmctld sends it 60-90 s before the
@@ -218,6 +220,7 @@ def test_usr1_warning_saves_requeues_and_resumes_exactly(slurm, one_node, tmp_pa
         assert torch.equal(got[key], one_node[1][key]), f"{key} differs after two requeues"
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("how", ["scancel", "usr1"])
 def test_signal_during_startup_leaves_nothing_running(slurm, tmp_path, shards_64, how):
     """Both ranks held while importing torch (tests/hooks), then `scancel` (SIGTERM to

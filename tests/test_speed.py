@@ -132,6 +132,7 @@ def _saved_tensors(net, args) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["base64-tiny", "sr1024-tiny"])
 def test_activation_checkpointing_from_outside_keeps_gradients_and_names(preset):
     cfg = load_preset(preset, ["text.max_length=16"])
@@ -201,6 +202,7 @@ def test_apply_fused_norm_is_an_option_of_one_network():
 # ----------------------------------------------------------------------------------------------
 # torch.compile: every block compiles, once per class and shape.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,train", [("base64-tiny", True), ("sr256-tiny", False)])
 def test_regional_compile_compiles_every_block_once_per_shape(preset, train, fresh_dynamo):
     """The network's blocks share a few code objects (a class's forward); dynamo's default limit of
@@ -239,6 +241,7 @@ def test_regional_compile_compiles_every_block_once_per_shape(preset, train, fre
     assert all(isinstance(b.__dict__.get("forward"), speedups._Checkpointed) == train for b in speedups.blocks(net))
 
 
+@pytest.mark.slow
 def test_a_compiler_failure_falls_back_to_eager_with_one_line(fresh_dynamo):
     cfg = load_preset("base64-tiny")
     net = _live(build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)).eval()

@@ -199,6 +199,7 @@ def test_config_reference_is_generated_from_the_current_schema():
     assert not re.findall(r"^\| `[^`]+` \|[^|]*\|[^|]*\|\s*\|$", text, re.M)
 
 
+@pytest.mark.slow
 def test_a_refused_run_says_why_once_without_a_traceback(tmp_path):
     """Two ranks meeting the same config error: rank 0 prints one line, rank 1 nothing, both exit 2."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "base64-tiny.yaml"),

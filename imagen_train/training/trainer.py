@@ -27,7 +27,7 @@ from imagen_train.data import build_train_loader
 from imagen_train.diffusion import build_diffusion
 from imagen_train.models import build_model
 from imagen_train.training import checkpoint as ckpt
-from imagen_train.training import export, preemption, resume as resuming, speed
+from imagen_train.training import init_from, preemption, resume as resuming, speed
 from imagen_train.training.bad_steps import BadSteps, TrainingStopped
 from imagen_train.training.ema import EMA
 from imagen_train.training.ema_network import EMANetwork
@@ -129,25 +129,25 @@ class Trainer:
         """The network in its engine: from `training.init_from`'s weights for a new run given
         them (a resumed checkpoint wins over init_from), else freshly initialised."""
         cfg = self.cfg
-        init_from = cfg.training.init_from if self.resume_folder is None else None
-        if cfg.training.init_from and not init_from:
+        init_path = cfg.training.init_from if self.resume_folder is None else None
+        if cfg.training.init_from and not init_path:
             dist.print0(f"[train] training.init_from={cfg.training.init_from} ignored: resuming "
                         f"{self.resume_folder} (a checkpoint wins over init_from)")
-        if init_from:
-            export.check_init_from(cfg)
+        if init_path:
+            init_from.check_init_from(cfg)
         net = build_model(cfg.model, cfg.text, cfg.stage, cfg.train_resolution)
-        if init_from:
-            export.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
+        if init_path:
+            init_from.load_init_weights(net, cfg)  # before ZeRO-3 partitions the module
         self.flops_per_sample = speed.count_flops_per_sample(cfg)
         built = create_engine(cfg, net)
         dist.print0(f"[train] optimizer {built.describe()}")
         self.optimizer_layout = built.optimizer_layout()  # saved for a re-sliced resume
-        if init_from:
+        if init_path:
             # The fp32 masters from the file itself, not from the (maybe bf16) module; the EMA
             # starts from them.
-            with export.init_tensors(cfg) as read:
+            with init_from.init_tensors(cfg) as read:
                 built.set_master_weights(read)
-            dist.print0(f"[train] initialised from {init_from} ({cfg.training.init_from_weights} weights)")
+            dist.print0(f"[train] initialised from {init_path} ({cfg.training.init_from_weights} weights)")
         return built
 
     # Checkpoints ---------------------------------------------------------------------------------
