@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +115,11 @@ def rank_launcher(args) -> "str | None":
     words = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
     if isinstance(args, str):
         words = args.split()
-    return next((w for w in map(str, words) if w in RANK_LAUNCHERS or os.path.basename(w) in RANK_LAUNCHERS), None)
+    def launches(word: str) -> bool:  # a bare name or module, or the installed one (not a stand-in script)
+        return word in RANK_LAUNCHERS or (os.path.basename(word) in RANK_LAUNCHERS and (
+            shutil.which(os.path.basename(word)) == word or os.path.dirname(word) == os.path.dirname(sys.executable)))
+
+    return next((w for w in map(str, words) if launches(w)), None)
 
 
 @pytest.fixture(autouse=True)
