@@ -197,16 +197,27 @@ def encode_prompts(encoder_path: Optional[str], texts: Sequence[str], device: to
 
 def sample_in_batches(diffusion, caller, sampler: SamplerConfig, resolution: int, emb: Tensor, mask: Tensor,
                       lowres: Optional[Tensor], batch_size: int, generator: torch.Generator,
-                      device: torch.device) -> tuple[Tensor, Optional[Tensor], Optional[SampleResult], list[float]]:
+                      device: torch.device, before_batch: Optional[Callable[[int], None]] = None,
+                      num_batches: int = 0) -> tuple[Tensor, Optional[Tensor], Optional[SampleResult], list[float]]:
     """Sample one image per row of emb (N, L, D) / mask (N, L) [/ lowres (N, 3, h, w)], `batch_size`
-    rows per call, each batch moved to `device`: the one batched sampling loop of evaluation.
+    rows per call, each batch moved to `device`: the one batched sampling loop (the cascade, the
+    sweep, the quickstart and periodic evaluation).
+
+    `before_batch(b)` runs before batch b (periodic evaluation asks there whether to stop, a
+    collective); with `num_batches` it runs at least that many times, batches past the last row
+    drawing nothing, so that every rank asks as often whatever its share of rows.
 
     Returns the images (N, 3, R, R) float32 on CPU, unclamped; the same before the sampler's final
     denoising average (None without one); the last batch's SampleResult (its NFE counts); each
     batch's seconds.
     """
     out, before, result, batch_s = [torch.zeros(0, 3, resolution, resolution)], [], None, []
-    for i in range(0, emb.shape[0], batch_size):
+    rows = emb.shape[0]
+    for b, i in enumerate(range(0, max(rows, num_batches * batch_size), batch_size)):
+        if before_batch is not None:
+            before_batch(b)
+        if i >= rows:
+            continue
         batch_start = time.perf_counter()
         e, m = emb[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)
         low = None if lowres is None else lowres[i:i + batch_size].to(device)

@@ -62,6 +62,7 @@ from imagen_train.text import load_text_encoder
 from imagen_train.utils import dist
 from imagen_train.utils.rng import preserved_rng
 
+from .cascade import sample_in_batches
 from .cascade_conditioning import CascadeConditioning
 from .clip_score import CLIP_HOW_TO, ClipScorer
 from .fid import FeatureStats, extract_features, fid_from_stats, require_fid_stats, to_uint8
@@ -255,22 +256,17 @@ class PeriodicEvaluator:
         res = resolution or self.cfg.train_resolution
         gen = torch.Generator(device=device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
         caller = NetworkCaller(net)  # in the EMA network's dtype
-        out = [torch.zeros(0, 3, res, res)]
+
+        def stop_check(batch: int) -> None:
+            if self._should_stop():
+                raise EvaluationStopped(f"a stop was requested after {batch} sampling batches")
+
         # As many batches on every rank (rank 0 has the most rows), so the stop question, a
         # collective, is asked the same number of times everywhere.
         most_rows = -(-len(cond["caption"]) // world)
-        for batch, i in enumerate(range(0, most_rows, self.ev.batch_size)):
-            if self._should_stop():
-                raise EvaluationStopped(f"a stop was requested after {batch} sampling batches")
-            if i >= len(mine):
-                continue
-            emb = part["text_emb"][i:i + self.ev.batch_size].to(device)
-            mask = part["text_mask"][i:i + self.ev.batch_size].to(device)
-            low = part["lowres"][i:i + self.ev.batch_size].to(device) if "lowres" in part else None
-            result = diffusion.sample(caller, (emb.shape[0], 3, res, res), emb, mask, self.ev.sampler,
-                                      lowres=low, generator=gen)
-            out.append(result.images.float().cpu())
-        local = torch.cat(out)
+        local, _, _, _ = sample_in_batches(diffusion, caller, self.ev.sampler, res, part["text_emb"], part["text_mask"],
+                                           part.get("lowres"), self.ev.batch_size, gen, device,
+                                           before_batch=stop_check, num_batches=-(-most_rows // self.ev.batch_size))
         return dist.all_gather_tensor(local.to(device)).cpu() if gather else local
 
     @staticmethod
