@@ -170,7 +170,17 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_sessionfinish(session):
+    """Each xdist worker writes PATH.<worker>; the controller (or a run without workers), whose
+    session ends last, writes PATH with every row and removes the workers' files."""
     path = session.config.getoption("--cpu-times")
-    if path:
-        rows = session.config.stash.get(_CPU_TIMES, [])
-        Path(path).write_text(json.dumps(rows, indent=1))
+    if not path:
+        return
+    rows = session.config.stash.get(_CPU_TIMES, [])
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        Path(f"{path}.{worker}").write_text(json.dumps(rows))
+        return
+    for part in sorted(Path(path).parent.glob(Path(path).name + ".gw*")):
+        rows += json.loads(part.read_text())
+        part.unlink()
+    Path(path).write_text(json.dumps(rows, indent=1))
