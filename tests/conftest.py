@@ -112,9 +112,10 @@ RANK_LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed", "sbatch")
 
 def rank_launcher(args) -> "str | None":
     """The word of a subprocess command line that launches training ranks, or None."""
-    words = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
     if isinstance(args, str):
         words = args.split()
+    else:
+        words = [args] if isinstance(args, (bytes, os.PathLike)) else list(args)
     def launches(word: str) -> bool:  # a bare name or module, or the installed one (not a stand-in script)
         return word in RANK_LAUNCHERS or (os.path.basename(word) in RANK_LAUNCHERS and (
             shutil.which(os.path.basename(word)) == word or os.path.dirname(word) == os.path.dirname(sys.executable)))
