@@ -227,6 +227,8 @@ def cascade_eval_overrides(args, stage: str, exports: dict[str, Path], folders: 
             f"evaluation.num_images_per_prompt={EVAL_PER_PROMPT[stage]}",
             f"evaluation.sampler={json.dumps(dataclasses.asdict(sampler(args, stage)))}",
             f"evaluation.cascade_from={json.dumps(sources)}", f"evaluation.seed={args.seed}",
+            # the last step's cascade is the final samples' (sample_cascade, the same weights)
+            "evaluation.at_last_step=false",
             f"text.encoder_path={folders['encoder']}", f"data.eval_shards={shard_list(folders[f'emb{size}-holdout'])}"]
 
 
@@ -357,20 +359,28 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
             "by_step": points}
 
 
-def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path]) -> dict:
-    """The read-back score of the SR stage's periodic cascade grids (samples/cascade_step_N.png)."""
+def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path], final: dict) -> dict:
+    """The read-back score of the SR stage's periodic cascade grids (samples/cascade_step_N.png)
+    and, at the last step (not evaluated in training: evaluation.at_last_step), of the final
+    samples `final` (sample_cascade's, drawn with the same weights)."""
     per = EVAL_PER_PROMPT[stage]
     prompts = [p for p in HELD_OUT_PROMPTS for _ in range(per)]
     points = {}
     grids = sorted((run_dir / "samples").glob("cascade_step_*.png"), key=lambda p: int(p.stem.split("_")[-1]))
     for path in grids:
         tiles = split_grid(Image.open(path), RESOLUTION[stage], len(prompts), ncols=per if per > 1 else None)
-        score = prompt_following(tiles, prompts)
-        points[path.stem.split("_")[-1]] = {**score, "background_std_max": max(background_std(t) for t in tiles),
-                                            "edge_width_px": summarize(tiles)["edge_width_px"]}
+        points[path.stem.split("_")[-1]] = _cascade_point(tiles, prompts)
+    last = step_of(find_checkpoint(run_dir / "checkpoints").name)
+    points[str(last)] = {**_cascade_point(to_pixels(final["images"]), final["prompts"]), "from": "final samples",
+                         "samples_per_prompt": len(final["prompts"]) // len(HELD_OUT_PROMPTS)}
     earlier = STAGES[:STAGES.index(stage)]
     return {"samples_per_prompt": per, "cascade_from": ", ".join(str(exports[s].name) for s in earlier),
             "grids": f"{run_dir.name}/samples/cascade_step_N.png", "by_step": points}
+
+
+def _cascade_point(pixels, prompts: list[str]) -> dict:
+    return {**prompt_following(pixels, prompts), "background_std_max": max(background_std(t) for t in pixels),
+            "edge_width_px": summarize(pixels)["edge_width_px"]}
 
 
 def fid_over_training(args, encoder: Path, base_dir: Path, holdout: Path) -> dict:
@@ -474,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = measure(args, folders, drawn, timer)
     with timer("report: progress over training"):
         progress = progress_over_training(args, folders["encoder"], out / "base64")
-        sr = {s: sr_progress(s, out / s, exports) for s in ("sr256", "sr1024") if s in exports}
+        sr = {s: sr_progress(s, out / s, exports, drawn["samples"][s]) for s in ("sr256", "sr1024") if s in exports}
     fid = fid_over_training(args, folders["encoder"], out / "base64", folders["raw256"] / "holdout") \
         if args.inception else None
     minutes = round((time.time() - start) / 60, 2)

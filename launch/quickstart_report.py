@@ -161,19 +161,25 @@ checkpoint; fractions read back as above, grain the largest background std.
 {rows}
 """
     for stage, sr in metrics.get("sr_progress", {}).items():
-        sr_rows = "\n".join(f"| {step} | {p['colour']} | {p['shape']} | {p['position']} | {p['all']} | "
+        sr_rows = "\n".join(f"| {step}{_final_note(p)} | {p['colour']} | {p['shape']} | {p['position']} | {p['all']} | "
                             f"{p['background_std_max']} | {p['edge_width_px']} |" for step, p in sr["by_step"].items())
         text += f"""
 ### The cascade at every kept checkpoint of the {stage} stage (its periodic evaluation)
 The evaluation draws the held-out prompts with the earlier stages' exports ({sr['cascade_from']}),
 once, and lifts them with the stage's EMA weights at each evaluation
-(`evaluation.cascade_from`); {sr['samples_per_prompt']} per prompt. Grids: `{sr['grids']}`.
+(`evaluation.cascade_from`); {sr['samples_per_prompt']} per prompt. Grids: `{sr['grids']}`. The last
+step is not evaluated in training (`evaluation.at_last_step: false`): its row reads the final
+samples above, drawn with the same weights.
 
 | step | colour | kind | position | all | grain | edge width (px) |
 |---|---|---|---|---|---|---|
 {sr_rows}
 """
     return text
+
+
+def _final_note(point: dict) -> str:
+    return f" (final samples, {point['samples_per_prompt']} per prompt)" if point.get("from") == "final samples" else ""
 
 
 def _fid_part(metrics: dict) -> str:

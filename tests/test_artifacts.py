@@ -138,6 +138,21 @@ def test_rng_state_round_trips_through_a_checkpoint_file_and_preserves_cached_ga
     assert torch.rand(3).tolist() == expected[0]
 
 
+def test_the_last_step_is_evaluated_unless_a_launcher_samples_it_itself(shards_64):
+    """evaluation.at_last_step=false: every multiple of eval_every_steps but training.max_steps."""
+    from imagen_train.evaluation.periodic import make_periodic_evaluator
+
+    sets = [f"data.eval_shards={shards_64.pattern}", "evaluation.eval_every_steps=2", "training.max_steps=6"]
+    default = make_periodic_evaluator(load_preset("base64-tiny", sets))
+    assert [s for s in range(1, 7) if default.due(s)] == [2, 4, 6]
+    skipping = make_periodic_evaluator(load_preset("base64-tiny", sets + ["evaluation.at_last_step=false"]))
+    assert [s for s in range(1, 7) if skipping.due(s)] == [2, 4]
+    built = []
+    skipping(step=6, materialize_ema=lambda dtype, device: built.append(dtype), device=torch.device("cpu"),
+             log=lambda m, step: built.append(m), log_image=lambda *a, **k: built.append(a), out_dir=Path("unused"))
+    assert built == []
+
+
 @pytest.mark.slow
 def test_periodic_evaluation_needs_no_trainer(tmp_path, shards_64):
     """The evaluator is driven with the step, a callable that builds the EMA network, a device, log

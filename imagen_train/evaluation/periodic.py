@@ -158,6 +158,12 @@ class PeriodicEvaluator:
         self.cascade = CascadeConditioning(cfg) if self.ev.cascade_from else None
         self._cascade_rows: Optional[dict[str, Any]] = None
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is an evaluation step."""
+        if self.every <= 0 or step % self.every:
+            return False
+        return self.ev.at_last_step or step != self.cfg.training.max_steps
+
     # ------------------------------------------------------------------------------------------
     def __call__(self, *, step: int, materialize_ema: MaterializeFn, device: torch.device, log: LogFn,
                  log_image: LogImageFn, out_dir: Path, should_stop: Callable[[], bool] = _never) -> None:
@@ -169,7 +175,7 @@ class PeriodicEvaluator:
         sampling batch, on every rank (a collective answer: the trainer's agreed stop request);
         yes ends the evaluation there, unlogged.
         """
-        if self.every <= 0 or step % self.every:
+        if not self.due(step):
             return
         self._should_stop, stopped = should_stop, None
         try:
