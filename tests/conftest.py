@@ -91,6 +91,8 @@ TIERS = {"multirank": "launches several ranks or trains in subprocesses (also sl
 def pytest_configure(config):
     for name, what in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6: hand out files in LONGEST_FIRST's
+        config.option.loadscopereorder = False       # order, not by their number of tests
 
 
 # Module fixtures that launch training ranks: a test that uses one is multi-rank whatever it checks.
@@ -98,8 +100,9 @@ MULTIRANK_FIXTURES = {"eval_traffic", "straight", "straight_run", "curves", "res
 
 
 # The files that take longest (`--cpu-times`, 2-core VM), run first: pytest-xdist's loadfile hands
-# out whole files in collection order, so the two workers of `-n 2 --dist loadfile` end together
-# instead of one finishing a long file alone. The order of the tests within a file is kept.
+# out whole files in collection order (pytest_configure keeps it from reordering them), so the two
+# workers of `-n 2 --dist loadfile` end together instead of one finishing a long file alone. The
+# order of the tests within a file is kept.
 LONGEST_FIRST = ("test_quickstart.py", "test_training.py", "test_preemption.py", "test_evaluation.py",
                  "test_fault_tolerance.py", "test_guide.py", "test_slurm.py", "test_hostfile.py",
                  "test_gpu_check.py", "test_resume_reshard.py", "test_logging.py")
