@@ -97,7 +97,21 @@ def pytest_configure(config):
 MULTIRANK_FIXTURES = {"eval_traffic", "straight", "straight_run", "curves", "resumed_runs", "one_node", "slurm", "hosts"}
 
 
+# The files that take longest (`--cpu-times`, 2-core VM), run first: pytest-xdist's loadfile hands
+# out whole files in collection order, so the two workers of `-n 2 --dist loadfile` end together
+# instead of one finishing a long file alone. The order of the tests within a file is kept.
+LONGEST_FIRST = ("test_quickstart.py", "test_training.py", "test_preemption.py", "test_evaluation.py",
+                 "test_fault_tolerance.py", "test_guide.py", "test_slurm.py", "test_hostfile.py",
+                 "test_gpu_check.py", "test_resume_reshard.py", "test_logging.py")
+
+
+def _file_rank(item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_rank)  # stable
     for item in items:
         if MULTIRANK_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("multirank"):
             item.add_marker(pytest.mark.multirank)

@@ -43,6 +43,33 @@ def hosts():
     yield from sshd_service()
 
 
+def _private_python(root: Path) -> Path:
+    """This interpreter under a path of the test's own, with the same packages.
+
+    On SIGTERM the runner runs `pkill -f '<python> -u -m deepspeed.launcher.launc'` on every host:
+    a pattern that names only the interpreter, so it ends every `launch.py` started by that
+    Python on the machine (another test's, under pytest-xdist, or another job's of the same venv
+    on a shared node). Run from a path no other job uses, the pkill reaches this test's only.
+    """
+    (root / "bin").mkdir(parents=True)
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv:  # the venv's packages: its pyvenv.cfg, and its lib/ under the new prefix
+        (root / "pyvenv.cfg").write_text((Path(sys.prefix) / "pyvenv.cfg").read_text())
+        (root / "lib").symlink_to(Path(sys.prefix) / "lib")
+    else:
+        home = Path(os.path.realpath(sys.executable)).parent
+        (root / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = true\n")
+    python = root / "bin" / "python"
+    python.symlink_to(os.path.realpath(sys.executable))
+    return python
+
+
+def _decoy_launcher(python: str) -> subprocess.Popen:
+    """A process whose command line is that of a `launch.py` started by `python`, as another job's."""
+    argv0 = f"{python} -u -m deepspeed.launcher.launch --world_info=decoy"
+    return subprocess.Popen(["bash", "-c", f'exec -a "{argv0}" sleep 600'], start_new_session=True)
+
+
 def _sshd_sessions() -> list[psutil.Process]:
     """The session processes of our sshd (one per open ssh connection)."""
     try:
@@ -70,11 +97,13 @@ def test_hostfile_run_stops_on_sigterm_with_one_checkpoint(hosts, tmp_path, shar
     # expanded there, so the shards are listed with '::'.
     sets = tiny_overrides(run_dir, "::".join(shards_64.urls), shards_64.embed_dim, max_steps=MAX_STEPS, **{
         "checkpoint.every_steps": 100000, "data.num_workers": 1, "data.shuffle_buffer": 8})
-    cmd = [sys.executable, str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile),
+    python = _private_python(tmp_path / "python")
+    cmd = [str(python), str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile),
            "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "base64-tiny.yaml")]
     for item in sets:
         cmd += ["--set", item]
+    decoy = _decoy_launcher(sys.executable)  # another job's launch.py: the stop must leave it alone
     job = subprocess.Popen(cmd, cwd=tmp_path, env=train_env(**hosts, DS_ENV_FILE=str(ds_env)),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
@@ -99,9 +128,12 @@ def test_hostfile_run_stops_on_sigterm_with_one_checkpoint(hosts, tmp_path, shar
         assert not _sshd_sessions(), [" ".join(p.cmdline()) for p in _sshd_sessions()]
         print(f"every process gone {time.monotonic() - start:.1f} s after the SIGTERM")
         job.wait(timeout=10)
+        assert decoy.poll() is None, "the runner's pkill ended a launch.py that was not its job's"
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+        decoy.kill()
+        decoy.wait()
     text = "".join(lines)
     assert job.returncode == 1, text[-4000:]  # the runner's own code after a signal
     root = run_dir / "checkpoints"

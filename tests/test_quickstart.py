@@ -56,14 +56,18 @@ def test_quickstart_short_stops_at_256_then_resumes_through_1024(tmp_path):
         assert overall["n"] == n and all(0.0 <= overall[k] <= 1.0 for k in ("colour", "shape", "position", "all"))
         assert list(following[size]["by_prompt"]) == metrics["prompts"]
     # The progress score: one point per kept base checkpoint (--short: 4 steps, one kept each step),
-    # and the read-back of each SR stage's periodic cascade grids (2 steps: one per step).
+    # and the read-back of each SR stage's periodic cascade grids (2 steps: one per step); the last
+    # step is not evaluated in training (evaluation.at_last_step): its point is the final samples'.
     assert list(metrics["progress"]["by_step"]) == ["1", "2", "3", "4"]
-    for stage, per in (("sr256", 2), ("sr1024", 1)):
+    point = {"colour", "shape", "position", "background", "all", "background_std_max", "edge_width_px"}
+    for stage, per, final_per in (("sr256", 2, 4), ("sr1024", 1, 1)):
         sr = metrics["sr_progress"][stage]
         assert list(sr["by_step"]) == ["1", "2"] and sr["samples_per_prompt"] == per, sr
-        assert set(sr["by_step"]["2"]) == {"colour", "shape", "position", "background", "all", "background_std_max",
-                                           "edge_width_px"}
-        assert (out / stage / "samples" / "cascade_step_2.png").is_file()
+        assert set(sr["by_step"]["1"]) == point
+        assert sr["by_step"]["2"] == {**sr["by_step"]["2"], "from": "final samples", "samples_per_prompt": final_per}
+        assert point < set(sr["by_step"]["2"])
+        assert (out / stage / "samples" / "cascade_step_1.png").is_file()
+        assert not (out / stage / "samples" / "cascade_step_2.png").exists()
     # Grain at every size, with and without the final average; the drawn training images are flat,
     # 2-4-step models leave their samples noisy.
     grain = metrics["background_std"]
@@ -96,6 +100,7 @@ def test_quickstart_short_stops_at_256_then_resumes_through_1024(tmp_path):
     assert "| sr1024 | " in report and "CPU s" in report
     assert "random T5" in report and "grid-1024.jpg" in report and "| 1024px | **all prompts** | 4 |" in report
     assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
+    assert "| 2 (final samples, 4 per prompt) | " in report and "| 2 (final samples, 1 per prompt) | " in report
     assert "bicubic-1024.jpg" in report and "against bicubic" in report and "sr1024 stage" in report
     # Every stage ends on the mean of its conditional prediction over noise draws at sigma 0.5
     # (the 1024 px stage at 2; --short: 2 draws), the progress points too, and the report says so.
