@@ -65,6 +65,8 @@ SAMPLERS = {
                   final_denoise_draws=8),
     # At 1024 px the grain is in what the sampler drew, not only in one draw's error: 16 draws at
     # sigma 0.5 kept 6/255; at sigma 2 the mean keeps the low-res image's shape and drops the texture.
+    # With the cosine-decayed stage it leaves 4.5/255 (16 draws: 3.7; sigma 3: 3.5 but the dark
+    # green triangle lost): docs/training.md, "The 256 -> 1024 stage".
     "sr1024": dict(name="edm_heun", steps=8, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=2.0,
                    final_denoise_draws=8),
 }
