@@ -26,7 +26,7 @@ from imagen_train import speedups
 from imagen_train.artifacts import load_network, stage_config
 from imagen_train.config import Config, ConfigError, SamplerConfig
 from imagen_train.diffusion import SampleResult, build_diffusion
-from imagen_train.diffusion.caller import NetworkCaller
+from imagen_train.diffusion.caller import NetworkCaller, sampling_memory_format
 from imagen_train.text import load_text_encoder
 from .grids import make_grid, save_png, to_pil
 from .memory import PeakMemory, release, synchronize
@@ -130,7 +130,8 @@ class Precision:
     def caller(self, net: Callable) -> NetworkCaller:
         """`net` called in this precision, its output in the sampler's float32; the conditioning is
         cast once per run (the same tensors at every step)."""
-        return NetworkCaller(net, dtype=self.weight_dtype, autocast=self.autocast_dtype, cache_conditioning=True)
+        return NetworkCaller(net, dtype=self.weight_dtype, autocast=self.autocast_dtype, cache_conditioning=True,
+                             memory_format=sampling_memory_format(self.device))
 
     def check_finite(self, images: Tensor, stage: str) -> None:
         """Raise if a stage's output (a CPU copy: no device sync) holds inf or NaN, naming the setting."""

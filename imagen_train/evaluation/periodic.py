@@ -56,7 +56,7 @@ from torch import Tensor
 from imagen_train.config import Config, ConfigError
 from imagen_train.data import SampleSpec, collate, read_samples
 from imagen_train.diffusion import build_diffusion
-from imagen_train.diffusion.caller import NetworkCaller
+from imagen_train.diffusion.caller import NetworkCaller, sampling_memory_format
 from imagen_train.stages import get_stage
 from imagen_train.text import load_text_encoder
 from imagen_train.utils import dist
@@ -261,7 +261,7 @@ class PeriodicEvaluator:
         part = _take(cond, mine)
         res = resolution or self.cfg.train_resolution
         gen = torch.Generator(device=device).manual_seed(self.ev.seed * 7919 + seed * 104729 + rank)
-        caller = NetworkCaller(net)  # in the EMA network's dtype
+        caller = NetworkCaller(net, memory_format=sampling_memory_format(device))  # in the EMA network's dtype
 
         def stop_check(batch: int) -> None:
             if self._should_stop():
