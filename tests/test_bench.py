@@ -479,3 +479,18 @@ def test_load_stage_bench_times_every_way_of_loading(tmp_path):
     assert len({s["params"] for s in steps.values()}) == 1 and all(s["seconds"] > 0 for s in steps.values())
     assert steps["meta_build"]["touch_s"] is None and steps["meta_load"]["touch_s"] > 0
     assert json.loads((tmp_path / "load.json").read_text())["steps"] == steps
+
+
+def test_memory_format_bench_reports_medians_and_their_ratio_on_a_known_clock(monkeypatch):
+    """bench/sampling_memory_format.py: the formats alternate; each call's time is read off the
+    clock, and the ratio is of the medians (here 3 s contiguous, 2 s channels_last: 1.5)."""
+    import sampling_memory_format as bench
+
+    ticks = iter([t for rep in range(3) for t in (10 * rep, 10 * rep + 3, 10 * rep + 3, 10 * rep + 5)])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    row = bench.measure("base64", batch=1, reps=3)
+    assert row["resolution"] == 64 and row["batch"] == 1
+    assert row["seconds_per_call"] == {"contiguous": 3, "channels_last": 2}
+    assert row["contiguous_over_channels_last"] == 1.5
+    with pytest.raises(StopIteration):
+        next(ticks)  # exactly two clock reads per timed call, none for the untimed first calls

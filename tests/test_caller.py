@@ -139,3 +139,19 @@ def test_the_loss_and_the_sampler_call_the_network_through_the_given_caller(form
     diffusion.sample(caller, (2, 3, 8, 8), emb, mask, cfg)
     assert net.calls[-1]["x"].is_contiguous(memory_format=torch.channels_last)
     assert len(net.calls) == 1 + 3  # Heun: 2N - 1 forward passes
+
+
+def test_sampling_runs_channels_last_on_a_cpu_and_gives_the_same_images():
+    """The cascade's caller (Precision.caller) hands a CPU network channels_last images, and the
+    samples match those drawn in the contiguous format; on a GPU the format is left as given."""
+    from imagen_train.diffusion.caller import sampling_memory_format
+    from imagen_train.evaluation.cascade import Precision
+
+    assert sampling_memory_format(torch.device("cpu")) == torch.channels_last
+    assert sampling_memory_format(torch.device("cuda")) is None
+    net = _Spy()
+    caller = Precision(32, torch.device("cpu")).caller(net)
+    x, noise, emb, mask, low, low_noise = _args()
+    out = caller(x, noise, emb, mask, low, low_noise)
+    assert net.calls[-1]["x"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, NetworkCaller(net)(x, noise, emb, mask, low, low_noise))
