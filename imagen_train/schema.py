@@ -362,8 +362,7 @@ class EvaluationConfig:
     # The evaluation then also lifts their samples of the same captions or prompts with the stage
     # under training (evaluation.cascade_conditioning), logged under eval/cascade/.
     cascade_from: list[Union[str, CascadeSourceConfig]] = field(default_factory=list)
-    # Evaluate at training.max_steps when it falls on eval_every_steps. false: a launcher that
-    # samples the final export itself right after training (launch/quickstart.py) skips the repeat.
+    # Evaluate at training.max_steps too (false: a launcher sampling the final export itself skips it).
     at_last_step: bool = True
 
     def __post_init__(self) -> None:
