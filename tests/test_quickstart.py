@@ -102,10 +102,10 @@ def test_quickstart_short_stops_at_256_then_resumes_through_1024(tmp_path):
     assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
     assert "| 2 (final samples, 4 per prompt) | " in report and "| 2 (final samples, 1 per prompt) | " in report
     assert "bicubic-1024.jpg" in report and "against bicubic" in report and "sr1024 stage" in report
-    # Every stage ends on the mean of its conditional prediction over noise draws at sigma 0.5
-    # (the 1024 px stage at 2; --short: 2 draws), the progress points too, and the report says so.
+    # Every stage ends on the mean of its conditional prediction over noise draws (sigma 0.8 at
+    # 64 px, 0.5 at 256, 2 at 1024; --short: 2 draws), the progress points too, and the report says so.
     settings = json.loads((out / "samples" / "settings.json").read_text())["settings"]["samplers"]
-    for stage, sigma in (("base64", 0.5), ("sr256", 0.5), ("sr1024", 2.0)):
+    for stage, sigma in (("base64", 0.8), ("sr256", 0.5), ("sr1024", 2.0)):
         assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (sigma, 2)
         assert metrics["samplers"][stage].endswith(f"then the mean of 2 conditional predictions at sigma {sigma}")
         assert metrics["samplers"][stage] in report
