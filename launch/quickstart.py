@@ -363,10 +363,10 @@ def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
             "by_step": points}
 
 
-def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path], final: dict) -> dict:
+def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path], measured: dict) -> dict:
     """The read-back score of the SR stage's periodic cascade grids (samples/cascade_step_N.png)
-    and, at the last step (not evaluated in training: evaluation.at_last_step), of the final
-    samples `final` (sample_cascade's, drawn with the same weights)."""
+    and, at the last step (not evaluated in training: evaluation.at_last_step), that of the final
+    samples, drawn with the same weights: `measure`'s figures of them, `measured`."""
     per = EVAL_PER_PROMPT[stage]
     prompts = [p for p in HELD_OUT_PROMPTS for _ in range(per)]
     points = {}
@@ -375,8 +375,12 @@ def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path], final: dict
         tiles = split_grid(Image.open(path), RESOLUTION[stage], len(prompts), ncols=per if per > 1 else None)
         points[path.stem.split("_")[-1]] = _cascade_point(tiles, prompts)
     last = step_of(find_checkpoint(run_dir / "checkpoints").name)
-    points[str(last)] = {**_cascade_point(to_pixels(final["images"]), final["prompts"]), "from": "final samples",
-                         "samples_per_prompt": len(final["prompts"]) // len(HELD_OUT_PROMPTS)}
+    size = SIZES[stage]
+    final = measured["prompt_following"][size]["all_prompts"]
+    points[str(last)] = {**{k: v for k, v in final.items() if k not in ("n", "all_right")},
+                         "background_std_max": measured["background_std"]["samples"][size]["max"],
+                         "edge_width_px": measured["edges"][size]["samples"]["edge_width_px"],
+                         "from": "final samples", "samples_per_prompt": final["n"] // len(HELD_OUT_PROMPTS)}
     earlier = STAGES[:STAGES.index(stage)]
     return {"samples_per_prompt": per, "cascade_from": ", ".join(str(exports[s].name) for s in earlier),
             "grids": f"{run_dir.name}/samples/cascade_step_N.png", "by_step": points}
@@ -488,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = measure(args, folders, drawn, timer)
     with timer("report: progress over training"):
         progress = progress_over_training(args, folders["encoder"], out / "base64")
-        sr = {s: sr_progress(s, out / s, exports, drawn["samples"][s]) for s in ("sr256", "sr1024") if s in exports}
+        sr = {s: sr_progress(s, out / s, exports, metrics) for s in ("sr256", "sr1024") if s in exports}
     fid = fid_over_training(args, folders["encoder"], out / "base64", folders["raw256"] / "holdout") \
         if args.inception else None
     minutes = round((time.time() - start) / 60, 2)
