@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imagen_train.utils.cpu_env import with_cpu_malloc_tunables  # noqa: E402
+
 # Hooks the ranks load from outside the package (tests/hooks/sitecustomize.py): stop phases and
 # faults, for the tests and bench/kill_resume.py; a run without their variables never loads them.
 HOOKS = REPO / "tests" / "hooks"
@@ -72,6 +76,7 @@ def train_env(**extra: str) -> dict[str, str]:
     hooks = [str(HOOKS)] if any(key.startswith(HOOK_VARIABLES) for key in extra) else []
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(hooks + [str(REPO), env.get("PYTHONPATH", "")]))
+    env = with_cpu_malloc_tunables(env)  # as launch/quickstart.py runs its ranks
     env.update(extra)
     return env
 

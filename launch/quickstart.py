@@ -40,6 +40,7 @@ from imagen_train.evaluation.fid import extract_features, fid_from_features, to_
 from imagen_train.evaluation.grids import make_grid, save_png, to_pil  # noqa: E402
 from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
 from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
+from imagen_train.utils.cpu_env import CPU_MALLOC_TUNABLES  # noqa: E402
 from imagen_train.text import load_text_encoder  # noqa: E402
 from quickstart_report import (GRAIN_GOAL, SIZES, bicubic, edges, grain, read_holdout, score_prompt_following,  # noqa: E402
                                split_grid, to_pixels, write_report)
@@ -108,7 +109,8 @@ def train(stage_config: str, run_dir: Path, overrides: list[str], nproc: int) ->
     for item in overrides:
         cmd += ["--set", item]
     run(cmd, env={"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
-                  "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+                  "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                  "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", CPU_MALLOC_TUNABLES)})
 
 
 def last_loss(run_dir: Path) -> float | None:
