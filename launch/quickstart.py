@@ -30,7 +30,8 @@ from PIL import Image  # noqa: E402
 
 from data_tools.shape_edges import summarize  # noqa: E402
 from data_tools.synthetic import background_std, prompt_following  # noqa: E402
-from imagen_train.artifacts import export_checkpoint, find_checkpoint, list_complete, step_of  # noqa: E402
+from imagen_train.artifacts import (CheckpointError, export_checkpoint, find_checkpoint, list_complete,  # noqa: E402
+                                   step_of, verify)
 from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.evaluation.cascade import (Precision, encode_prompts, generate, load_stage, run_stage,  # noqa: E402
@@ -250,8 +251,12 @@ def train_stages(args, out: Path, folders: dict[str, Path], timer: Timer) -> dic
                               f"checkpoint.keep_last={keep}"]
         if stage != "base64":
             overrides += cascade_eval_overrides(args, stage, exports, folders, every)
-        with timer(f"train: {stage} ({n} steps)"):
-            train(f"quickstart-{stage}.yaml", out / stage, overrides, args.nproc)
+        done = trained_to(out / stage / "checkpoints")
+        if done == n:  # a re-run: no launch (its ranks' start-up alone costs ~10 CPU s)
+            log(f"{stage}: trained to step {n} already ({out / stage / 'checkpoints'}), not launched again")
+        else:
+            with timer(f"train: {stage} ({n} steps)"):
+                train(f"quickstart-{stage}.yaml", out / stage, overrides, args.nproc)
         with timer(f"train: export {stage}"):
             exports[stage] = export_checkpoint(find_checkpoint(out / stage / "checkpoints"),
                                                out / f"{stage}-ema.safetensors")
@@ -260,6 +265,19 @@ def train_stages(args, out: Path, folders: dict[str, Path], timer: Timer) -> dic
 
 
 STAGE_FOR = {64: "base64", 256: "sr256", 1024: "sr1024"}
+
+
+def trained_to(checkpoints: Path) -> "int | None":
+    """The step of the newest complete checkpoint in `checkpoints` if it verifies, else None (then
+    the trainer is launched, and it resumes from or skips a torn checkpoint itself)."""
+    tags = list_complete(checkpoints)
+    if not tags:
+        return None
+    try:
+        verify(checkpoints / tags[-1])
+    except CheckpointError:
+        return None
+    return step_of(tags[-1])
 
 
 # ----------------------------------------------------------------------------------------------
