@@ -85,19 +85,33 @@ def export_random(preset: str, out: Path, embed_dim: int, device: torch.device,
     return out
 
 
+def encoder_width(folder: str) -> int:
+    """d_model of the T5 encoder saved in `folder`, from its config.json: a process whose exports
+    and encoder are already made (the GPU check's table step) then never imports transformers
+    (seconds of CPU). A folder without a readable T5 config is loaded, which names what is wrong."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        if config.get("model_type") in ("t5", "umt5", "mt5"):
+            return int(config["d_model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from imagen_train.text import load_text_encoder
+    return load_text_encoder(folder).embed_dim
+
+
 def t5_xxl_shaped(tokenizer_from: str, out: Path, device: torch.device, rehearse: bool = False) -> Path:
     """A T5 encoder of T5-XXL's shape with random bf16 weights and the tokenizer of `tokenizer_from`
     (made once in `out`): loading it costs what loading T5-XXL costs, with nothing to download.
     `rehearse`: the same layout at the width of `tokenizer_from`'s model and 2 layers (CPU)."""
-    from transformers import AutoConfig, AutoTokenizer, T5Config, T5EncoderModel
-
     shape = dict(T5_XXL)
     if rehearse:
-        width = AutoConfig.from_pretrained(tokenizer_from).d_model
+        width = encoder_width(tokenizer_from)
         shape.update(d_model=width, d_ff=4 * width, d_kv=16, num_heads=max(1, width // 16), num_layers=2)
     marker = out / "bench-shape.json"
     if marker.is_file() and json.loads(marker.read_text()) == shape:
         return out
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel  # seconds to import: only to build one
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no fp32 copy of 4.7B weights
     try:
@@ -154,8 +168,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if encoder is None:
         from imagen_train.text.tiny import build_tiny_t5
         encoder = str(build_tiny_t5(tmp / "t5"))
-    from imagen_train.text import load_text_encoder
-    embed_dim = load_text_encoder(encoder).embed_dim
+    embed_dim = encoder_width(encoder)
     if args.text_encoder != "given":
         encoder = str(t5_xxl_shaped(encoder, tmp / f"t5-{args.text_encoder}", device,
                                     rehearse=args.text_encoder == "xxl-rehearsal"))
