@@ -86,6 +86,9 @@ class SamplerConfig:
     final_denoise_sigma: float = 0.0
     # Noise draws the final average takes (with final_denoise_sigma > 0).
     final_denoise_draws: int = 16
+    # Take the draws in pairs n, -n (antithetic): the part of the error linear in the noise
+    # cancels within each pair instead of shrinking as 1/sqrt(draws). Needs an even draw count.
+    final_denoise_antithetic: bool = False
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "a positive int", self.steps)
@@ -103,6 +106,10 @@ class SamplerConfig:
               "final_denoise_sigma", "a non-negative float (0: off)", self.final_denoise_sigma)
         check(isinstance(self.final_denoise_draws, int) and self.final_denoise_draws >= 1,
               "final_denoise_draws", "a positive int", self.final_denoise_draws)
+        check(isinstance(self.final_denoise_antithetic, bool), "final_denoise_antithetic", "true or false",
+              self.final_denoise_antithetic)
+        check(not self.final_denoise_antithetic or self.final_denoise_draws % 2 == 0, "final_denoise_draws",
+              "an even int with final_denoise_antithetic (the draws come in pairs n, -n)", self.final_denoise_draws)
 
 
 @dataclass

@@ -323,6 +323,33 @@ def test_final_denoise_average_keeps_the_error_common_to_all_draws():
     assert torch.equal(again.samples, out.samples)
 
 
+def test_antithetic_final_average_cancels_the_error_linear_in_the_noise():
+    """Draws in pairs n, -n: for the leaky denoiser above (its error linear in the noise) two draws
+    already give the common part exactly; for one whose error has a quadratic part too, only that
+    part is left, still averaged over the pairs. An odd draw count is refused."""
+    y = torch.linspace(-1, 1, 64 * 64).reshape(1, 1, 64, 64)
+    x_hat = y + 0.1 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    leaky = lambda x, sigma, **kw: y + 0.5 * (x - y)  # noqa: E731
+    out = final_denoise_average(leaky, x_hat, 0.5, 2, generator=torch.Generator().manual_seed(0), antithetic=True)
+    assert out.nfe == 2
+    torch.testing.assert_close(out.samples, y + 0.5 * (x_hat - y), rtol=0, atol=1e-6)
+    squared = lambda x, sigma, **kw: y + 0.5 * (x - y) + 0.1 * (x - x_hat) ** 2  # noqa: E731
+    mean = y + 0.5 * (x_hat - y) + 0.1 * 0.25  # E[(sigma n)^2] = sigma^2
+    err = {anti: float((final_denoise_average(squared, x_hat, 0.5, 16, generator=torch.Generator().manual_seed(0),
+                                              antithetic=anti).samples - mean).std()) for anti in (False, True)}
+    assert err[False] == pytest.approx(0.25 / 4, rel=0.15)  # mostly the linear part: 0.5 sigma / sqrt(16)
+    assert err[True] == pytest.approx(0.1 * 0.25 * 2 ** 0.5 / 8 ** 0.5, rel=0.15)  # 0.1 sigma^2 sqrt(2) / sqrt(pairs)
+    with pytest.raises(ValueError, match="odd"):
+        final_denoise_average(leaky, x_hat, 0.5, 3, antithetic=True)
+
+
+def test_antithetic_needs_an_even_draw_count_in_the_config():
+    from imagen_train.config import ConfigError, SamplerConfig
+    assert SamplerConfig(final_denoise_sigma=1.0, final_denoise_draws=8, final_denoise_antithetic=True)
+    with pytest.raises(ConfigError, match="final_denoise_draws"):
+        SamplerConfig(final_denoise_sigma=1.0, final_denoise_draws=7, final_denoise_antithetic=True)
+
+
 def test_final_denoise_runs_after_the_sampler_unguided_at_its_sigma():
     """Off by default; on, it adds `draws` calls after the sampler's, each on the conditional batch
     alone (no unconditional half) at sigma final_denoise_sigma, with the low-res image of SR stages."""

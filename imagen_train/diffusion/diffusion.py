@@ -130,7 +130,8 @@ class Diffusion:
             # prediction's error with a negative weight and changes nothing the prompt decides.
             conditional = wrap_denoiser(bare, 1.0, sampler_cfg.thresholding, sampler_cfg.dynamic_quantile)
             samples, final_nfe = final_denoise_average(conditional, samples, sampler_cfg.final_denoise_sigma,
-                                                       sampler_cfg.final_denoise_draws, extra_args, generator)
+                                                       sampler_cfg.final_denoise_draws, extra_args, generator,
+                                                       antithetic=sampler_cfg.final_denoise_antithetic)
         return SampleResult(samples, out.nfe, guidance_batch_factor(sampler_cfg.guidance_scale), final_nfe,
                             before_final)
 

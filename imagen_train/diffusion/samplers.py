@@ -173,8 +173,10 @@ SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
 @torch.no_grad()
 def final_denoise_average(denoiser: Denoiser, x: Tensor, sigma: float, draws: int,
                           extra_args: Optional[dict] = None,
-                          generator: Optional[torch.Generator] = None) -> SamplerOutput:
-    """The mean of D(x + sigma n_k, sigma) over `draws` fresh noise fields n_k (one call each).
+                          generator: Optional[torch.Generator] = None,
+                          antithetic: bool = False) -> SamplerOutput:
+    """The mean of D(x + sigma n_k, sigma) over `draws` fresh noise fields n_k (one call each);
+    `antithetic`: draws/2 fields, each taken as n and -n.
 
     Why: a trained denoiser's error is mostly a function of the noise it is handed. On the CPU
     quickstart's 64 px stage the background error of two predictions of the same image under two
@@ -182,14 +184,20 @@ def final_denoise_average(denoiser: Denoiser, x: Tensor, sigma: float, draws: in
     error as per-pixel grain, and the mean over draws keeps only the shared part (docs/training.md,
     "Where the grain comes from"). The result is a Monte Carlo estimate of the posterior mean at
     `sigma`: detail the network cannot tell from noise of that level is averaged away too, so it
-    suits flat content and is off by default.
+    suits flat content and is off by default. In antithetic pairs the error's part that is linear
+    in the noise cancels exactly, so only the higher-order part is left to average down.
     """
     extra_args = extra_args or {}
+    if antithetic and draws % 2:
+        raise ValueError(f"antithetic draws come in pairs: {draws} is odd")
     sigma_b = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
     sigma_b.host_sigma = float(sigma)
     total = torch.zeros_like(x)
-    for _ in range(draws):
-        total += denoiser(x + sigma * _randn_like(x, generator), sigma_b, **extra_args)
+    for _ in range(draws // 2 if antithetic else draws):
+        noise = sigma * _randn_like(x, generator)
+        total += denoiser(x + noise, sigma_b, **extra_args)
+        if antithetic:
+            total += denoiser(x - noise, sigma_b, **extra_args)
     return SamplerOutput(total / draws, draws)
 
 
