@@ -186,6 +186,8 @@ class Trainer:
             dist.print0(f"[train] checkpoint {self.save_checkpoint()}")
             stopping = stopping or dist.any_true(stop.requested, self.device)
         if stopping:
+            if stop.reason and dist.rank() != 0:  # why, from the rank that saw it first, when rank 0 did not
+                print(f"[train] rank {dist.rank()}: stop requested ({stop.reason})", flush=True)
             dist.print0(f"[train] stop requested ({stop.reason or 'on another rank'}): "
                         f"saved step {self.step} and exiting")
         return stopping
