@@ -69,10 +69,11 @@ SAMPLERS = {
                   final_denoise_draws=8),
     # At 1024 px the grain is in what the sampler drew, not only in one draw's error: 16 draws at
     # sigma 0.5 kept 6/255; at sigma 2 the mean keeps the low-res image's shape and drops the texture.
-    # With the cosine-decayed stage it leaves 4.5/255 (16 draws: 3.7; sigma 3: 3.5 but the dark
-    # green triangle lost): docs/training.md, "The 256 -> 1024 stage".
-    "sr1024": dict(name="edm_heun", steps=8, guidance_scale=1.0, noise_aug_level=0.25, final_denoise_sigma=2.0,
-                   final_denoise_draws=8),
+    # Independent draws left 4.5/255 with the cosine-decayed stage; in antithetic pairs 2.5. Low-res
+    # noise augmentation 0.1, not 0.25: at 0.25 the dark green triangle came out 40 levels darker
+    # and only 2 % of it read back (a pass by a hair); at 0.1 5.5 % (docs/training.md, "The 256 -> 1024 stage").
+    "sr1024": dict(name="edm_heun", steps=8, guidance_scale=1.0, noise_aug_level=0.1, final_denoise_sigma=2.0,
+                   final_denoise_draws=8, final_denoise_antithetic=True),
 }
 SAMPLES_PER_PROMPT = {"base64": 4, "sr256": 4, "sr1024": 1}   # final samples per held-out prompt
 EVAL_PER_PROMPT = {"sr256": 2, "sr1024": 1}                    # per prompt at each SR periodic evaluation
@@ -133,6 +134,8 @@ def describe(s: SamplerConfig) -> str:
         text += f", low-res image noise-augmented at level {s.noise_aug_level}"
     if s.final_denoise_sigma > 0:
         text += f", then the mean of {s.final_denoise_draws} conditional predictions at sigma {s.final_denoise_sigma}"
+        if s.final_denoise_antithetic:
+            text += ", in antithetic pairs"
     return text
 
 

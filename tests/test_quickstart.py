@@ -108,9 +108,11 @@ def test_quickstart_short_stops_at_64_then_goes_on_through_1024(tmp_path):
     # Every stage ends on the mean of its conditional prediction over noise draws (sigma 0.8 at
     # 64 px, 0.5 at 256, 2 at 1024; --short: 2 draws), the progress points too, and the report says so.
     settings = json.loads((out / "samples" / "settings.json").read_text())["settings"]["samplers"]
-    for stage, sigma in (("base64", 0.8), ("sr256", 0.5), ("sr1024", 2.0)):
+    for stage, sigma, pairs in (("base64", 0.8, False), ("sr256", 0.5, False), ("sr1024", 2.0, True)):
         assert (settings[stage]["final_denoise_sigma"], settings[stage]["final_denoise_draws"]) == (sigma, 2)
-        assert metrics["samplers"][stage].endswith(f"then the mean of 2 conditional predictions at sigma {sigma}")
+        assert settings[stage]["final_denoise_antithetic"] is pairs
+        assert metrics["samplers"][stage].endswith(f"then the mean of 2 conditional predictions at sigma {sigma}"
+                                                   + (", in antithetic pairs" if pairs else ""))
         assert metrics["samplers"][stage] in report
     assert metrics["progress"]["sampler"].startswith(metrics["samplers"]["base64"])
 
