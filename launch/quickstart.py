@@ -30,8 +30,8 @@ from PIL import Image  # noqa: E402
 
 from data_tools.shape_edges import summarize  # noqa: E402
 from data_tools.synthetic import background_std, prompt_following  # noqa: E402
-from imagen_train.artifacts import (CheckpointError, export_checkpoint, find_checkpoint, list_complete,  # noqa: E402
-                                   step_of, verify)
+from imagen_train.artifacts import (export_checkpoint, find_checkpoint, find_resume_tag, list_complete,  # noqa: E402
+                                   step_of)
 from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
 from imagen_train.evaluation.cascade import (Precision, encode_prompts, generate, load_stage, run_stage,  # noqa: E402
@@ -273,16 +273,9 @@ STAGE_FOR = {64: "base64", 256: "sr256", 1024: "sr1024"}
 
 
 def trained_to(checkpoints: Path) -> "int | None":
-    """The step of the newest complete checkpoint in `checkpoints` if it verifies, else None (then
-    the trainer is launched, and it resumes from or skips a torn checkpoint itself)."""
-    tags = list_complete(checkpoints)
-    if not tags:
-        return None
-    try:
-        verify(checkpoints / tags[-1])
-    except CheckpointError:
-        return None
-    return step_of(tags[-1])
+    """The step of the checkpoint a launch would resume from (the newest that verifies), or None."""
+    tag = find_resume_tag(checkpoints, log=log)
+    return step_of(tag) if tag else None
 
 
 # ----------------------------------------------------------------------------------------------
