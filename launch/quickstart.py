@@ -28,14 +28,15 @@ sys.path.insert(0, str(REPO / "launch"))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data_tools.__main__ import main as data_tools_main  # noqa: E402
 from data_tools.shape_edges import summarize  # noqa: E402
 from data_tools.synthetic import background_std, prompt_following  # noqa: E402
 from imagen_train.artifacts import (export_checkpoint, find_checkpoint, find_resume_tag, list_complete,  # noqa: E402
                                    step_of)
 from imagen_train.config import SamplerConfig, from_dict  # noqa: E402
 from imagen_train.diffusion import build_diffusion  # noqa: E402
-from imagen_train.evaluation.cascade import (Precision, encode_prompts, generate, load_stage, run_stage,  # noqa: E402
-                                             write_outputs)
+from imagen_train.evaluation.cascade import (Precision, draw_stage, encode_prompts, generate, load_stage,  # noqa: E402
+                                             run_stage, stage_seed, write_outputs)
 from imagen_train.evaluation.fid import extract_features, fid_from_features, to_uint8  # noqa: E402
 from imagen_train.evaluation.grids import make_grid, save_png, to_pil  # noqa: E402
 from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
@@ -77,6 +78,7 @@ SAMPLERS = {
 }
 SAMPLES_PER_PROMPT = {"base64": 4, "sr256": 4, "sr1024": 1}   # final samples per held-out prompt
 EVAL_PER_PROMPT = {"sr256": 2, "sr1024": 1}                    # per prompt at each SR periodic evaluation
+SAMPLE_BATCH = 16  # images per network call of the final 64 and 256 px samples (the noise is drawn per batch)
 
 
 def log(msg: str) -> None:
@@ -95,7 +97,12 @@ def free_port() -> int:
 
 
 def data_tools(*args: str) -> None:
-    run([sys.executable, "-m", "data_tools", *args])
+    """`python -m data_tools ARGS`, run in this process: seven new interpreters would spend ~2 s
+    each importing torch before any work (14 s of the data phase's 39 s)."""
+    log("$ python -m data_tools " + " ".join(args))
+    status = data_tools_main(list(args))
+    if status != 0:
+        raise SystemExit(f"[quickstart] python -m data_tools {args[0]} failed (exit status {status}): see above")
 
 
 def shard_list(folder: Path, sep: str = "::") -> str:
@@ -291,7 +298,7 @@ def sample_cascade(args, out: Path, folders: dict[str, Path], exports: dict[str,
     pipeline = from_dict({
         "target_resolution": RESOLUTION[low_stages[-1]], "encoder_path": str(folders["encoder"]),
         "checkpoints": {s: str(exports[s]) for s in stages}, "num_images_per_prompt": SAMPLES_PER_PROMPT["base64"],
-        "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"), "batch_size": 16, "device": "cpu",
+        "texts": HELD_OUT_PROMPTS, "output_path": str(out / "samples"), "batch_size": SAMPLE_BATCH, "device": "cpu",
         "seed": args.seed, "samplers": samplers}, InferencePipelineConfig, "quickstart")
     log(f"sampling {len(HELD_OUT_PROMPTS)} new prompts through {' -> '.join(stages)}")
     with timer("sample: " + " + ".join(low_stages)):
@@ -311,7 +318,7 @@ def sample_cascade(args, out: Path, folders: dict[str, Path], exports: dict[str,
             lowres = result.stage_images["sr256"][rows]
             images, s, before = run_stage(dataclasses.replace(pipeline, target_resolution=1024, batch_size=2),
                                           "sr1024", emb, mask, device, Precision(32, device), lowres,
-                                          seed=args.seed * 1000 + 200)
+                                          seed=stage_seed(args.seed, STAGES.index("sr1024")))
         stats.append(s)
         for row, image in enumerate(images):
             save_png(to_pil(image), out / "samples" / "images-1024" / f"p{row // per:03d}_i{row % per:02d}.png")
@@ -355,28 +362,39 @@ def write_grids(out: Path, samples: dict) -> tuple[list[dict], str]:
 # ----------------------------------------------------------------------------------------------
 # Measures over training.
 
-def progress_over_training(args, encoder: Path, base_dir: Path) -> dict:
+def progress_over_training(args, encoder: Path, base_dir: Path, final: torch.Tensor) -> dict:
     """The read-back score of the held-out prompts (4 samples each) at every kept base checkpoint.
 
-    Each checkpoint's EMA weights draw the same samples (same noise, the final sampler's settings);
-    the score is the fraction whose colour, kind and place `read_shape` reads as the prompt's.
+    Each checkpoint's EMA weights draw what the final samples drew (`draw_base_checkpoint`); the
+    last checkpoint, the exported weights, drew `final` (the final 64 px samples), so its row reads
+    those. The score is the fraction whose colour, kind and place `read_shape` reads as the prompt's.
     """
     per = SAMPLES_PER_PROMPT["base64"]
     prompts = [p for p in HELD_OUT_PROMPTS for _ in range(per)]
-    text = load_text_encoder(encoder, "cpu", torch.float32, max_length=32)
-    emb, mask = text.encode(prompts, max_length=32, pad_to_max_length=True)
-    s = sampler(args, "base64")
+    last = find_checkpoint(base_dir / "checkpoints").name
     points = {}
     for tag in list_complete(base_dir / "checkpoints"):
-        net, cfg = load_stage(str(base_dir / "checkpoints" / tag), True, torch.device("cpu"), torch.float32)
-        images = build_diffusion(cfg.diffusion).sample(
-            net, (len(prompts), 3, 64, 64), emb, mask, s, generator=torch.Generator().manual_seed(args.seed)).images
+        if tag == last:
+            images, source = final, {"from": "final samples", "samples_per_prompt": per}
+        else:
+            images, source = draw_base_checkpoint(args, base_dir / "checkpoints" / tag, encoder), {}
         pixels = to_pixels(images)
         score = prompt_following(pixels, prompts)
-        points[str(step_of(tag))] = {**score, "background_std_max": max(background_std(p) for p in pixels)}
+        points[str(step_of(tag))] = {**score, "background_std_max": max(background_std(p) for p in pixels), **source}
         log(f"held-out prompts at step {step_of(tag)}: all right {score['all']:.0%}")
-    return {"prompts": HELD_OUT_PROMPTS, "samples_per_prompt": per, "sampler": f"{describe(s)}, EMA weights",
-            "by_step": points}
+    return {"prompts": HELD_OUT_PROMPTS, "samples_per_prompt": per,
+            "sampler": f"{describe(sampler(args, 'base64'))}, EMA weights", "by_step": points}
+
+
+def draw_base_checkpoint(args, checkpoint: Path, encoder: Path) -> torch.Tensor:
+    """The final 64 px samples' draw (prompts, noise, sampler: `sample_cascade`'s base stage) from
+    the EMA weights of a base checkpoint."""
+    per, device = SAMPLES_PER_PROMPT["base64"], torch.device("cpu")
+    emb, mask, _ = encode_prompts(str(encoder), HELD_OUT_PROMPTS, device, 32, Precision(32, device))
+    emb, mask = emb.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
+    generator = torch.Generator().manual_seed(stage_seed(args.seed, STAGES.index("base64")))
+    return draw_stage(str(checkpoint), sampler(args, "base64"), emb, mask, device, Precision(32, device), None,
+                      generator, SAMPLE_BATCH, stage="base64")[0]
 
 
 def sr_progress(stage: str, run_dir: Path, exports: dict[str, Path], measured: dict) -> dict:
@@ -507,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     grids, bicubic_grids = write_grids(out, drawn["samples"])
     metrics = measure(args, folders, drawn, timer)
     with timer("report: progress over training"):
-        progress = progress_over_training(args, folders["encoder"], out / "base64")
+        progress = progress_over_training(args, folders["encoder"], out / "base64",
+                                          drawn["samples"]["base64"]["images"])
         sr = {s: sr_progress(s, out / s, exports, metrics) for s in ("sr256", "sr1024") if s in exports}
     fid = fid_over_training(args, folders["encoder"], out / "base64", folders["raw256"] / "holdout") \
         if args.inception else None

@@ -150,11 +150,12 @@ def _edge_rows(metrics: dict) -> str:
 
 def _progress_part(metrics: dict) -> str:
     progress = metrics["progress"]
-    rows = "\n".join(f"| {step} | {p['colour']} | {p['shape']} | {p['position']} | {p['all']} | {p['background_std_max']} |"
-                     for step, p in progress["by_step"].items())
+    rows = "\n".join(f"| {step}{_final_note(p)} | {p['colour']} | {p['shape']} | {p['position']} | {p['all']} | "
+                     f"{p['background_std_max']} |" for step, p in progress["by_step"].items())
     text = f"""## Progress over training: the held-out prompts at every kept 64 px checkpoint
-{progress['samples_per_prompt']} samples per prompt, {progress['sampler']}, the same noise at every
-checkpoint; fractions read back as above, grain the largest background std.
+{progress['samples_per_prompt']} samples per prompt, {progress['sampler']}, the final samples' noise
+at every checkpoint; the last checkpoint is the exported stage, so its row reads the final
+samples. Fractions read back as above, grain the largest background std.
 
 | step | colour | kind | position | all | grain |
 |---|---|---|---|---|---|

@@ -154,14 +154,15 @@ def _resume_matches(run_dir: Path, shards, straight, tmp_path: Path, step: int) 
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, shards_64) -> tuple[dict[str, torch.Tensor], int]:
-    """An uninterrupted run to MAX_STEPS: its exported weights and its master port."""
+def straight_run(tmp_path_factory, shards_64) -> tuple[dict[str, torch.Tensor], int, str]:
+    """An uninterrupted run to MAX_STEPS: its exported weights, its master port and its output."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     port = free_port()
     proc = subprocess.run(_deepspeed(_sets(run_dir, shards_64), port), cwd=REPO, env=train_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return _weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors"), port
+    return (_weights(run_dir / "checkpoints" / ckpt.tag_for(MAX_STEPS), run_dir.parent / "w.safetensors"), port,
+            proc.stdout + proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +172,13 @@ def straight(straight_run) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.multirank
-def test_cpu_run_leaves_no_shared_memory_buffers(straight_run):
-    """DeepSpeed's CPU all-reduce makes a ~66 MB /dev/shm buffer per rank (named after the uid,
-    master address and port, and rank) and never removes it; the trainer unlinks each once all
-    ranks have mapped them. Without that unlink the uninterrupted run leaves two behind."""
-    port = straight_run[1]
+def test_cpu_run_builds_no_shared_memory_op_and_leaves_no_buffers(straight_run):
+    """DeepSpeed's CPU backend builds a shared-memory all-reduce op (a C++ compile on a machine's
+    first run) that maps a ~66 MB /dev/shm buffer per rank, named after the uid, master address
+    and port, and rank, and never removes it. Training never calls that op, so the ranks skip it
+    (deepspeed_internals.skip_shm_comm_op): no build, no buffer left behind."""
+    _, port, log = straight_run
+    assert "shm_comm_op built" not in log, log[-2000:]
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     assert not left, f"shared-memory buffers left behind: {left}"
 

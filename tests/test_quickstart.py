@@ -62,6 +62,17 @@ def test_quickstart_short_stops_at_64_then_goes_on_through_1024(tmp_path):
     # and the read-back of each SR stage's periodic cascade grids (2 steps: one per step); the last
     # step is not evaluated in training (evaluation.at_last_step): its point is the final samples'.
     assert list(metrics["progress"]["by_step"]) == ["1", "2", "3", "4"]
+    base = metrics["progress"]["by_step"]
+    assert not any("from" in base[step] for step in ("1", "2", "3"))
+    assert base["4"]["from"] == "final samples" and base["4"]["all"] == following["64px"]["all_prompts"]["all"]
+    assert base["4"]["background_std_max"] == metrics["background_std"]["samples"]["64px"]["max"]
+    # ... which the last checkpoint, drawn as the earlier ones are, reproduces pixel for pixel.
+    sys.path.insert(0, str(REPO / "launch"))
+    import quickstart
+    from quickstart_report import split_grid, to_pixels
+    redrawn = quickstart.draw_base_checkpoint(quickstart.parse_args(["--short", "--out", str(out)]),
+                                              out / "base64" / "checkpoints" / "step_00000004", out / "encoder")
+    assert (to_pixels(redrawn) == split_grid(Image.open(out / "samples" / "grid-64.png"), 64, 16, ncols=4)).all()
     point = {"colour", "shape", "position", "background", "all", "background_std_max", "edge_width_px"}
     for stage, per, final_per in (("sr256", 2, 4), ("sr1024", 1, 1)):
         sr = metrics["sr_progress"][stage]
@@ -105,7 +116,7 @@ def test_quickstart_short_stops_at_64_then_goes_on_through_1024(tmp_path):
     report = (out / "report.md").read_text()
     assert "| sr1024 | " in report and "CPU s" in report
     assert "random T5" in report and "grid-1024.jpg" in report and "| 1024px | **all prompts** | 4 |" in report
-    assert "Progress over training" in report and "\n| 4 | " in report and "No FID" in report
+    assert "Progress over training" in report and "\n| 4 (final samples, 4 per prompt) | " in report and "No FID" in report
     assert "| 2 (final samples, 4 per prompt) | " in report and "| 2 (final samples, 1 per prompt) | " in report
     assert "bicubic-1024.jpg" in report and "against bicubic" in report and "sr1024 stage" in report
     # Every stage ends on the mean of its conditional prediction over noise draws (sigma 0.8 at

@@ -145,6 +145,24 @@ def test_probe_names_what_moved():
     assert "optimizer.optimizer (" not in message and "ds_tensor" not in message  # present, or not ZeRO-3
 
 
+def test_shm_comm_op_is_skipped_and_a_moved_flag_is_named(monkeypatch):
+    """DeepSpeed's comm set-up builds no shared-memory op once `skip_shm_comm_op` ran (the flag
+    is the one its builder is known by); a DeepSpeed without that flag gets an error naming it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    compatible = deepspeed.ops.__compatible_ops__
+    assert get_accelerator().create_op_builder("ShareMemCommBuilder").NAME == deepspeed_internals.SHM_COMM_OP
+    monkeypatch.setitem(compatible, deepspeed_internals.SHM_COMM_OP, True)
+    deepspeed_internals.skip_shm_comm_op()
+    assert compatible[deepspeed_internals.SHM_COMM_OP] is False
+    assert build_shm_op() is None
+    monkeypatch.delitem(compatible, deepspeed_internals.SHM_COMM_OP)
+    with pytest.raises(deepspeed_internals.DeepSpeedInternalsError, match="deepspeed_shm_comm"):
+        deepspeed_internals.skip_shm_comm_op()
+
+
 # The trainer: 2 ranks, then 1, then 2 again ---------------------------------------------------
 
 @pytest.fixture(scope="module")

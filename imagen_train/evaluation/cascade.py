@@ -275,6 +275,11 @@ def run_stage(cfg: InferencePipelineConfig, stage: str, emb: Tensor, mask: Tenso
                       lowres, generator, cfg.batch_size, cfg.run_ema_model, stage, cfg.network_call)
 
 
+def stage_seed(seed: int, index: int, offset: int = 0) -> int:
+    """The noise seed of the pipeline's `index`-th stage (0: the base) for the pipeline seed `seed`."""
+    return seed * 1000 + index * 100 + offset
+
+
 def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optional[torch.device] = None,
              seed_offset: int = 0, keep_stage_images: bool = False,
              text: Optional[tuple[Tensor, Tensor]] = None) -> CascadeResult:
@@ -303,7 +308,7 @@ def generate(cfg: InferencePipelineConfig, prompts: Sequence[str], device: Optio
     for index, stage in enumerate(cfg.stages):
         stage_precision = Precision(cfg.inference_precision, device, configs[stage].training.precision)
         images, s, before_final = run_stage(cfg, stage, emb, mask, device, stage_precision, images,
-                                            seed=cfg.seed * 1000 + index * 100 + seed_offset)
+                                            seed=stage_seed(cfg.seed, index, seed_offset))
         stats.append(s)
         if keep_stage_images:
             stage_images[stage] = images
@@ -338,4 +343,4 @@ def write_outputs(cfg: InferencePipelineConfig, result: CascadeResult, prompts: 
 
 __all__ = ["generate", "write_outputs", "encode_prompts", "run_stage", "draw_stage", "sample_in_batches",
            "load_stage", "stage_config", "CascadeResult", "StageStats", "Precision", "network_call",
-           "resolve_device", "time_to_first_image"]
+           "resolve_device", "stage_seed", "time_to_first_image"]

@@ -12,7 +12,9 @@ need more, and only this file does them:
   (`optimizer.overflow`, which DeepSpeed's engine reads);
 - a resume onto another layout (training/engine_reshard.py) re-slices DeepSpeed's files: their
   names and keys, the optimizer wrappers' flat fp32 tensors, the step counters, and the calls
-  that relink the module's weights to new masters.
+  that relink the module's weights to new masters;
+- a CPU rank skips the shared-memory comm op that `deepspeed.init_distributed` would build
+  (`skip_shm_comm_op`).
 
 `INTERNALS` names each attribute, method and file key with what it is for. `probe(engine)` and
 `probe_checkpoint(engine, folder)` read every one that applies to an engine and raise
@@ -59,6 +61,27 @@ MasterSlice = tuple[str, list[int], int, int, Callable[[], torch.Tensor]]
 
 class DeepSpeedInternalsError(RuntimeError):
     """This DeepSpeed lacks an attribute or file key that this module reads."""
+
+
+# DeepSpeed's CPU shared-memory comm op (deepspeed/ops/op_builder/cpu/comm.py, ShareMemCommBuilder).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_op() -> None:
+    """Keep `deepspeed.init_distributed` on a CPU from building and starting its shared-memory op.
+
+    deepspeed.comm builds it for `inference_all_reduce`, which only DeepSpeed-Inference's
+    tensor-parallel layers call; training's collectives go through torch.distributed (gloo). The
+    build is a C++ compile of ~20 s (~40 CPU s) on a machine's first run, and the op then maps a
+    ~66 MB /dev/shm buffer per rank that it never removes. `build_shm_op` returns None for an op
+    that `deepspeed.ops.__compatible_ops__` marks incompatible; that dict is cached in the module,
+    so the mark holds for the process.
+    """
+    compatible = deepspeed.ops.__compatible_ops__
+    if SHM_COMM_OP not in compatible:
+        raise DeepSpeedInternalsError(_gone([f"deepspeed.ops.__compatible_ops__ has no {SHM_COMM_OP!r} "
+                                             f"(skipping the CPU shared-memory comm op)"]))
+    compatible[SHM_COMM_OP] = False
 
 
 def optimizer_kind(engine) -> str:

@@ -45,33 +45,10 @@ def init_distributed(timeout_s: int) -> None:
     if torch.distributed.is_initialized():
         return
     backend = "nccl" if device_type() == "cuda" else "gloo"
+    internals.skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if device_type() == "cuda":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        unlink_shm_buffer()
-
-
-def shm_buffer_path(rank: int) -> str:
-    """Where DeepSpeed's CPU all-reduce keeps this job's shared-memory buffer of `rank`
-    (deepspeed/ops/csrc/cpu/comm/shm.cpp: uid, MASTER_ADDR, MASTER_PORT and rank in the name)."""
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
-def unlink_shm_buffer() -> None:
-    """Remove this rank's shared-memory all-reduce buffer's name once every rank has mapped it.
-
-    DeepSpeed's CPU backend creates one buffer (~66 MB) per rank in /dev/shm and never removes
-    it, so every CPU run left them behind until /dev/shm filled the machine's memory. After a
-    barrier every rank has mapped every peer's buffer (its set-up waits for them), so the names
-    can go: the mappings live on until the processes exit, killed or not.
-    """
-    torch.distributed.barrier()
-    try:
-        os.unlink(shm_buffer_path(torch.distributed.get_rank()))
-    except FileNotFoundError:  # not all ranks local (no shm all-reduce), or another build
-        pass
 
 
 def current_device() -> torch.device:
@@ -145,6 +122,7 @@ def model_dtype(engine) -> torch.dtype:
 def create_engine(cfg: Config, model: torch.nn.Module) -> "DeepSpeedEngine":
     """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule."""
     ds_config = build_deepspeed_config(cfg, dist.world_size(), device_type() == "cpu")
+    internals.skip_shm_comm_op()  # deepspeed.initialize joins DeepSpeed's comm if init_distributed did not
     ds, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
