@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -41,7 +42,7 @@ from imagen_train.evaluation.fid import extract_features, fid_from_features, to_
 from imagen_train.evaluation.grids import make_grid, save_png, to_pil  # noqa: E402
 from imagen_train.evaluation.inception import load_fid_inception  # noqa: E402
 from imagen_train.evaluation.pipeline_config import InferencePipelineConfig  # noqa: E402
-from imagen_train.utils.cpu_env import CPU_MALLOC_TUNABLES  # noqa: E402
+from imagen_train.utils.cpu_env import with_cpu_malloc_tunables  # noqa: E402
 from imagen_train.text import load_text_encoder  # noqa: E402
 from quickstart_report import (GRAIN_GOAL, SIZES, bicubic, edges, grain, read_holdout, score_prompt_following,  # noqa: E402
                                split_grid, to_pixels, write_report)
@@ -116,9 +117,10 @@ def train(stage_config: str, run_dir: Path, overrides: list[str], nproc: int) ->
            "--set", f"run_dir={run_dir}"]
     for item in overrides:
         cmd += ["--set", item]
-    run(cmd, env={"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
-                  "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                  "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", CPU_MALLOC_TUNABLES)})
+    env = with_cpu_malloc_tunables()
+    env.update(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
+               WANDB_MODE="offline", WANDB_SILENT="true")
+    run(cmd, env=env)
 
 
 def last_loss(run_dir: Path) -> float | None:
@@ -313,7 +315,7 @@ def sample_cascade(args, out: Path, folders: dict[str, Path], exports: dict[str,
         rows = [p * k + i for p in range(len(HELD_OUT_PROMPTS)) for i in range(per)]
         with timer("sample: sr1024"):
             device = torch.device("cpu")
-            emb, mask, _ = encode_prompts(str(folders["encoder"]), HELD_OUT_PROMPTS, device, 32, Precision(32, device))
+            emb, mask = held_out_text(folders["encoder"])
             emb, mask = emb.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
             lowres = result.stage_images["sr256"][rows]
             images, s, before = run_stage(dataclasses.replace(pipeline, target_resolution=1024, batch_size=2),
@@ -386,11 +388,19 @@ def progress_over_training(args, encoder: Path, base_dir: Path, final: torch.Ten
             "sampler": f"{describe(sampler(args, 'base64'))}, EMA weights", "by_step": points}
 
 
+@functools.lru_cache(maxsize=1)
+def held_out_text(encoder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out prompts encoded once (emb (P, L, D), mask (P, L)), as the cascade encodes them."""
+    device = torch.device("cpu")
+    emb, mask, _ = encode_prompts(str(encoder), HELD_OUT_PROMPTS, device, 32, Precision(32, device))
+    return emb, mask
+
+
 def draw_base_checkpoint(args, checkpoint: Path, encoder: Path) -> torch.Tensor:
     """The final 64 px samples' draw (prompts, noise, sampler: `sample_cascade`'s base stage) from
     the EMA weights of a base checkpoint."""
     per, device = SAMPLES_PER_PROMPT["base64"], torch.device("cpu")
-    emb, mask, _ = encode_prompts(str(encoder), HELD_OUT_PROMPTS, device, 32, Precision(32, device))
+    emb, mask = held_out_text(encoder)
     emb, mask = emb.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
     generator = torch.Generator().manual_seed(stage_seed(args.seed, STAGES.index("base64")))
     return draw_stage(str(checkpoint), sampler(args, "base64"), emb, mask, device, Precision(32, device), None,
